@@ -1,0 +1,87 @@
+"""The asyncio client, with the same methods as ``JobClient``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from producer import keys
+from producer.client import RequestLike, new_job_id, prepare
+from producer.connection import async_redis_client
+from producer.errors import JobNotFoundError, JobTimeoutError
+from producer.queueing import job_message, make_sender
+from producer.records import JobRecord, JobState
+from producer.settings import Settings, get_settings
+from producer.store import CREATE_SCRIPT, canonical_json, is_final_event, record_from_hash
+
+
+class AsyncJobClient:
+    """``await client.submit(...)``, ``await client.wait(job_id, timeout)`` and so on, for asyncio backends."""
+
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or get_settings()
+        self.redis = async_redis_client(self.settings.redis_url)
+        self._create = self.redis.register_script(CREATE_SCRIPT)
+        self._sender = None
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> AsyncJobClient:
+        return cls(Settings(redis_url=url, **overrides))
+
+    async def submit(self, request: RequestLike, *, queue: str = keys.QUEUE_INTERACTIVE) -> str:
+        validated = prepare(request, self.settings)
+        wire = validated.to_wire()
+        job_id = new_job_id()
+        await self._create(keys=[keys.job(job_id)], args=[canonical_json(wire), time.time(), self.settings.pending_ttl_s])
+        try:
+            # Celery's publisher is synchronous; keep it off the event loop.
+            await asyncio.to_thread(self._celery().send_task, keys.TASK_GENERATE, kwargs=job_message(job_id, wire), task_id=job_id, queue=queue)
+        except BaseException:
+            await self.redis.delete(keys.job(job_id))
+            raise
+        return job_id
+
+    async def get(self, job_id: str) -> JobRecord:
+        record = record_from_hash(job_id, await self.redis.hgetall(keys.job(job_id)))
+        if record is None:
+            raise JobNotFoundError(job_id)
+        return record
+
+    async def status(self, job_id: str) -> JobState:
+        return (await self.get(job_id)).state
+
+    async def wait(self, job_id: str, timeout: float) -> JobRecord:
+        deadline = time.monotonic() + timeout
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(keys.job_channel(job_id))
+        try:
+            while True:
+                record = await self.get(job_id)
+                if record.is_final:
+                    return record
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise JobTimeoutError(job_id, timeout, record.state.value)
+                until = time.monotonic() + min(remaining, 1.0)
+                while (left := until - time.monotonic()) > 0 and not is_final_event(await pubsub.get_message(timeout=left)):
+                    pass
+        finally:
+            await pubsub.aclose()
+
+    async def close(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> AsyncJobClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _celery(self):
+        if self._sender is None:
+            self._sender = make_sender(self.settings)
+        return self._sender

@@ -1,0 +1,191 @@
+"""The `belle-queue` command. Client commands live here; worker-side commands (worker, demo,
+tiny-model) are registered by the worker package through the `belle_queue.commands` entry point and
+import the GPU stack only when they run.
+
+Exit codes: 0 success, 1 job failed (or cancelled/expired, or not found), 2 invalid request,
+3 timed out / not finished, 4 Redis unreachable or refused us.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib.metadata import entry_points
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_REDIS = 0, 1, 2, 3, 4
+
+
+def _settings(args: argparse.Namespace):
+    from producer.settings import Settings, get_settings
+
+    return Settings(redis_url=args.redis_url) if args.redis_url else get_settings()
+
+
+def _client(args: argparse.Namespace):
+    from producer.client import JobClient
+
+    return JobClient(_settings(args))
+
+
+def _parse_set(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --set takes key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value  # a bare string
+    return out
+
+
+def _exit_for(record) -> int:
+    from producer.records import JobState
+
+    if not record.is_final:
+        return EXIT_TIMEOUT
+    return EXIT_OK if record.state is JobState.SUCCEEDED else EXIT_FAILED
+
+
+def _print_record(record, as_json: bool) -> None:
+    from producer.render import record_json, record_text
+
+    print(record_json(record) if as_json else record_text(record))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    request = _parse_set(args.set or [])
+    if args.prompt is not None:
+        request["prompt"] = args.prompt
+    if args.messages is not None:
+        with open(args.messages, encoding="utf-8") as f:
+            request["messages"] = json.load(f)
+    if args.preset:
+        request["preset"] = args.preset
+    with _client(args) as client:
+        job_id = client.submit(request)
+        if args.wait is None:
+            print(json.dumps({"job_id": job_id}) if args.json else job_id)
+            return EXIT_OK
+        if not args.json:
+            print(job_id, file=sys.stderr)
+        record = client.wait(job_id, args.wait)
+        _print_record(record, args.json)
+        return _exit_for(record)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        record = client.get(args.job_id)
+    if args.json:
+        _print_record(record, True)
+    else:
+        print(record.state.value)
+    return EXIT_OK
+
+
+def cmd_result(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        record = client.wait(args.job_id, args.wait) if args.wait is not None else client.get(args.job_id)
+    _print_record(record, args.json)
+    return _exit_for(record)
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from producer.presets import describe_presets, load_presets
+
+    settings = _settings(args)
+    descriptions = describe_presets(settings)
+    for name, params in load_presets(settings).items():
+        print(f"{name}: {descriptions.get(name, '')}\n    {json.dumps(params)}")
+    return EXIT_OK
+
+
+def cmd_redis(args: argparse.Namespace) -> int:
+    import signal
+
+    from producer.embedded_redis import EmbeddedRedis
+
+    server = EmbeddedRedis(port=args.port, data_dir=args.dir)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_OK))
+    server.start()
+    print(server.url, flush=True)
+    try:
+        server.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="belle-queue", description="Job-queue inference for BELLE-family chat models.")
+    parser.add_argument("--redis-url", help="Redis URL (default: BELLE_REDIS_URL, else redis://localhost:6379/0)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("submit", help="validate and enqueue a job; prints its id (with --wait, the final record)")
+    p.add_argument("--prompt", help="the user's prompt")
+    p.add_argument("--messages", metavar="FILE", help="JSON file with a list of {role, content} messages instead of --prompt")
+    p.add_argument("--preset", help="named parameter set (see `belle-queue presets`)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a request field; VALUE is JSON or a bare string (repeatable)")
+    p.add_argument("--wait", type=float, metavar="SECONDS", help="wait this long for the final record")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="print a job's state")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true", help="print the whole record as JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("result", help="print a job's result or error")
+    p.add_argument("job_id")
+    p.add_argument("--wait", type=float, metavar="SECONDS", help="wait this long for the job to finish")
+    p.add_argument("--json", action="store_true", help="print the whole record as JSON")
+    p.set_defaults(func=cmd_result)
+
+    p = sub.add_parser("presets", help="list the named parameter sets")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("redis", help="run an embedded redis-server in the foreground and print its URL")
+    p.add_argument("--port", type=int, help="port (default: a free one)")
+    p.add_argument("--dir", help="data folder (default: a temporary one)")
+    p.set_defaults(func=cmd_redis)
+
+    for entry in entry_points(group="belle_queue.commands"):
+        entry.load()(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import redis
+
+    from producer.errors import BelleError, InvalidRequestError, JobNotFoundError, JobTimeoutError
+
+    try:
+        return args.func(args)
+    except InvalidRequestError as exc:
+        print(f"invalid request: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except JobTimeoutError as exc:
+        print(f"timed out: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except JobNotFoundError as exc:
+        print(f"not found: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except redis.AuthenticationError as exc:
+        print(f"redis refused the credentials in the URL: {exc}", file=sys.stderr)
+        return EXIT_REDIS
+    except redis.ConnectionError as exc:
+        print(f"cannot reach redis ({exc}); start one (`belle-queue redis`) or set --redis-url / BELLE_REDIS_URL", file=sys.stderr)
+        return EXIT_REDIS
+    except BelleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

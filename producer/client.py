@@ -1,0 +1,108 @@
+"""The synchronous client: submit, status, get, wait."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from producer import keys
+from producer.connection import redis_client
+from producer.errors import JobNotFoundError, JobTimeoutError
+from producer.queueing import job_message, make_sender
+from producer.records import JobRecord, JobState
+from producer.schemas import GenerationRequest, parse_request
+from producer.settings import Settings, get_settings
+from producer.store import JobStore, canonical_json, is_final_event
+
+RequestLike = GenerationRequest | Mapping[str, Any]
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def prepare(request: RequestLike, settings: Settings) -> GenerationRequest:
+    """Validate a request given as a model or as a mapping (which may name a preset)."""
+    if isinstance(request, GenerationRequest):
+        request = request.to_wire()
+    return parse_request(request, settings=settings)
+
+
+class JobClient:
+    """Submit jobs and read their records. Thread-safe; one per process is enough.
+
+    >>> client = JobClient.from_url("redis://localhost:6379/0")
+    >>> job_id = client.submit({"prompt": "你好", "preset": "greedy"})
+    >>> client.wait(job_id, timeout=60).text
+    """
+
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or get_settings()
+        self.redis = redis_client(self.settings.redis_url)
+        self.store = JobStore(self.redis, result_ttl_s=self.settings.result_ttl_s, pending_ttl_s=self.settings.pending_ttl_s)
+        self._sender = None
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> JobClient:
+        return cls(Settings(redis_url=url, **overrides))
+
+    def submit(self, request: RequestLike, *, queue: str = keys.QUEUE_INTERACTIVE) -> str:
+        """Validate and enqueue one job; returns its id. Raises InvalidRequestError on bad input."""
+        validated = prepare(request, self.settings)
+        wire = validated.to_wire()
+        job_id = new_job_id()
+        self.store.create(job_id, canonical_json(wire))
+        try:
+            self._celery().send_task(keys.TASK_GENERATE, kwargs=job_message(job_id, wire), task_id=job_id, queue=queue)
+        except BaseException:
+            self.store.delete(job_id)
+            raise
+        return job_id
+
+    def get(self, job_id: str) -> JobRecord:
+        record = self.store.get(job_id)
+        if record is None:
+            raise JobNotFoundError(job_id)
+        return record
+
+    def status(self, job_id: str) -> JobState:
+        return self.get(job_id).state
+
+    def wait(self, job_id: str, timeout: float) -> JobRecord:
+        """Block until the job reaches a final state; raises JobTimeoutError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(keys.job_channel(job_id))
+        try:
+            while True:
+                record = self.get(job_id)
+                if record.is_final:
+                    return record
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise JobTimeoutError(job_id, timeout, record.state.value)
+                # Wake on the final event; re-read at least once a second in case it was missed.
+                until = time.monotonic() + min(remaining, 1.0)
+                while (left := until - time.monotonic()) > 0 and not is_final_event(pubsub.get_message(timeout=left)):
+                    pass
+        finally:
+            pubsub.close()
+
+    def close(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+        self.redis.close()
+
+    def __enter__(self) -> JobClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _celery(self):
+        if self._sender is None:
+            self._sender = make_sender(self.settings)
+        return self._sender

@@ -1,0 +1,65 @@
+"""Exceptions raised to users of the client, and the typed error codes stored in failed jobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class ErrorCode(StrEnum):
+    INVALID_REQUEST = "invalid_request"  # the request broke a rule; the message names parameter and fix
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # prompt leaves no room to generate in the context window
+    OUT_OF_MEMORY = "out_of_memory"  # the job ran out of device memory even alone
+    GENERATION_ERROR = "generation_error"  # the model raised something else while generating
+    WORKER_LOST = "worker_lost"  # the job was delivered max_attempts times and never finished
+
+
+class BelleError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+@dataclass(frozen=True)
+class ParameterProblem:
+    parameter: str
+    value: Any
+    message: str
+
+
+class InvalidRequestError(BelleError, ValueError):
+    """A request broke a validation rule. ``parameter`` and ``value`` name the first problem;
+    ``problems`` lists all of them."""
+
+    code = ErrorCode.INVALID_REQUEST
+
+    def __init__(self, problems: list[ParameterProblem]):
+        if not problems:
+            raise ValueError("InvalidRequestError needs at least one problem")
+        self.problems = problems
+        self.parameter = problems[0].parameter
+        self.value = problems[0].value
+        super().__init__("; ".join(p.message for p in problems))
+
+    @classmethod
+    def single(cls, parameter: str, value: Any, message: str) -> InvalidRequestError:
+        return cls([ParameterProblem(parameter, value, message)])
+
+
+class JobNotFoundError(BelleError, KeyError):
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        super().__init__(f"no job {job_id!r}: it never existed here or its record expired (BELLE_RESULT_TTL_S)")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class JobTimeoutError(BelleError, TimeoutError):
+    def __init__(self, job_id: str, timeout: float, state: str):
+        self.job_id = job_id
+        self.state = state
+        super().__init__(f"job {job_id} is still {state} after {timeout:g} s")
+
+
+class ConnectionProblem(BelleError, ConnectionError):
+    """Redis could not be reached or refused us; the message says which and what to check."""

@@ -1,0 +1,23 @@
+"""Every Redis key, pub/sub channel, queue and task name the system uses, built here and nowhere else."""
+
+PREFIX = "belle"
+
+TASK_GENERATE = "belle.generate"
+QUEUE_INTERACTIVE = "belle.interactive"
+QUEUE_BULK = "belle.bulk"
+QUEUES = (QUEUE_INTERACTIVE, QUEUE_BULK)
+
+
+def job(job_id: str) -> str:
+    """Hash holding a job's record (state, timestamps, request, result or error)."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def job_channel(job_id: str) -> str:
+    """Pub/sub channel with a job's live events (state changes, chunks)."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def job_chunks(job_id: str) -> str:
+    """Stream with a job's chunks, for subscribers that arrive late."""
+    return f"{PREFIX}:job:{job_id}:chunks"

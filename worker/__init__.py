@@ -1,0 +1,1 @@
+"""belle-queue's worker: the Celery app, the resident model engine, and the worker-side commands."""

@@ -1,0 +1,62 @@
+"""The worker-side subcommands of `belle-queue`, registered through the `belle_queue.commands` entry
+point. Defining them imports nothing heavy; running them does."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _settings(args: argparse.Namespace, **overrides):
+    from producer.settings import get_settings
+
+    updates = {k: v for k, v in overrides.items() if v is not None}
+    if args.redis_url:
+        updates["redis_url"] = args.redis_url
+    # Settings is frozen; a validated copy carries the command line's values.
+    settings = get_settings()
+    return type(settings).model_validate({**settings.model_dump(), **updates})
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.run import run_worker
+
+    settings = _settings(args, model=args.model, device=args.device, worker_concurrency=args.concurrency, worker_name=args.name)
+    return run_worker(settings, queues=args.queues.split(","))
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from worker.tiny_model import BENCHMARK_SPEC, TinyModelSpec, build_tiny_model, parameter_count
+
+    base = BENCHMARK_SPEC if args.size == "benchmark" else TinyModelSpec()
+    spec = TinyModelSpec(**{**base.__dict__, "arch": args.arch})
+    path = build_tiny_model(args.path, spec, force=args.force)
+    print(f"{path} ({spec.arch}, {parameter_count(path) / 1e6:.1f}M parameters, random weights)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    return run_demo(_settings(args))
+
+
+def register(sub) -> None:
+    from producer import keys
+
+    p = sub.add_parser("worker", help="run a worker with a resident model (needs the worker extras)")
+    p.add_argument("--model", required=True, metavar="CONFIG_OR_PATH", help="configs/models name (e.g. tiny-bloom), a YAML file, or a checkpoint folder")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs (default: BELLE_DEVICE, else auto)")
+    p.add_argument("--concurrency", type=int, help="jobs held at once (default: BELLE_WORKER_CONCURRENCY)")
+    p.add_argument("--name", help="Celery node name (default: belle@HOSTNAME)")
+    p.add_argument("--queues", default=",".join(keys.QUEUES), help="queues to consume, comma-separated")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("tiny-model", help="build a tiny random-weight checkpoint locally (no network)")
+    p.add_argument("path", help="folder to write")
+    p.add_argument("--arch", choices=["bloom", "llama"], default="bloom")
+    p.add_argument("--size", choices=["tiny", "benchmark"], default="tiny", help="tiny (~0.2M parameters, for tests) or benchmark (~50M)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the folder holds the same spec")
+    p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("demo", help="embedded redis + tiny model + worker + sample jobs, then shut down")
+    p.set_defaults(func=cmd_demo)

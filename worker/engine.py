@@ -1,0 +1,208 @@
+"""The resident model: loaded once per worker process, run on batches of compatible jobs.
+
+``Engine.generate(jobs)`` is batch-shaped: it groups the jobs that can share one ``generate()``
+call (same effective generation config) and runs one call per group.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from producer.errors import ErrorCode
+from producer.records import FinishReason, JobResult, PromptFit, SequenceResult, Timings, Usage
+from producer.schemas import GenerationRequest
+from worker.errors import JobFailure
+from worker.model_config import ModelConfig
+from worker.prompting import fit_prompt
+
+log = logging.getLogger("belle.engine")
+
+transformers.utils.logging.disable_progress_bar()
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """A job whose prompt is tokenized and fitted to the context window."""
+
+    job_id: str
+    request: GenerationRequest
+    input_ids: list[int]
+    max_new_tokens: int
+    fit: PromptFit
+    queued_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Generated:
+    job_id: str
+    result: JobResult
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device (check CUDA_VISIBLE_DEVICES and the torch build)")
+    return torch.device(device)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, config: ModelConfig, device: torch.device):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.device = device
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @classmethod
+    def load(cls, config: ModelConfig, device: str = "auto") -> Engine:
+        target = resolve_device(device)
+        dtype = _DTYPES.get(config.dtype, "auto")
+        if target.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            log.info("model %s asks for %s; using float32 on CPU", config.name, config.dtype)
+            dtype = torch.float32
+        started = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(config.path)
+        model = AutoModelForCausalLM.from_pretrained(config.path, dtype=dtype)
+        model.to(target).eval()
+        log.info("loaded %s from %s on %s (%s) in %.1f s", config.name, config.path, target, model.dtype, time.perf_counter() - started)
+        return cls(model, tokenizer, config, target)
+
+    # --- preparing jobs ---
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def prepare(self, job_id: str, request: GenerationRequest, queued_s: float = 0.0) -> PreparedJob:
+        """Fit the prompt to the context window; raises JobFailure when this job cannot run here."""
+        if request.adapter is not None:
+            raise JobFailure(ErrorCode.INVALID_REQUEST, f"adapter must be one of the adapters this worker serves ([]), got {request.adapter!r}; drop adapter", parameter="adapter")
+        fitted = fit_prompt(request, self.config.template, self.tokenize, self.config.context_length)
+        return PreparedJob(job_id, request, fitted.input_ids, fitted.max_new_tokens, fitted.fit, queued_s)
+
+    @staticmethod
+    def batch_key(job: PreparedJob) -> tuple:
+        """Jobs with equal keys can share one generate() call."""
+        r = job.request
+        sampling = (r.temperature, r.top_p, r.top_k) if r.do_sample else None
+        # A seeded sampling job runs alone: its random stream must not depend on its neighbours.
+        alone = job.job_id if (r.do_sample and r.seed is not None) else None
+        return (r.do_sample, r.num_beams, r.num_return_sequences, job.max_new_tokens, r.min_new_tokens, sampling,
+                r.repetition_penalty, r.no_repeat_ngram_size, r.output_scores, tuple(r.stop), r.adapter, alone)
+
+    # --- generating ---
+
+    def generate(self, jobs: Sequence[PreparedJob]) -> list[Generated]:
+        groups: dict[tuple, list[PreparedJob]] = defaultdict(list)
+        for job in jobs:
+            groups[self.batch_key(job)].append(job)
+        out: list[Generated] = []
+        for group in groups.values():
+            out.extend(self.generate_batch(group))
+        return out
+
+    def generate_batch(self, jobs: Sequence[PreparedJob]) -> list[Generated]:
+        """One generate() call for jobs that share a batch key."""
+        first = jobs[0].request
+        width = max(len(job.input_ids) for job in jobs)
+        input_ids = torch.full((len(jobs), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for row, job in enumerate(jobs):  # left padding: every prompt ends where generation starts
+            input_ids[row, width - len(job.input_ids):] = torch.tensor(job.input_ids, dtype=torch.long)
+            attention_mask[row, width - len(job.input_ids):] = 1
+        config = self.generation_config(first, jobs[0].max_new_tokens)
+        if first.seed is not None:
+            torch.manual_seed(first.seed)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                generation_config=config,
+                tokenizer=self.tokenizer if first.stop else None,
+            )
+        seconds = time.perf_counter() - started
+        generated = output.sequences[:, width:].cpu()
+        logprobs = self._logprobs(output) if first.output_scores else None
+        beam_scores = output.sequences_scores.float().cpu() if first.num_beams > 1 else None
+        n = first.num_return_sequences
+        results = []
+        for i, job in enumerate(jobs):
+            sequences = []
+            for k in range(n):
+                row = i * n + k
+                sequences.append(self._sequence(k, generated[row].tolist(), job, logprobs[row] if logprobs is not None else None,
+                                                float(beam_scores[row]) if beam_scores is not None else None))
+            completion = sum(s.completion_tokens for s in sequences)
+            results.append(Generated(job.job_id, JobResult(
+                sequences=[s.result for s in sequences],
+                usage=Usage(prompt_tokens=len(job.input_ids), completion_tokens=completion, total_tokens=len(job.input_ids) + completion),
+                timings=Timings(queued_s=round(job.queued_s, 6), generation_s=round(seconds, 6), batch_size=len(jobs)),
+                model=self.config.name,
+                adapter=job.request.adapter,
+                prompt_fit=job.fit,
+            )))
+        return results
+
+    def generation_config(self, request: GenerationRequest, max_new_tokens: int) -> GenerationConfig:
+        sampling = {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k} if request.do_sample else {"temperature": None, "top_p": None, "top_k": None}
+        return GenerationConfig(
+            do_sample=request.do_sample,
+            num_beams=request.num_beams,
+            num_return_sequences=request.num_return_sequences,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=request.min_new_tokens,
+            repetition_penalty=request.repetition_penalty,
+            no_repeat_ngram_size=request.no_repeat_ngram_size,
+            stop_strings=list(request.stop) or None,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+            return_dict_in_generate=True,
+            # Beam search only reports its sequence scores together with the per-step scores.
+            output_scores=request.output_scores or request.num_beams > 1,
+            **sampling,
+        )
+
+    def _logprobs(self, output) -> torch.Tensor:
+        beam_indices = getattr(output, "beam_indices", None)
+        # Beam scores are already log-probabilities; greedy/sampling scores are processed logits.
+        scores = self.model.compute_transition_scores(output.sequences, output.scores, beam_indices, normalize_logits=beam_indices is None)
+        return scores.float().cpu()
+
+    def _sequence(self, index: int, token_ids: list[int], job: PreparedJob, logprobs: torch.Tensor | None, score: float | None) -> _Sequence:
+        finish = FinishReason.LENGTH
+        if self.eos_token_id is not None and self.eos_token_id in token_ids:
+            cut = token_ids.index(self.eos_token_id)
+            computed = cut + 1
+            token_ids = token_ids[:cut]
+            finish = FinishReason.EOS
+        else:
+            while token_ids and token_ids[-1] == self.pad_token_id:
+                token_ids.pop()
+            computed = len(token_ids)
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        if job.request.stop and finish is not FinishReason.EOS:
+            hits = [pos for pos in (text.find(s) for s in job.request.stop) if pos >= 0]
+            if hits:
+                text = text[: min(hits)]
+                finish = FinishReason.STOP
+        values = [round(float(v), 5) for v in logprobs[: len(token_ids)]] if logprobs is not None else None
+        return _Sequence(SequenceResult(index=index, text=text, token_ids=token_ids, finish_reason=finish, score=score, logprobs=values), computed)
+
+
+@dataclass(frozen=True)
+class _Sequence:
+    result: SequenceResult
+    completion_tokens: int

@@ -1,0 +1,86 @@
+"""What happens to one delivered message: check it, start the job's record, run it, finish the record.
+
+Anything can arrive on a queue. A message is acknowledged whatever it holds; one that names a job id
+ends that job in exactly one final state, and one that does not is logged and dropped. Nothing here
+raises back into Celery except on purpose.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from typing import Any
+
+from producer.errors import ErrorCode, InvalidRequestError
+from producer.records import JobError
+from producer.schemas import parse_request
+from producer.settings import Settings
+from producer.store import JobStore, canonical_json
+from worker.engine import Engine
+from worker.errors import JobFailure
+
+log = logging.getLogger("belle.worker")
+
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class JobHandler:
+    def __init__(self, settings: Settings, store: JobStore, engine: Engine):
+        self.settings = settings
+        self.store = store
+        self.engine = engine
+        self._model_lock = threading.Lock()
+
+    def handle(self, args: tuple, kwargs: dict[str, Any], *, worker: str) -> None:
+        job_id = kwargs.get("job_id") if isinstance(kwargs, dict) else None
+        if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+            log.error("dropped a message without a valid job_id (args=%.200r, kwargs keys=%.200r)", args, list(kwargs) if isinstance(kwargs, dict) else kwargs)
+            return
+        raw = kwargs.get("request")
+        try:
+            request_json = canonical_json(raw)
+        except (TypeError, ValueError):
+            request_json = ""
+        start = self.store.start(job_id, worker=worker, request_json=request_json, max_attempts=self.settings.max_attempts)
+        if start.outcome == "mismatch":
+            log.error("job %s: the message's request differs from the stored one; message dropped, record untouched", job_id)
+            return
+        if start.outcome.startswith("final:"):
+            log.info("job %s is already %s; duplicate delivery acknowledged", job_id, start.outcome.removeprefix("final:"))
+            return
+        if start.outcome == "exhausted":
+            self._fail(job_id, JobError(
+                code=ErrorCode.WORKER_LOST,
+                message=f"the job was delivered {start.attempts} times (BELLE_MAX_ATTEMPTS) and its worker never finished it; "
+                        "it may crash the worker (check the worker logs), or the worker was restarted while running it",
+            ))
+            return
+        try:
+            problems = [f"unexpected positional arguments {args!r:.100}"] if args else []
+            problems += [f"unexpected field {k!r:.60}" for k in kwargs if k not in ("job_id", "request")]
+            if problems:
+                raise InvalidRequestError.single("message", None, f"malformed job message: {'; '.join(problems)}")
+            request = parse_request(raw, settings=self.settings, resolved=True)
+            prepared = self.engine.prepare(job_id, request, queued_s=start.queued_s)
+        except InvalidRequestError as exc:
+            self._fail(job_id, JobError(code=ErrorCode.INVALID_REQUEST, message=str(exc), parameter=exc.parameter))
+            return
+        except JobFailure as exc:
+            self._fail(job_id, exc.error)
+            return
+        try:
+            with self._model_lock:
+                (generated,) = self.engine.generate([prepared])
+        except JobFailure as exc:
+            self._fail(job_id, exc.error)
+            return
+        except Exception as exc:  # the model raised: this job fails, the worker carries on
+            log.exception("job %s: generation failed", job_id)
+            self._fail(job_id, JobError(code=ErrorCode.GENERATION_ERROR, message=f"generation failed: {type(exc).__name__}: {exc}"[:2000]))
+            return
+        self.store.succeed(job_id, generated.result)
+
+    def _fail(self, job_id: str, error: JobError) -> None:
+        log.info("job %s failed: %s: %s", job_id, error.code, error.message)
+        self.store.fail(job_id, error)

@@ -1,0 +1,38 @@
+"""Starting a worker process: load the model, then consume jobs with Celery."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from producer.connection import redis_client
+from producer.settings import Settings
+from producer.store import JobStore
+
+log = logging.getLogger("belle.worker")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_worker(settings: Settings, *, queues: list[str]) -> int:
+    configure_logging(settings.log_level)
+    if not settings.model:
+        raise SystemExit("error: no model: pass --model or set BELLE_MODEL")
+    from worker.celery_app import create_app
+    from worker.engine import Engine
+    from worker.handler import JobHandler
+    from worker.model_config import load_model_config
+
+    config = load_model_config(settings.model, settings)
+    engine = Engine.load(config, settings.device)
+    store = JobStore(redis_client(settings.redis_url), result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s)
+    app = create_app(settings, JobHandler(settings, store, engine))
+    name = settings.worker_name or f"belle@{socket.gethostname()}"
+    log.info("worker %s serving %s on queues %s", name, config.name, ",".join(queues))
+    app.worker_main([
+        "worker", f"--hostname={name}", f"--queues={','.join(queues)}", f"--loglevel={settings.log_level}",
+        "--without-gossip", "--without-mingle",
+    ])
+    return 0
