@@ -89,7 +89,7 @@ class JobRecord(_Frozen):
     finished_at: float | None = None
     attempts: int = 0
     worker: str | None = None
-    request: dict[str, Any] | None = None
+    request: Any = None  # the validated request; for a malformed message, whatever JSON it carried
     result: JobResult | None = None
     error: JobError | None = None
 

@@ -8,6 +8,7 @@ from producer import keys
 from producer.queueing import celery_config
 from producer.settings import Settings
 from worker.handler import JobHandler
+from worker.transport import TRANSPORT
 
 
 class GenerateTask(Task):
@@ -28,6 +29,7 @@ def create_app(settings: Settings, handler: JobHandler) -> Celery:
     app = Celery("belle-worker", set_as_current=False)
     app.conf.update(celery_config(settings))
     app.conf.update(
+        broker_transport=TRANSPORT,
         worker_pool="threads",
         worker_concurrency=settings.worker_concurrency,
         worker_prefetch_multiplier=settings.prefetch_multiplier,

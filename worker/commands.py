@@ -25,10 +25,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from worker.tiny_model import BENCHMARK_SPEC, TinyModelSpec, build_tiny_model, parameter_count
+    import dataclasses
 
-    base = BENCHMARK_SPEC if args.size == "benchmark" else TinyModelSpec()
-    spec = TinyModelSpec(**{**base.__dict__, "arch": args.arch})
+    from worker.tiny_model import BENCHMARK_SPEC, TINY_SPECS, build_tiny_model, parameter_count
+
+    spec = dataclasses.replace(BENCHMARK_SPEC, arch=args.arch) if args.size == "benchmark" else TINY_SPECS[args.arch]
     path = build_tiny_model(args.path, spec, force=args.force)
     print(f"{path} ({spec.arch}, {parameter_count(path) / 1e6:.1f}M parameters, random weights)")
     return 0

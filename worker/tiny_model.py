@@ -42,10 +42,17 @@ class TinyModelSpec:
     seed: int = 0
     # Larger than the usual 0.02 so that random weights give varied, not constant, greedy output.
     initializer_range: float = 0.4
+    # Median probability of EOS per step, so that sequences sometimes end by themselves (finish_reason
+    # eos, min_new_tokens) as a trained model's do; None leaves the random weights alone.
+    eos_probability: float | None = 0.02
 
+
+# The two tiny test models; LLaMA's hidden states are larger, so its EOS needs a lower median to
+# end a comparable share of sequences.
+TINY_SPECS = {"bloom": TinyModelSpec(), "llama": TinyModelSpec(arch="llama", eos_probability=0.0005)}
 
 # About 50M parameters: the size the throughput benchmark asks for.
-BENCHMARK_SPEC = TinyModelSpec(vocab_size=8192, hidden_size=512, layers=14, heads=8, initializer_range=0.02)
+BENCHMARK_SPEC = TinyModelSpec(vocab_size=8192, hidden_size=512, layers=14, heads=8, initializer_range=0.02, eos_probability=None)
 
 MARKER = "belle-tiny-model.json"
 
@@ -91,6 +98,8 @@ def build_tiny_model(path: Path | str, spec: TinyModelSpec = TinyModelSpec(), *,
         model_cls = LlamaForCausalLM
     torch.manual_seed(spec.seed)
     model = model_cls(config).eval()
+    if spec.eos_probability is not None:
+        calibrate_eos(model, tokenizer, spec.eos_probability)
 
     # Build beside the target and swap in, so a half-written checkpoint is never picked up.
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +115,25 @@ def build_tiny_model(path: Path | str, spec: TinyModelSpec = TinyModelSpec(), *,
         if staging.exists():
             shutil.rmtree(staging)
     return path
+
+
+def calibrate_eos(model, tokenizer, target: float) -> None:
+    """Point EOS's output row along the mean final hidden state and scale it until the median
+    probability of EOS over the corpus is ``target``."""
+    import torch
+
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        batch = [torch.tensor([tokenizer(text)["input_ids"]]) for text in _CORPUS]
+        hidden = torch.cat([model(ids, output_hidden_states=True).hidden_states[-1][0] for ids in batch])
+        direction = hidden.mean(0) / hidden.mean(0).norm()
+        row = model.get_output_embeddings().weight
+        lo, hi = 0.0, 50.0
+        for _ in range(30):  # bisection on the scale: the median rises with it
+            row[eos] = direction * (lo + hi) / 2
+            median = torch.cat([model(ids).logits[0].softmax(-1)[:, eos] for ids in batch]).median()
+            lo, hi = ((lo + hi) / 2, hi) if median < target else (lo, (lo + hi) / 2)
+        row[eos] = direction * (lo + hi) / 2
 
 
 def parameter_count(path: Path | str) -> int:

@@ -1,0 +1,132 @@
+"""Shared fixtures: a real redis-server on a free port, tiny real checkpoints built once per session,
+and real worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from producer.client import JobClient
+from producer.embedded_redis import EmbeddedRedis
+from producer.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_bloom(tmp_path_factory) -> Path:
+    from worker.tiny_model import TINY_SPECS, build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-bloom", TINY_SPECS["bloom"])
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    from worker.tiny_model import TINY_SPECS, build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", TINY_SPECS["llama"])
+
+
+CONTEXT_LENGTH = 192
+
+
+@pytest.fixture(scope="session")
+def bloom_config(tmp_path_factory, tiny_bloom) -> Path:
+    """A model config for the tiny BLOOM with a small context window, so history truncation shows."""
+    path = tmp_path_factory.mktemp("configs") / "tiny-bloom.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny-bloom", "path": str(tiny_bloom), "context_length": CONTEXT_LENGTH}))
+    return path
+
+
+class WorkerProcess:
+    """A real `belle-queue worker` subprocess; its log is collected for assertions and failures."""
+
+    def __init__(self, redis_url: str, model: Path | str, *, name: str, env: dict[str, str] | None = None):
+        self.redis_url = redis_url
+        self.name = name
+        command = [sys.executable, "-m", "worker", "--redis-url", redis_url, "worker", "--model", str(model), "--device", "cpu", "--name", name]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout: float = 120) -> WorkerProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if " ready." in self.log:
+                return self
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log}")
+            time.sleep(0.1)
+        raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log}")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(timeout=5)
+        self.process.stdout.close()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def start_worker(redis_server):
+    started: list[WorkerProcess] = []
+
+    def start(model, *, name: str, env: dict[str, str] | None = None, redis_url: str | None = None) -> WorkerProcess:
+        worker = WorkerProcess(redis_url or redis_server.url, model, name=name, env=env)
+        started.append(worker)
+        return worker.wait_ready()
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def worker(start_worker, bloom_config) -> WorkerProcess:
+    """The shared worker serving the tiny BLOOM on the default queues."""
+    return start_worker(bloom_config, name="shared@tests")
+
+
+@pytest.fixture
+def client(redis_server):
+    with JobClient(Settings(redis_url=redis_server.url)) as c:
+        yield c
+
+
+@pytest.fixture
+def live_client(client, worker):
+    """A client whose jobs are served by the shared worker; checks the worker survived the test."""
+    yield client
+    assert worker.alive(), f"the worker died during the test:\n{worker.log[-4000:]}"

@@ -1,0 +1,86 @@
+"""The `belle-queue` command: client commands, exit codes, and the light client without torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from producer.client import new_job_id
+from producer.store import canonical_json
+
+# Run the CLI in a fresh interpreter where torch, transformers and the worker cannot be imported,
+# as on a backend host that installed only the client.
+NO_GPU_STACK = (
+    "import sys\n"
+    "for name in ('torch', 'transformers', 'peft', 'bitsandbytes'):\n"
+    "    sys.modules[name] = None\n"
+    "from producer.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "assert 'worker.engine' not in sys.modules and 'worker.handler' not in sys.modules\n"
+    "sys.exit(code)\n"
+)
+
+
+def cli(redis_url: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NO_GPU_STACK, "--redis-url", redis_url, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_submit_and_wait_prints_the_record_as_json(redis_server, worker):
+    done = cli(redis_server.url, "submit", "--prompt", "你好", "--preset", "greedy", "--set", "max_new_tokens=5", "--wait", "60", "--json")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["state"] == "succeeded" and len(record["result"]["sequences"][0]["token_ids"]) <= 5
+    job_id = record["job_id"]
+
+    status = cli(redis_server.url, "status", job_id)
+    assert (status.returncode, status.stdout.strip()) == (0, "succeeded")
+    result = cli(redis_server.url, "result", job_id)
+    assert result.returncode == 0 and f"job {job_id}: succeeded" in result.stdout
+
+
+def test_submit_without_wait_prints_the_job_id(redis_server, worker, client):
+    done = cli(redis_server.url, "submit", "--prompt", "hello", "--set", "num_beams=1", "--set", "max_new_tokens=3")
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip()
+    assert client.wait(job_id, 60).state == "succeeded"
+
+
+def test_an_invalid_request_exits_2_and_names_the_parameter(redis_server):
+    done = cli(redis_server.url, "submit", "--prompt", "hi", "--set", "temperature=3")
+    assert done.returncode == 2
+    assert "temperature must be in [0.1, 2.0], got 3" in done.stderr
+    typo = cli(redis_server.url, "submit", "--prompt", "hi", "--set", "temprature=0.5")
+    assert typo.returncode == 2 and "did you mean 'temperature'" in typo.stderr
+
+
+def test_a_failed_job_exits_1_and_shows_its_error(redis_server, worker):
+    done = cli(redis_server.url, "submit", "--prompt", "天气很好 " * 400, "--set", "num_beams=1", "--wait", "60")
+    assert done.returncode == 1
+    assert "context_length_exceeded" in done.stdout
+
+
+def test_waiting_past_the_timeout_exits_3(redis_server, client):
+    job_id = new_job_id()
+    client.store.create(job_id, canonical_json({"prompt": "never sent"}))  # a record no worker will take
+    done = cli(redis_server.url, "result", job_id, "--wait", "0.3")
+    assert done.returncode == 3 and "still queued after 0.3 s" in done.stderr
+    assert cli(redis_server.url, "result", job_id).returncode == 3
+
+
+def test_an_unknown_job_exits_1(redis_server):
+    done = cli(redis_server.url, "status", "no-such-job")
+    assert done.returncode == 1 and "no job 'no-such-job'" in done.stderr
+
+
+def test_an_unreachable_redis_is_one_line_and_exits_4():
+    done = cli("redis://127.0.0.1:1/0", "status", "x")
+    assert done.returncode == 4
+    assert "cannot reach redis" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_worker_commands_are_listed_but_not_imported():
+    done = subprocess.run([sys.executable, "-c", NO_GPU_STACK, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for command in ("submit", "status", "result", "worker", "tiny-model", "demo", "redis"):
+        assert command in done.stdout
