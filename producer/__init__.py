@@ -1,51 +1,38 @@
 """belle-queue's public contract and client: request schema, errors, records, and the job clients.
 
-Importable without torch or transformers.
+Importable without torch or transformers. Names are resolved on first use, so that importing the
+package (and starting the `belle-queue` command) stays fast.
 """
 
-from producer.errors import (
-    BelleError,
-    ConnectionProblem,
-    ErrorCode,
-    InvalidRequestError,
-    JobNotFoundError,
-    JobTimeoutError,
-)
-from producer.records import FinishReason, JobError, JobRecord, JobResult, JobState, SequenceResult
-from producer.schemas import GenerationRequest, Message, parse_request
-from producer.settings import Settings, get_settings
+from importlib import import_module
 
-__all__ = [
-    "AsyncJobClient",
-    "BelleError",
-    "ConnectionProblem",
-    "ErrorCode",
-    "FinishReason",
-    "GenerationRequest",
-    "InvalidRequestError",
-    "JobClient",
-    "JobError",
-    "JobNotFoundError",
-    "JobRecord",
-    "JobResult",
-    "JobState",
-    "JobTimeoutError",
-    "Message",
-    "SequenceResult",
-    "Settings",
-    "get_settings",
-    "parse_request",
-]
+_EXPORTS = {
+    "AsyncJobClient": "producer.aio",
+    "JobClient": "producer.client",
+    "BelleError": "producer.errors",
+    "ErrorCode": "producer.errors",
+    "InvalidRequestError": "producer.errors",
+    "JobNotFoundError": "producer.errors",
+    "JobTimeoutError": "producer.errors",
+    "FinishReason": "producer.records",
+    "JobError": "producer.records",
+    "JobRecord": "producer.records",
+    "JobResult": "producer.records",
+    "JobState": "producer.records",
+    "SequenceResult": "producer.records",
+    "GenerationRequest": "producer.schemas",
+    "Message": "producer.schemas",
+    "parse_request": "producer.schemas",
+    "Settings": "producer.settings",
+    "get_settings": "producer.settings",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    # The clients pull in redis and celery; keep `import producer` itself light.
-    if name == "JobClient":
-        from producer.client import JobClient
-
-        return JobClient
-    if name == "AsyncJobClient":
-        from producer.aio import AsyncJobClient
-
-        return AsyncJobClient
-    raise AttributeError(name)
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'producer' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -60,6 +60,3 @@ class JobTimeoutError(BelleError, TimeoutError):
         self.state = state
         super().__init__(f"job {job_id} is still {state} after {timeout:g} s")
 
-
-class ConnectionProblem(BelleError, ConnectionError):
-    """Redis could not be reached or refused us; the message says which and what to check."""

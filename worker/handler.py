@@ -62,7 +62,8 @@ class JobHandler:
             if problems:
                 raise InvalidRequestError.single("message", None, f"malformed job message: {'; '.join(problems)}")
             request = parse_request(raw, settings=self.settings, resolved=True)
-            prepared = self.engine.prepare(job_id, request, queued_s=start.queued_s)
+            with self._model_lock:  # the tokenizer is not safe to share between threads either
+                prepared = self.engine.prepare(job_id, request, queued_s=start.queued_s)
         except InvalidRequestError as exc:
             self._fail(job_id, JobError(code=ErrorCode.INVALID_REQUEST, message=str(exc), parameter=exc.parameter))
             return
