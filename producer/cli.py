@@ -29,11 +29,13 @@ def _client(args: argparse.Namespace):
 
 
 def _parse_set(pairs: list[str]) -> dict:
+    from producer.errors import InvalidRequestError
+
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"error: --set takes key=value, got {pair!r}")
+            raise InvalidRequestError.single("--set", pair, f"--set takes key=value (e.g. --set temperature=0.7), got {pair!r}")
         try:
             out[key] = json.loads(value)
         except ValueError:
@@ -71,9 +73,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
             return EXIT_OK
         if not args.json:
             print(job_id, file=sys.stderr)
-        record = client.wait(job_id, args.wait)
-        _print_record(record, args.json)
-        return _exit_for(record)
+        return _wait_and_print(client, job_id, args.wait, args.json)
+
+
+def _wait_and_print(client, job_id: str, timeout: float, as_json: bool) -> int:
+    """Print the final record, or on timeout the record as it stands (and say so on stderr)."""
+    from producer.errors import JobTimeoutError
+
+    try:
+        record = client.wait(job_id, timeout)
+    except JobTimeoutError as exc:
+        print(f"timed out: {exc}", file=sys.stderr)
+        record = client.get(job_id)
+    _print_record(record, as_json)
+    return _exit_for(record)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -88,7 +101,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_result(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        record = client.wait(args.job_id, args.wait) if args.wait is not None else client.get(args.job_id)
+        if args.wait is not None:
+            return _wait_and_print(client, args.job_id, args.wait, args.json)
+        record = client.get(args.job_id)
     _print_record(record, args.json)
     return _exit_for(record)
 
@@ -156,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for entry in entry_points(group="belle_queue.commands"):
         entry.load()(sub)
+    for command in sub.choices.values():  # also accepted after the command name
+        command.add_argument("--redis-url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 

@@ -54,6 +54,18 @@ def test_an_invalid_request_exits_2_and_names_the_parameter(redis_server):
     assert typo.returncode == 2 and "did you mean 'temperature'" in typo.stderr
 
 
+def test_a_malformed_set_is_an_invalid_request(redis_server):
+    done = cli(redis_server.url, "submit", "--prompt", "hi", "--set", "temperature")
+    assert done.returncode == 2 and "--set takes key=value" in done.stderr
+
+
+def test_the_redis_url_may_follow_the_command_name(redis_server, client):
+    job_id = new_job_id()
+    client.store.create(job_id, canonical_json({"prompt": "never sent"}))
+    done = subprocess.run([sys.executable, "-c", NO_GPU_STACK, "status", job_id, "--redis-url", redis_server.url], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "queued")
+
+
 def test_a_failed_job_exits_1_and_shows_its_error(redis_server, worker):
     done = cli(redis_server.url, "submit", "--prompt", "天气很好 " * 400, "--set", "num_beams=1", "--wait", "60")
     assert done.returncode == 1
@@ -63,8 +75,9 @@ def test_a_failed_job_exits_1_and_shows_its_error(redis_server, worker):
 def test_waiting_past_the_timeout_exits_3(redis_server, client):
     job_id = new_job_id()
     client.store.create(job_id, canonical_json({"prompt": "never sent"}))  # a record no worker will take
-    done = cli(redis_server.url, "result", job_id, "--wait", "0.3")
+    done = cli(redis_server.url, "result", job_id, "--wait", "0.3", "--json")
     assert done.returncode == 3 and "still queued after 0.3 s" in done.stderr
+    assert json.loads(done.stdout)["state"] == "queued"  # the record as it stands
     assert cli(redis_server.url, "result", job_id).returncode == 3
 
 

@@ -8,11 +8,11 @@ import time
 import pytest
 
 from producer import keys
+from producer.client import new_job_id
 from producer.connection import redis_client
 from producer.errors import ErrorCode
 from producer.records import JobError, JobState
 from producer.store import JobStore, canonical_json
-from producer.client import new_job_id
 
 REQUEST = canonical_json({"prompt": "hi"})
 

@@ -6,7 +6,9 @@ call (same effective generation config) and runs one call per group.
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -48,6 +50,13 @@ class Generated:
     result: JobResult
 
 
+def batch_cost(jobs: Sequence[PreparedJob]) -> int:
+    """Tokens a batch holds at its longest: rows × (longest prompt + max_new_tokens), where a job has
+    one row per beam (beam search) or per returned sequence (sampling)."""
+    width = max(len(j.input_ids) for j in jobs) + max(j.max_new_tokens for j in jobs)
+    return sum(max(j.request.num_beams, j.request.num_return_sequences) for j in jobs) * width
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -57,16 +66,22 @@ def resolve_device(device: str) -> torch.device:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, config: ModelConfig, device: torch.device):
+    """``tokenizer`` belongs to the thread that generates; ``tokenize`` may be called from any thread
+    (it uses its own copy of the tokenizer under a lock: fast tokenizers are not thread-safe)."""
+
+    def __init__(self, model, tokenizer, config: ModelConfig, device: torch.device, *, fault_memory_budget_tokens: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.device = device
+        self.fault_memory_budget_tokens = fault_memory_budget_tokens
+        self._encoder = copy.deepcopy(tokenizer)
+        self._encoder_lock = threading.Lock()
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     @classmethod
-    def load(cls, config: ModelConfig, device: str = "auto") -> Engine:
+    def load(cls, config: ModelConfig, device: str = "auto", *, fault_memory_budget_tokens: int | None = None) -> Engine:
         target = resolve_device(device)
         dtype = _DTYPES.get(config.dtype, "auto")
         if target.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
@@ -77,12 +92,13 @@ class Engine:
         model = AutoModelForCausalLM.from_pretrained(config.path, dtype=dtype)
         model.to(target).eval()
         log.info("loaded %s from %s on %s (%s) in %.1f s", config.name, config.path, target, model.dtype, time.perf_counter() - started)
-        return cls(model, tokenizer, config, target)
+        return cls(model, tokenizer, config, target, fault_memory_budget_tokens=fault_memory_budget_tokens)
 
     # --- preparing jobs ---
 
     def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        with self._encoder_lock:
+            return self._encoder(text, add_special_tokens=True)["input_ids"]
 
     def prepare(self, job_id: str, request: GenerationRequest, queued_s: float = 0.0) -> PreparedJob:
         """Fit the prompt to the context window; raises JobFailure when this job cannot run here."""
@@ -115,6 +131,8 @@ class Engine:
     def generate_batch(self, jobs: Sequence[PreparedJob]) -> list[Generated]:
         """One generate() call for jobs that share a batch key."""
         first = jobs[0].request
+        if self.fault_memory_budget_tokens is not None and (cost := batch_cost(jobs)) > self.fault_memory_budget_tokens:
+            raise torch.OutOfMemoryError(f"simulated: a batch of {len(jobs)} costing {cost} tokens exceeds BELLE_FAULT_MEMORY_BUDGET_TOKENS={self.fault_memory_budget_tokens}")
         width = max(len(job.input_ids) for job in jobs)
         input_ids = torch.full((len(jobs), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(jobs), width), dtype=torch.long)

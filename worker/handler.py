@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 from typing import Any
+
+from celery.exceptions import Reject
 
 from producer.errors import ErrorCode, InvalidRequestError
 from producer.records import JobError
 from producer.schemas import parse_request
 from producer.settings import Settings
 from producer.store import JobStore, canonical_json
+from worker.batcher import Batcher, BatcherStopped
 from worker.engine import Engine
 from worker.errors import JobFailure
 
@@ -26,11 +28,11 @@ JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class JobHandler:
-    def __init__(self, settings: Settings, store: JobStore, engine: Engine):
+    def __init__(self, settings: Settings, store: JobStore, engine: Engine, batcher: Batcher):
         self.settings = settings
         self.store = store
         self.engine = engine
-        self._model_lock = threading.Lock()
+        self.batcher = batcher
 
     def handle(self, args: tuple, kwargs: dict[str, Any], *, worker: str) -> None:
         job_id = kwargs.get("job_id") if isinstance(kwargs, dict) else None
@@ -62,8 +64,7 @@ class JobHandler:
             if problems:
                 raise InvalidRequestError.single("message", None, f"malformed job message: {'; '.join(problems)}")
             request = parse_request(raw, settings=self.settings, resolved=True)
-            with self._model_lock:  # the tokenizer is not safe to share between threads either
-                prepared = self.engine.prepare(job_id, request, queued_s=start.queued_s)
+            prepared = self.engine.prepare(job_id, request, queued_s=start.queued_s)
         except InvalidRequestError as exc:
             self._fail(job_id, JobError(code=ErrorCode.INVALID_REQUEST, message=str(exc), parameter=exc.parameter))
             return
@@ -71,15 +72,13 @@ class JobHandler:
             self._fail(job_id, exc.error)
             return
         try:
-            with self._model_lock:
-                (generated,) = self.engine.generate([prepared])
-        except JobFailure as exc:
+            generated = self.batcher.run(prepared)
+        except JobFailure as exc:  # the batcher already isolated the failure to this job
             self._fail(job_id, exc.error)
             return
-        except Exception as exc:  # the model raised: this job fails, the worker carries on
-            log.exception("job %s: generation failed", job_id)
-            self._fail(job_id, JobError(code=ErrorCode.GENERATION_ERROR, message=f"generation failed: {type(exc).__name__}: {exc}"[:2000]))
-            return
+        except BatcherStopped:
+            log.warning("job %s: the worker is stopping before it ran; its message goes back to the queue", job_id)
+            raise Reject("worker stopping", requeue=True) from None
         self.store.succeed(job_id, generated.result)
 
     def _fail(self, job_id: str, error: JobError) -> None:

@@ -20,19 +20,25 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
     configure_logging(settings.log_level)
     if not settings.model:
         raise SystemExit("error: no model: pass --model or set BELLE_MODEL")
+    from worker.batcher import Batcher
     from worker.celery_app import create_app
     from worker.engine import Engine
     from worker.handler import JobHandler
     from worker.model_config import load_model_config
 
     config = load_model_config(settings.model, settings)
-    engine = Engine.load(config, settings.device)
+    engine = Engine.load(config, settings.device, fault_memory_budget_tokens=settings.fault_memory_budget_tokens)
     store = JobStore(redis_client(settings.redis_url), result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s)
-    app = create_app(settings, JobHandler(settings, store, engine))
+    batcher = Batcher(engine, settings).start()
+    app = create_app(settings, JobHandler(settings, store, engine, batcher))
     name = settings.worker_name or f"belle@{socket.gethostname()}"
-    log.info("worker %s serving %s on queues %s", name, config.name, ",".join(queues))
-    app.worker_main([
-        "worker", f"--hostname={name}", f"--queues={','.join(queues)}", f"--loglevel={settings.log_level}",
-        "--without-gossip", "--without-mingle",
-    ])
+    log.info("worker %s serving %s on queues %s; batches of ≤%d jobs, ≤%d tokens; %d jobs held at once",
+             name, config.name, ",".join(queues), settings.batch_max_size, settings.batch_max_tokens, settings.worker_concurrency)
+    try:
+        app.worker_main([
+            "worker", f"--hostname={name}", f"--queues={','.join(queues)}", f"--loglevel={settings.log_level}",
+            "--without-gossip", "--without-mingle",
+        ])
+    finally:
+        batcher.stop()
     return 0

@@ -137,6 +137,8 @@ def calibrate_eos(model, tokenizer, target: float) -> None:
 
 
 def parameter_count(path: Path | str) -> int:
+    import transformers
     from transformers import AutoModelForCausalLM
 
+    transformers.utils.logging.disable_progress_bar()
     return sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())

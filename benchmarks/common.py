@@ -1,0 +1,70 @@
+"""Shared pieces of the benchmarks: the ~50M-parameter BLOOM, prompts, a worker subprocess, medians."""
+
+from __future__ import annotations
+
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from producer.settings import get_settings
+from worker.tiny_model import BENCHMARK_SPEC, build_tiny_model
+
+WORDS = ("人工智能 计算机 机器学习 环保 太空探索 北京 上海 长江 天气 公园 the quick brown fox jumps over the lazy dog "
+         "beam search sampling temperature model data token question answer").split()
+
+
+def benchmark_model() -> Path:
+    return build_tiny_model(get_settings().cache_dir / "bench-bloom-50m", BENCHMARK_SPEC)
+
+
+def mixed_prompts(n: int, seed: int = 0, *, max_words: int = 20) -> list[str]:
+    """Prompts of mixed lengths: 2 to ``max_words`` words (20: chat questions; 60: long prompts)."""
+    rnd = random.Random(seed)
+    return [" ".join(rnd.choice(WORDS) for _ in range(rnd.randint(2, max_words))) for _ in range(n)]
+
+
+def median_of(runs: int, measure) -> float:
+    return statistics.median(measure() for _ in range(runs))
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or platform.platform()}, torch {torch.__version__}"
+
+
+class WorkerSubprocess:
+    def __init__(self, redis_url: str, model: Path, *, env_overrides: dict[str, str] | None = None, device: str = "cpu"):
+        import os
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "worker", "--redis-url", redis_url, "worker", "--model", str(model), "--device", device, "--name", "bench@localhost"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env_overrides or {})},
+        )
+
+    def wait_ready(self, client, timeout: float = 180) -> None:
+        """A first job (which also warms the model up) tells the worker is serving."""
+        job_id = client.submit({"prompt": "warm up", "num_beams": 1, "max_new_tokens": 4})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited: {self.process.stderr.read()}")
+            try:
+                client.wait(job_id, 1)
+                return
+            except TimeoutError:
+                continue
+        raise TimeoutError("worker did not serve the warm-up job")
+
+    def stop(self) -> str:
+        self.process.terminate()
+        try:
+            _, err = self.process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, err = self.process.communicate()
+        return err

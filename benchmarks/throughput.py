@@ -1,0 +1,110 @@
+"""Batched throughput against the seed's one-request-at-a-time generate(), and the cost of the queue.
+
+  (a) the seed's way: one model.generate() per prompt (BELLE API doc §4.1, greedy here)
+  (b) the worker's engine and batcher, in-process
+  (c) end to end: JobClient → Redis → Celery → a worker subprocess → the job records
+plus (b) again with 8 distinct parameter sets over the same jobs.
+
+Targets: b/a ≥ 8, c/b ≥ 0.9. Run: .venv/bin/python benchmarks/throughput.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import GenerationConfig
+
+from benchmarks.common import WorkerSubprocess, benchmark_model, machine, median_of, mixed_prompts
+from producer.client import JobClient
+from producer.embedded_redis import EmbeddedRedis
+from producer.schemas import parse_request
+from producer.settings import Settings, get_settings
+from worker.batcher import Batcher
+from worker.engine import Engine
+from worker.model_config import ModelConfig
+from worker.tiny_model import parameter_count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=3, help="repetitions; medians are reported")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-words", type=int, default=20, help="prompts have 2 to this many words (60 for long prompts)")
+    args = parser.parse_args()
+
+    path = benchmark_model()
+    engine = Engine.load(ModelConfig(name="bench-bloom-50m", path=str(path), context_length=2048), args.device)
+    prompts = mixed_prompts(args.jobs, max_words=args.max_words)
+    uniform = [{"prompt": p, "num_beams": 1, "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens} for p in prompts]
+    # 8 parameter sets that generate the same number of tokens: they differ in repetition penalty.
+    mixed = [{**r, "repetition_penalty": round(1.0 + 0.05 * (i % 8), 2)} for i, r in enumerate(uniform)]
+    tokens = args.jobs * args.new_tokens
+    lengths = [len(engine.tokenize(p)) for p in prompts]
+    print(f"model: {path.name}, {parameter_count(path) / 1e6:.1f}M parameters; device {engine.device}; machine: {machine()}")
+    print(f"{args.jobs} jobs, prompts of {min(lengths)}–{max(lengths)} tokens, {args.new_tokens} new tokens each (greedy), medians of {args.runs} runs")
+
+    seed_outputs: list[list[int]] = []
+
+    def seed_way() -> float:
+        """One generate() per prompt, as in the seed's generate_answer()."""
+        seed_outputs.clear()
+        config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                  repetition_penalty=1.2, pad_token_id=engine.pad_token_id, eos_token_id=engine.eos_token_id)
+        started = time.perf_counter()
+        for prompt in prompts:
+            inputs = engine.tokenizer(engine.config.template.user.replace("{content}", prompt), return_tensors="pt").to(engine.device)
+            with torch.inference_mode():
+                out = engine.model.generate(**inputs, generation_config=config)
+            seed_outputs.append(out[0, inputs["input_ids"].shape[1]:].tolist())
+        return tokens / (time.perf_counter() - started)
+
+    batched_outputs: dict[str, list[int]] = {}
+
+    def in_process(requests: list[dict]) -> float:
+        batcher = Batcher(engine, get_settings()).start()
+        jobs = [engine.prepare(f"j{i}", parse_request(r)) for i, r in enumerate(requests)]
+        started = time.perf_counter()
+        futures = [batcher.submit(job) for job in jobs]
+        results = [f.result() for f in futures]
+        seconds = time.perf_counter() - started
+        batcher.stop()
+        batched_outputs.update({g.job_id: g.result.sequences[0].token_ids for g in results})
+        return tokens / seconds
+
+    a = median_of(args.runs, seed_way)
+    b = median_of(args.runs, lambda: in_process(uniform))
+    identical = sum(seed_outputs[i] == batched_outputs[f"j{i}"] for i in range(args.jobs))
+    b_mixed = median_of(args.runs, lambda: in_process(mixed))
+
+    with EmbeddedRedis() as server:
+        settings = Settings(redis_url=server.url)
+        worker = WorkerSubprocess(server.url, path, device=args.device)
+        with JobClient(settings) as client:
+            worker.wait_ready(client)
+
+            def through_queue() -> float:
+                started = time.perf_counter()
+                ids = [client.submit(r) for r in uniform]
+                records = [client.wait(job_id, 600) for job_id in ids]
+                seconds = time.perf_counter() - started
+                assert all(r.result is not None for r in records), [r.error for r in records if r.error]
+                return tokens / seconds
+
+            c = median_of(args.runs, through_queue)
+        log = worker.stop()
+    batch_lines = [line.split("belle.batcher: ")[1] for line in log.splitlines() if "belle.batcher: batch size=" in line]
+
+    print(f"\n(a) one generate() per prompt   {a:10.1f} tokens/s")
+    print(f"(b) batched engine, in-process   {b:10.1f} tokens/s   b/a = {b / a:.2f}   (target ≥ 8)")
+    print(f"(c) through Redis + Celery       {c:10.1f} tokens/s   c/b = {c / b:.2f}   (target ≥ 0.9)")
+    print(f"(b') 8 parameter sets, in-process {b_mixed:9.1f} tokens/s   mixed/uniform = {b_mixed / b:.2f}")
+    print(f"greedy outputs identical between (a) and (b): {identical}/{args.jobs}")
+    print("worker batches in the last queued run: " + "; ".join(batch_lines[-4:]))
+
+
+if __name__ == "__main__":
+    main()
