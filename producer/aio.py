@@ -13,7 +13,7 @@ from producer.errors import JobNotFoundError, JobTimeoutError
 from producer.queueing import job_message, make_sender
 from producer.records import JobRecord, JobState
 from producer.settings import Settings, get_settings
-from producer.store import CREATE_SCRIPT, canonical_json, is_final_event, record_from_hash
+from producer.store import CREATE_SCRIPT, canonical_json, is_final_event, now, record_from_hash
 
 
 class AsyncJobClient:
@@ -33,7 +33,7 @@ class AsyncJobClient:
         validated = prepare(request, self.settings)
         wire = validated.to_wire()
         job_id = new_job_id()
-        await self._create(keys=[keys.job(job_id)], args=[canonical_json(wire), time.time(), self.settings.pending_ttl_s])
+        await self._create(keys=[keys.job(job_id)], args=[canonical_json(wire), now(), self.settings.pending_ttl_s])
         try:
             # Celery's publisher is synchronous; keep it off the event loop.
             await asyncio.to_thread(self._celery().send_task, keys.TASK_GENERATE, kwargs=job_message(job_id, wire), task_id=job_id, queue=queue)
