@@ -167,16 +167,16 @@ class Batcher:
         return batch
 
     def _execute(self, batch: list[_Pending]) -> None:
+        jobs = [p.job for p in batch]
         stats = {"splits": 0}
         started = time.perf_counter()
-        outcomes = self._run_splitting([p.job for p in batch], stats)
+        outcomes = self._run_splitting(jobs, stats)
         for pending in batch:
             outcome = outcomes[pending.job.job_id]
             if isinstance(outcome, BaseException):
                 pending.future.set_exception(outcome)
             else:
                 pending.future.set_result(outcome)
-        jobs = [p.job for p in batch]
         log.info(
             "batch size=%d tokens=%d (prompt %d, new ≤%d) seconds=%.3f splits=%d budget=%d",
             len(jobs), batch_cost(jobs), sum(len(j.input_ids) for j in jobs), max(j.max_new_tokens for j in jobs),
