@@ -22,6 +22,7 @@ from producer.errors import ErrorCode
 from producer.records import FinishReason, JobResult, PromptFit, SequenceResult, Timings, Usage
 from producer.schemas import GenerationRequest
 from worker.errors import JobFailure
+from worker.fused_ops import fuse_activations
 from worker.model_config import ModelConfig
 from worker.prompting import fit_prompt
 
@@ -91,7 +92,8 @@ class Engine:
         tokenizer = AutoTokenizer.from_pretrained(config.path)
         model = AutoModelForCausalLM.from_pretrained(config.path, dtype=dtype)
         model.to(target).eval()
-        log.info("loaded %s from %s on %s (%s) in %.1f s", config.name, config.path, target, model.dtype, time.perf_counter() - started)
+        fused = fuse_activations(model)
+        log.info("loaded %s from %s on %s (%s, %d activations fused) in %.1f s", config.name, config.path, target, model.dtype, fused, time.perf_counter() - started)
         return cls(model, tokenizer, config, target, fault_memory_budget_tokens=fault_memory_budget_tokens)
 
     # --- preparing jobs ---
