@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from producer import keys
@@ -11,9 +12,10 @@ from producer.client import RequestLike, new_job_id, prepare
 from producer.connection import async_redis_client
 from producer.errors import JobNotFoundError, JobTimeoutError
 from producer.queueing import job_message, make_sender
-from producer.records import JobRecord, JobState
+from producer.records import JobRecord, JobState, StreamEvent
 from producer.settings import Settings, get_settings
-from producer.store import CREATE_SCRIPT, canonical_json, is_final_event, now, record_from_hash
+from producer.store import CANCEL_SCRIPT, CREATE_SCRIPT, CancelOutcome, cancel_call, cancel_outcome, canonical_json, is_final_event, now, record_from_hash
+from producer.streaming import READ_COUNT, StreamFollower
 
 
 class AsyncJobClient:
@@ -23,6 +25,7 @@ class AsyncJobClient:
         self.settings = settings or get_settings()
         self.redis = async_redis_client(self.settings.redis_url)
         self._create = self.redis.register_script(CREATE_SCRIPT)
+        self._cancel = self.redis.register_script(CANCEL_SCRIPT)
         self._sender = None
 
     @classmethod
@@ -68,6 +71,29 @@ class AsyncJobClient:
                     pass
         finally:
             await pubsub.aclose()
+
+    async def stream(self, job_id: str, timeout: float) -> AsyncIterator[StreamEvent]:
+        """As ``JobClient.stream``."""
+        deadline = time.monotonic() + timeout
+        await self.get(job_id)
+        follower = StreamFollower(job_id)
+        while not follower.done:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise JobTimeoutError(job_id, timeout, (await self.get(job_id)).state.value)
+            events = follower.take(await self.redis.xread(follower.streams(), count=READ_COUNT, block=max(1, int(min(remaining, 1.0) * 1000))))
+            if not events:
+                record = await self.get(job_id)
+                if record.is_final:
+                    events = follower.take(await self.redis.xread(follower.streams(), count=READ_COUNT))
+                    if not follower.done:
+                        events += follower.from_record(record)
+            for event in events:
+                yield event
+
+    async def cancel(self, job_id: str) -> CancelOutcome:
+        """As ``JobClient.cancel``."""
+        return cancel_outcome(job_id, await self._cancel(**cancel_call(job_id, self.settings.result_ttl_s)))
 
     async def close(self) -> None:
         if self._sender is not None:

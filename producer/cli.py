@@ -44,11 +44,7 @@ def _parse_set(pairs: list[str]) -> dict:
 
 
 def _exit_for(record) -> int:
-    from producer.records import JobState
-
-    if not record.is_final:
-        return EXIT_TIMEOUT
-    return EXIT_OK if record.state is JobState.SUCCEEDED else EXIT_FAILED
+    return _exit_for_state(record.state) if record.is_final else EXIT_TIMEOUT
 
 
 def _print_record(record, as_json: bool) -> None:
@@ -66,8 +62,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
             request["messages"] = json.load(f)
     if args.preset:
         request["preset"] = args.preset
+    if args.stream:
+        request["stream"] = True
     with _client(args) as client:
         job_id = client.submit(request)
+        if args.stream:
+            print(job_id, file=sys.stderr)
+            return _watch(client, job_id, args.wait if args.wait is not None else args.timeout, args.json)
         if args.wait is None:
             print(json.dumps({"job_id": job_id}) if args.json else job_id)
             return EXIT_OK
@@ -87,6 +88,52 @@ def _wait_and_print(client, job_id: str, timeout: float, as_json: bool) -> int:
         record = client.get(job_id)
     _print_record(record, as_json)
     return _exit_for(record)
+
+
+def _watch(client, job_id: str, timeout: float, as_json: bool) -> int:
+    """Print a job's text as it arrives (with --json, one event per line); the exit code follows its end."""
+    from producer.records import JobState, StreamChunk
+
+    attempt = None
+    for event in client.stream(job_id, timeout):
+        if as_json:
+            print(event.model_dump_json(), flush=True)
+            if not isinstance(event, StreamChunk):
+                return _exit_for_state(event.state)
+            continue
+        if isinstance(event, StreamChunk):
+            if attempt is not None and event.attempt != attempt:
+                print(f"\n[the worker was lost; attempt {event.attempt} starts the text again]", file=sys.stderr)
+            attempt = event.attempt
+            prefix = f"\n[{event.index}] " if event.index else ""
+            sys.stdout.write(prefix + event.text)
+            sys.stdout.flush()
+            continue
+        sys.stdout.write("\n")
+        reasons = ",".join(event.finish_reasons)
+        if event.state is not JobState.SUCCEEDED or event.error is not None:
+            detail = f": {event.error.code}: {event.error.message}" if event.error else ""
+            print(f"[{event.state}{detail}{' (' + reasons + ')' if reasons else ''}]", file=sys.stderr)
+        return _exit_for_state(event.state)
+    return EXIT_TIMEOUT
+
+
+def _exit_for_state(state) -> int:
+    from producer.records import JobState
+
+    return EXIT_OK if state is JobState.SUCCEEDED else EXIT_FAILED
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return _watch(client, args.job_id, args.timeout, args.json)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        outcome = client.cancel(args.job_id)
+    print(json.dumps({"job_id": args.job_id, "outcome": outcome.outcome}) if args.json else f"{args.job_id}: {outcome.description}")
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -147,8 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="named parameter set (see `belle-queue presets`)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a request field; VALUE is JSON or a bare string (repeatable)")
     p.add_argument("--wait", type=float, metavar="SECONDS", help="wait this long for the final record")
+    p.add_argument("--stream", action="store_true", help="stream=true, and print the text as it is generated (as `watch`)")
+    p.add_argument("--timeout", type=float, default=600, metavar="SECONDS", help="with --stream: how long to follow the job (default 600)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("watch", help="print a job's text as it is generated, from the start even if joined late")
+    p.add_argument("job_id")
+    p.add_argument("--timeout", type=float, default=600, metavar="SECONDS", help="how long to follow the job (default 600)")
+    p.add_argument("--json", action="store_true", help="print each chunk and the end event as a JSON line")
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("cancel", help="cancel a job: queued ones never run, running ones stop at the next token")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("status", help="print a job's state")
     p.add_argument("job_id")

@@ -1,20 +1,21 @@
-"""The synchronous client: submit, status, get, wait."""
+"""The synchronous client: submit, status, get, wait, stream, cancel."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from producer import keys
 from producer.connection import redis_client
 from producer.errors import JobNotFoundError, JobTimeoutError
 from producer.queueing import job_message, make_sender
-from producer.records import JobRecord, JobState
+from producer.records import JobRecord, JobState, StreamEvent
 from producer.schemas import GenerationRequest, parse_request
 from producer.settings import Settings, get_settings
-from producer.store import JobStore, canonical_json, is_final_event
+from producer.store import CancelOutcome, JobStore, canonical_json, is_final_event
+from producer.streaming import READ_COUNT, StreamFollower
 
 RequestLike = GenerationRequest | Mapping[str, Any]
 
@@ -89,6 +90,34 @@ class JobClient:
                     pass
         finally:
             pubsub.close()
+
+    def stream(self, job_id: str, timeout: float) -> Iterator[StreamEvent]:
+        """Yield a job's ``StreamChunk``s from the first one, whenever this is called (before, during or
+        after the job runs), then its ``StreamEnd``. A job that did not stream yields its whole text
+        as one chunk per sequence when it ends. Raises JobTimeoutError when the job has not ended
+        within ``timeout`` seconds of the call."""
+        deadline = time.monotonic() + timeout
+        self.get(job_id)
+        follower = StreamFollower(job_id)
+        while not follower.done:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise JobTimeoutError(job_id, timeout, self.get(job_id).state.value)
+            events = follower.take(self.redis.xread(follower.streams(), count=READ_COUNT, block=max(1, int(min(remaining, 1.0) * 1000))))
+            if not events:
+                # Quiet for a second: the job may be queued, or it ended without streaming.
+                record = self.get(job_id)
+                if record.is_final:
+                    events = follower.take(self.redis.xread(follower.streams(), count=READ_COUNT))
+                    if not follower.done:
+                        events += follower.from_record(record)
+            yield from events
+
+    def cancel(self, job_id: str) -> CancelOutcome:
+        """Cancel a job: a queued one ends ``cancelled`` without running; a running one stops at its
+        next decoding step and keeps its partial text; a finished one is left as it is (the outcome
+        says so). Raises JobNotFoundError for an unknown id."""
+        return self.store.cancel(job_id)
 
     def close(self) -> None:
         if self._sender is not None:

@@ -13,6 +13,7 @@ class ErrorCode(StrEnum):
     OUT_OF_MEMORY = "out_of_memory"  # the job ran out of device memory even alone
     GENERATION_ERROR = "generation_error"  # the model raised something else while generating
     WORKER_LOST = "worker_lost"  # the job was delivered max_attempts times and never finished
+    CANCELLED = "cancelled"  # cancelled before it started (a job cancelled while running keeps its partial result)
 
 
 class BelleError(Exception):

@@ -19,5 +19,9 @@ def job_channel(job_id: str) -> str:
 
 
 def job_chunks(job_id: str) -> str:
-    """Stream with a job's chunks, for subscribers that arrive late."""
+    """Stream with a job's chunks and its end event, for subscribers that arrive late."""
     return f"{PREFIX}:job:{job_id}:chunks"
+
+
+# Every worker listens here for the ids of running jobs whose cancellation was requested.
+CANCEL_CHANNEL = f"{PREFIX}:cancel"

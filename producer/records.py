@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -89,6 +89,7 @@ class JobRecord(_Frozen):
     finished_at: float | None = None
     attempts: int = 0
     worker: str | None = None
+    cancel_requested_at: float | None = None  # set by cancel() while the job was running
     request: Any = None  # the validated request; for a malformed message, whatever JSON it carried
     result: JobResult | None = None
     error: JobError | None = None
@@ -103,3 +104,34 @@ class JobRecord(_Frozen):
         if self.result is None:
             raise ValueError(f"job {self.job_id} has no result (state {self.state}): {self.error.message if self.error else ''}")
         return self.result.sequences[0].text
+
+
+class StreamChunk(_Frozen):
+    """A piece of a streaming job's text, as published while it generates.
+
+    ``seq`` counts a job's chunks from 0 without gaps; ``index`` is the sequence the text belongs to;
+    ``tokens`` is how many tokens that sequence has so far. A job's chunks of one ``index``,
+    concatenated, are exactly that sequence's final text. ``attempt`` is the delivery that produced
+    the chunk: should a worker die mid-job, the next attempt streams from the start again.
+    """
+
+    event: Literal["chunk"] = "chunk"
+    job_id: str
+    seq: int
+    index: int
+    text: str
+    tokens: int
+    attempt: int
+
+
+class StreamEnd(_Frozen):
+    """The last event of a job's stream: its final state and, per sequence, why it ended."""
+
+    event: Literal["end"] = "end"
+    job_id: str
+    state: JobState
+    finish_reasons: list[FinishReason] = []
+    error: JobError | None = None
+
+
+StreamEvent = StreamChunk | StreamEnd

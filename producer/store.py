@@ -1,7 +1,9 @@
 """The job record in Redis: how it is laid out, and every state transition as one atomic step.
 
 A record is the hash ``keys.job(id)``:
-  state, created_at, started_at, finished_at, attempts, worker, request (JSON), result (JSON), error (JSON)
+  state, created_at, started_at, finished_at, attempts, worker, cancel_requested_at, request (JSON),
+  result (JSON), error (JSON)
+and a streaming job also has the stream ``keys.job_chunks(id)``: its chunks, then its end event.
 Each transition is a Lua script, so its writes, its expiry and its pub/sub event happen together or
 not at all, and a record that reached a final state is never written again (the first final write
 wins: a redelivered job cannot produce a second, different result).
@@ -15,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from producer import keys
-from producer.records import FINAL_STATES, JobError, JobRecord, JobResult, JobState
+from producer.errors import ErrorCode, JobNotFoundError
+from producer.records import FINAL_STATES, JobError, JobRecord, JobResult, JobState, StreamEnd
 
 _FINAL = "{" + ", ".join(f"['{s.value}']=true" for s in FINAL_STATES) + "}"
 
@@ -26,8 +29,9 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
-# KEYS: record. ARGV: worker, now, pending ttl, request JSON (canonical), channel, max attempts.
-# Returns {outcome, attempts, created_at}: outcome is 'run', 'final:<state>', 'mismatch' or 'exhausted'.
+# KEYS: record, chunks. ARGV: worker, now, pending ttl, request JSON (canonical), channel, max attempts.
+# Returns {outcome, attempts, created_at}: outcome is 'run', 'final:<state>', 'mismatch', 'exhausted'
+# or 'cancel' (its cancellation was requested while an earlier attempt ran).
 START_SCRIPT = f"""
 local final = {_FINAL}
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -43,18 +47,40 @@ else
   redis.call('EXPIRE', KEYS[1], ARGV[3])
 end
 local done = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+if redis.call('HEXISTS', KEYS[1], 'cancel_requested_at') == 1 then
+  return {{'cancel', done, ''}}
+end
 if done >= tonumber(ARGV[6]) then
   return {{'exhausted', done, ''}}
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2], 'worker', ARGV[1])
+redis.call('DEL', KEYS[2])  -- chunks of an earlier attempt: this one streams from the start
 redis.call('PUBLISH', ARGV[5], cjson.encode({{event='state', state='running', attempts=attempts}}))
 return {{'run', attempts, redis.call('HGET', KEYS[1], 'created_at')}}
 """
 
-# KEYS: record. ARGV: state, now, ttl, field name ('result' or 'error'), JSON, channel, request JSON or ''.
-# Returns 'ok', or the final state already there.
-FINISH_SCRIPT = f"""
+# Writes a final state: the record, its expiry, the end event on the chunks stream (when the job
+# streamed) and on the channel. The caller has checked that the record is not final yet.
+_FINALIZE = """
+local function finalize(state, now, ttl, field, payload, channel, end_event, streaming)
+  redis.call('HSET', KEYS[1], 'state', state, 'finished_at', now)
+  if field ~= '' then
+    redis.call('HSET', KEYS[1], field, payload)
+  end
+  redis.call('EXPIRE', KEYS[1], ttl)
+  if streaming or redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('XADD', KEYS[2], '*', 'event', end_event)
+    redis.call('EXPIRE', KEYS[2], ttl)
+  end
+  redis.call('PUBLISH', channel, end_event)
+end
+"""
+
+# KEYS: record, chunks. ARGV: state, now, ttl, field name ('result', 'error' or ''), JSON, channel,
+# request JSON or '', end event JSON, '1' for a streaming job. Returns 'ok', or the final state
+# already there.
+FINISH_SCRIPT = _FINALIZE + f"""
 local final = {_FINAL}
 local state = redis.call('HGET', KEYS[1], 'state')
 if state and final[state] then
@@ -63,11 +89,37 @@ end
 if ARGV[7] ~= '' and not state then
   redis.call('HSET', KEYS[1], 'request', ARGV[7], 'created_at', ARGV[2], 'attempts', 0)
 end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[2], ARGV[4], ARGV[5])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('PUBLISH', ARGV[6], cjson.encode({{event='state', state=ARGV[1]}}))
+finalize(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[8], ARGV[9] == '1')
 return 'ok'
 """
+
+# KEYS: record, chunks. ARGV: now, ttl, channel, end event JSON, error JSON, cancel channel, job id.
+# A queued job ends cancelled here; a running one is flagged and its worker told on the cancel
+# channel (it stops at its next decoding step). Returns 'missing', 'final:<state>', 'cancelled' or
+# 'requested'.
+CANCEL_SCRIPT = _FINALIZE + f"""
+local final = {_FINAL}
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then
+  return 'missing'
+end
+if final[state] then
+  return 'final:' .. state
+end
+redis.call('HSET', KEYS[1], 'cancel_requested_at', ARGV[1])
+if state == 'queued' then
+  local ok, request = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'request') or '')
+  local streaming = ok and type(request) == 'table' and request['stream'] == true
+  finalize('cancelled', ARGV[1], ARGV[2], 'error', ARGV[5], ARGV[3], ARGV[4], streaming)
+  return 'cancelled'
+end
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return 'requested'
+"""
+
+# A streaming job holds at most one chunk per generated token per sequence, plus its end event; the
+# cap only guards against a runaway writer.
+STREAM_MAX_ENTRIES = 10 * 2048 + 1
 
 
 def canonical_json(value: Any) -> str:
@@ -81,7 +133,7 @@ def now() -> float:
 
 @dataclass(frozen=True)
 class StartOutcome:
-    outcome: str  # 'run' | 'final:<state>' | 'mismatch' | 'exhausted'
+    outcome: str  # 'run' | 'final:<state>' | 'mismatch' | 'exhausted' | 'cancel'
     attempts: int
     queued_s: float = 0.0  # submission to this start
 
@@ -105,6 +157,7 @@ def record_from_hash(job_id: str, data: dict[str, str]) -> JobRecord | None:
         finished_at=number("finished_at"),
         attempts=int(data.get("attempts") or 0),
         worker=data.get("worker") or None,
+        cancel_requested_at=number("cancel_requested_at"),
         request=json.loads(data["request"]) if data.get("request") else None,
         result=JobResult.model_validate_json(data["result"]) if data.get("result") else None,
         error=JobError.model_validate_json(data["error"]) if data.get("error") else None,
@@ -112,14 +165,52 @@ def record_from_hash(job_id: str, data: dict[str, str]) -> JobRecord | None:
 
 
 def is_final_event(message: dict[str, Any] | None) -> bool:
-    """Whether a pub/sub message on a job's channel announces a final state."""
+    """Whether a pub/sub message on a job's channel is its end event."""
     if not message or message.get("type") != "message":
         return False
     try:
         event = json.loads(message["data"])
     except (TypeError, ValueError):
         return False
-    return event.get("event") == "state" and event.get("state") in {s.value for s in FINAL_STATES}
+    return isinstance(event, dict) and event.get("event") == "end"
+
+
+def end_event(job_id: str, state: JobState, result: JobResult | None = None, error: JobError | None = None) -> str:
+    reasons = [s.finish_reason for s in result.sequences] if result is not None else []
+    return StreamEnd(job_id=job_id, state=state, finish_reasons=reasons, error=error).model_dump_json()
+
+
+def cancelled_before_start(job_id: str) -> JobError:
+    return JobError(code=ErrorCode.CANCELLED, message=f"job {job_id} was cancelled before it started")
+
+
+def cancel_call(job_id: str, result_ttl_s: int) -> dict[str, list]:
+    """CANCEL_SCRIPT's keys and arguments (the sync store and the async client run the same call)."""
+    error = cancelled_before_start(job_id)
+    return {
+        "keys": [keys.job(job_id), keys.job_chunks(job_id)],
+        "args": [now(), result_ttl_s, keys.job_channel(job_id), end_event(job_id, JobState.CANCELLED, error=error),
+                 error.model_dump_json(), keys.CANCEL_CHANNEL, job_id],
+    }
+
+
+def cancel_outcome(job_id: str, outcome: str) -> CancelOutcome:
+    if outcome == "missing":
+        raise JobNotFoundError(job_id)
+    return CancelOutcome(outcome)
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    outcome: str  # 'cancelled' | 'requested' | 'final:<state>'
+
+    @property
+    def description(self) -> str:
+        if self.outcome == "cancelled":
+            return "cancelled before it started"
+        if self.outcome == "requested":
+            return "cancellation requested: the job stops at its next decoding step and keeps its partial text"
+        return f"already {self.outcome.removeprefix('final:')}; nothing to cancel"
 
 
 class JobStore:
@@ -132,6 +223,7 @@ class JobStore:
         self._create = redis.register_script(CREATE_SCRIPT)
         self._start = redis.register_script(START_SCRIPT)
         self._finish = redis.register_script(FINISH_SCRIPT)
+        self._cancel = redis.register_script(CANCEL_SCRIPT)
 
     def create(self, job_id: str, request_json: str) -> None:
         self._create(keys=[keys.job(job_id)], args=[request_json, now(), self.pending_ttl_s])
@@ -145,20 +237,32 @@ class JobStore:
     def start(self, job_id: str, *, worker: str, request_json: str, max_attempts: int) -> StartOutcome:
         started = now()
         outcome, attempts, created_at = self._start(
-            keys=[keys.job(job_id)],
+            keys=[keys.job(job_id), keys.job_chunks(job_id)],
             args=[worker, started, self.pending_ttl_s, request_json, keys.job_channel(job_id), max_attempts],
         )
         return StartOutcome(outcome, int(attempts), max(0.0, started - float(created_at)) if created_at else 0.0)
 
-    def succeed(self, job_id: str, result: JobResult) -> str:
-        return self._finish_with(job_id, JobState.SUCCEEDED, "result", result.model_dump_json())
+    # ``streaming``: the job asked for stream=true, so its stream gets the end event even if it sent no chunk.
 
-    def fail(self, job_id: str, error: JobError, *, request_json: str = "") -> str:
-        return self._finish_with(job_id, JobState.FAILED, "error", error.model_dump_json(), request_json)
+    def succeed(self, job_id: str, result: JobResult, *, streaming: bool = False) -> str:
+        return self._finish_with(job_id, JobState.SUCCEEDED, result=result, streaming=streaming)
 
-    def _finish_with(self, job_id: str, state: JobState, field: str, payload: str, request_json: str = "") -> str:
+    def fail(self, job_id: str, error: JobError, *, request_json: str = "", streaming: bool = False) -> str:
+        return self._finish_with(job_id, JobState.FAILED, error=error, request_json=request_json, streaming=streaming)
+
+    def finish_cancelled(self, job_id: str, result: JobResult | None = None, *, streaming: bool = False) -> str:
+        """End a job whose cancellation was requested: with its partial result, or none if it never ran."""
+        error = None if result is not None else cancelled_before_start(job_id)
+        return self._finish_with(job_id, JobState.CANCELLED, result=result, error=error, streaming=streaming)
+
+    def cancel(self, job_id: str) -> CancelOutcome:
+        return cancel_outcome(job_id, self._cancel(**cancel_call(job_id, self.result_ttl_s)))
+
+    def _finish_with(self, job_id: str, state: JobState, *, result: JobResult | None = None, error: JobError | None = None,
+                     request_json: str = "", streaming: bool = False) -> str:
+        field, payload = ("result", result.model_dump_json()) if result is not None else ("error", error.model_dump_json())
         return self._finish(
-            keys=[keys.job(job_id)],
-            args=[state.value, now(), self.result_ttl_s, field, payload, keys.job_channel(job_id), request_json],
+            keys=[keys.job(job_id), keys.job_chunks(job_id)],
+            args=[state.value, now(), self.result_ttl_s, field, payload, keys.job_channel(job_id), request_json,
+                  end_event(job_id, state, result, error), "1" if streaming else "0"],
         )
-

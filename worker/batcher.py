@@ -31,8 +31,11 @@ import torch
 
 from producer.errors import ErrorCode
 from producer.settings import Settings
+from worker.cancellation import CancelWatcher
 from worker.engine import Engine, Generated, PreparedJob, batch_cost
 from worker.errors import JobFailure
+from worker.publisher import ChunkPublisher
+from worker.streaming import JobStream, StepHooks
 
 log = logging.getLogger("belle.batcher")
 
@@ -77,8 +80,13 @@ class TokenBudget:
 
 
 class Batcher:
-    def __init__(self, engine: Engine, settings: Settings):
+    """``publisher`` carries streaming jobs' chunks to Redis and ``cancellations`` says which jobs to
+    stop; without them (in-process use) nothing streams and nothing is cancelled."""
+
+    def __init__(self, engine: Engine, settings: Settings, *, publisher: ChunkPublisher | None = None, cancellations: CancelWatcher | None = None):
         self.engine = engine
+        self.publisher = publisher
+        self.cancellations = cancellations
         self.max_size = settings.batch_max_size
         self.wait_s = settings.batch_wait_ms / 1000
         self.max_delay_s = settings.batch_max_delay_ms / 1000
@@ -166,11 +174,23 @@ class Batcher:
                 batch.append(candidate)
         return batch
 
+    def _hooks(self, jobs: list[PreparedJob]) -> StepHooks | None:
+        if self.publisher is None and self.cancellations is None:
+            return None
+        streams = {}
+        if self.publisher is not None:
+            streams = {j.job_id: JobStream(j.job_id, j.attempt, j.request.num_return_sequences, j.request.stop) for j in jobs if j.request.stream}
+        return StepHooks(
+            publish=self.publisher.publish if self.publisher is not None else _publish_nowhere,
+            is_cancelled=self.cancellations.is_cancelled if self.cancellations is not None else _never_cancelled,
+            streams=streams,
+        )
+
     def _execute(self, batch: list[_Pending]) -> None:
         jobs = [p.job for p in batch]
         stats = {"splits": 0}
         started = time.perf_counter()
-        outcomes = self._run_splitting(jobs, stats)
+        outcomes = self._run_splitting(jobs, stats, self._hooks(jobs))
         for pending in batch:
             outcome = outcomes[pending.job.job_id]
             if isinstance(outcome, BaseException):
@@ -183,11 +203,11 @@ class Batcher:
             time.perf_counter() - started, stats["splits"], self.budget.limit,
         )
 
-    def _run_splitting(self, jobs: list[PreparedJob], stats: dict) -> dict[str, Generated | BaseException]:
+    def _run_splitting(self, jobs: list[PreparedJob], stats: dict, hooks: StepHooks | None) -> dict[str, Generated | BaseException]:
         cost = batch_cost(jobs)
         out_of_memory = False
         try:
-            generated = self.engine.generate_batch(jobs)
+            generated = self.engine.generate_batch(jobs, hooks)
         except torch.OutOfMemoryError:
             out_of_memory = True
         except Exception as exc:
@@ -207,7 +227,7 @@ class Batcher:
             log.warning("out of memory on a batch of %d (cost %d tokens): splitting it; token budget now %d", len(jobs), cost, self.budget.limit)
         stats["splits"] += 1
         half = len(jobs) // 2
-        return {**self._run_splitting(jobs[:half], stats), **self._run_splitting(jobs[half:], stats)}
+        return {**self._run_splitting(jobs[:half], stats, hooks), **self._run_splitting(jobs[half:], stats, hooks)}
 
     def _oom_failure(self, job: PreparedJob, cost: int) -> JobFailure:
         r = job.request
@@ -219,6 +239,14 @@ class Batcher:
             "num_beams or num_return_sequences, shorten the prompt, or use a smaller (or quantised) model",
             parameter="max_new_tokens",
         )
+
+
+def _publish_nowhere(chunks: list) -> None:
+    pass
+
+
+def _never_cancelled(job_id: str) -> bool:
+    return False
 
 
 def _padding_efficiency(jobs: list[PreparedJob]) -> float:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteriaList
 
 from producer.errors import ErrorCode
 from producer.records import FinishReason, JobResult, PromptFit, SequenceResult, Timings, Usage
@@ -25,6 +25,7 @@ from worker.errors import JobFailure
 from worker.fused_ops import fuse_activations
 from worker.model_config import ModelConfig
 from worker.prompting import fit_prompt
+from worker.streaming import BatchMonitor, StepHooks, cut_at_stop
 
 log = logging.getLogger("belle.engine")
 
@@ -43,12 +44,14 @@ class PreparedJob:
     max_new_tokens: int
     fit: PromptFit
     queued_s: float = 0.0
+    attempt: int = 1
 
 
 @dataclass(frozen=True)
 class Generated:
     job_id: str
     result: JobResult
+    cancelled: bool = False  # stopped early on request; the result holds the partial text
 
 
 def batch_cost(jobs: Sequence[PreparedJob]) -> int:
@@ -102,12 +105,12 @@ class Engine:
         with self._encoder_lock:
             return self._encoder(text, add_special_tokens=True)["input_ids"]
 
-    def prepare(self, job_id: str, request: GenerationRequest, queued_s: float = 0.0) -> PreparedJob:
+    def prepare(self, job_id: str, request: GenerationRequest, queued_s: float = 0.0, attempt: int = 1) -> PreparedJob:
         """Fit the prompt to the context window; raises JobFailure when this job cannot run here."""
         if request.adapter is not None:
             raise JobFailure(ErrorCode.INVALID_REQUEST, f"adapter must be one of the adapters this worker serves ([]), got {request.adapter!r}; drop adapter", parameter="adapter")
         fitted = fit_prompt(request, self.config.template, self.tokenize, self.config.context_length)
-        return PreparedJob(job_id, request, fitted.input_ids, fitted.max_new_tokens, fitted.fit, queued_s)
+        return PreparedJob(job_id, request, fitted.input_ids, fitted.max_new_tokens, fitted.fit, queued_s, attempt)
 
     @staticmethod
     def batch_key(job: PreparedJob) -> tuple:
@@ -130,8 +133,9 @@ class Engine:
             out.extend(self.generate_batch(group))
         return out
 
-    def generate_batch(self, jobs: Sequence[PreparedJob]) -> list[Generated]:
-        """One generate() call for jobs that share a batch key."""
+    def generate_batch(self, jobs: Sequence[PreparedJob], hooks: StepHooks | None = None) -> list[Generated]:
+        """One generate() call for jobs that share a batch key. With ``hooks``, streaming jobs publish
+        their text after every step and cancelled jobs stop at the next one."""
         first = jobs[0].request
         if self.fault_memory_budget_tokens is not None and (cost := batch_cost(jobs)) > self.fault_memory_budget_tokens:
             raise torch.OutOfMemoryError(f"simulated: a batch of {len(jobs)} costing {cost} tokens exceeds BELLE_FAULT_MEMORY_BUDGET_TOKENS={self.fault_memory_budget_tokens}")
@@ -144,6 +148,9 @@ class Engine:
         config = self.generation_config(first, jobs[0].max_new_tokens)
         if first.seed is not None:
             torch.manual_seed(first.seed)
+        monitor = None
+        if hooks is not None:
+            monitor = BatchMonitor([job.job_id for job in jobs], width, self.eos_token_id, self._decode, hooks, beam_search=first.num_beams > 1)
         started = time.perf_counter()
         with torch.inference_mode():
             output = self.model.generate(
@@ -151,6 +158,7 @@ class Engine:
                 attention_mask=attention_mask.to(self.device),
                 generation_config=config,
                 tokenizer=self.tokenizer if first.stop else None,
+                stopping_criteria=StoppingCriteriaList([monitor]) if monitor is not None else None,
             )
         seconds = time.perf_counter() - started
         generated = output.sequences[:, width:].cpu()
@@ -158,12 +166,21 @@ class Engine:
         beam_scores = output.sequences_scores.float().cpu() if first.num_beams > 1 else None
         n = first.num_return_sequences
         results = []
+        final_chunks = []
         for i, job in enumerate(jobs):
+            cancelled = monitor is not None and job.job_id in monitor.cancelled_jobs
+            stream = hooks.streams.get(job.job_id) if hooks is not None else None
             sequences = []
             for k in range(n):
                 row = i * n + k
-                sequences.append(self._sequence(k, generated[row].tolist(), job, logprobs[row] if logprobs is not None else None,
-                                                float(beam_scores[row]) if beam_scores is not None else None))
+                token_ids = generated[row].tolist()
+                if cancelled and row in monitor.cancelled_rows:
+                    token_ids = token_ids[: monitor.cancelled_rows[row]]
+                sequence = self._sequence(k, token_ids, job, logprobs[row] if logprobs is not None else None,
+                                          float(beam_scores[row]) if beam_scores is not None else None, cancelled=cancelled)
+                sequences.append(sequence)
+                if stream is not None and (chunk := stream.advance(k, sequence.result.text, len(sequence.result.token_ids), final=True)):
+                    final_chunks.append(chunk)
             completion = sum(s.completion_tokens for s in sequences)
             results.append(Generated(job.job_id, JobResult(
                 sequences=[s.result for s in sequences],
@@ -172,7 +189,9 @@ class Engine:
                 model=self.config.name,
                 adapter=job.request.adapter,
                 prompt_fit=job.fit,
-            )))
+            ), cancelled=cancelled))
+        if final_chunks:
+            hooks.publish(final_chunks)
         return results
 
     def generation_config(self, request: GenerationRequest, max_new_tokens: int) -> GenerationConfig:
@@ -201,7 +220,11 @@ class Engine:
         scores = self.model.compute_transition_scores(output.sequences, output.scores, beam_indices, normalize_logits=beam_indices is None)
         return scores.float().cpu()
 
-    def _sequence(self, index: int, token_ids: list[int], job: PreparedJob, logprobs: torch.Tensor | None, score: float | None) -> _Sequence:
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _sequence(self, index: int, token_ids: list[int], job: PreparedJob, logprobs: torch.Tensor | None, score: float | None,
+                  *, cancelled: bool = False) -> _Sequence:
         finish = FinishReason.LENGTH
         if self.eos_token_id is not None and self.eos_token_id in token_ids:
             cut = token_ids.index(self.eos_token_id)
@@ -212,12 +235,13 @@ class Engine:
             while token_ids and token_ids[-1] == self.pad_token_id:
                 token_ids.pop()
             computed = len(token_ids)
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        text = self._decode(token_ids)
         if job.request.stop and finish is not FinishReason.EOS:
-            hits = [pos for pos in (text.find(s) for s in job.request.stop) if pos >= 0]
-            if hits:
-                text = text[: min(hits)]
+            text, matched = cut_at_stop(text, job.request.stop)
+            if matched:
                 finish = FinishReason.STOP
+        if cancelled and finish is FinishReason.LENGTH:
+            finish = FinishReason.CANCELLED
         values = [round(float(v), 5) for v in logprobs[: len(token_ids)]] if logprobs is not None else None
         return _Sequence(SequenceResult(index=index, text=text, token_ids=token_ids, finish_reason=finish, score=score, logprobs=values), computed)
 

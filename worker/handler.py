@@ -19,6 +19,7 @@ from producer.schemas import parse_request
 from producer.settings import Settings
 from producer.store import JobStore, canonical_json
 from worker.batcher import Batcher, BatcherStopped
+from worker.cancellation import CancelWatcher
 from worker.engine import Engine
 from worker.errors import JobFailure
 
@@ -28,18 +29,28 @@ JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class JobHandler:
-    def __init__(self, settings: Settings, store: JobStore, engine: Engine, batcher: Batcher):
+    def __init__(self, settings: Settings, store: JobStore, engine: Engine, batcher: Batcher, cancellations: CancelWatcher):
         self.settings = settings
         self.store = store
         self.engine = engine
         self.batcher = batcher
+        self.cancellations = cancellations
 
     def handle(self, args: tuple, kwargs: dict[str, Any], *, worker: str) -> None:
         job_id = kwargs.get("job_id") if isinstance(kwargs, dict) else None
         if not isinstance(job_id, str) or not JOB_ID.match(job_id):
             log.error("dropped a message without a valid job_id (args=%.200r, kwargs keys=%.200r)", args, list(kwargs) if isinstance(kwargs, dict) else kwargs)
             return
+        # Registered before the record is started: see worker/cancellation.py.
+        self.cancellations.register(job_id)
+        try:
+            self._handle(job_id, args, kwargs, worker)
+        finally:
+            self.cancellations.unregister(job_id)
+
+    def _handle(self, job_id: str, args: tuple, kwargs: dict[str, Any], worker: str) -> None:
         raw = kwargs.get("request")
+        streaming = isinstance(raw, dict) and raw.get("stream") is True
         try:
             request_json = canonical_json(raw)
         except (TypeError, ValueError):
@@ -51,8 +62,12 @@ class JobHandler:
         if start.outcome.startswith("final:"):
             log.info("job %s is already %s; duplicate delivery acknowledged", job_id, start.outcome.removeprefix("final:"))
             return
+        if start.outcome == "cancel":
+            log.info("job %s was cancelled while an earlier attempt ran; it ends cancelled without running again", job_id)
+            self.store.finish_cancelled(job_id, streaming=streaming)
+            return
         if start.outcome == "exhausted":
-            self._fail(job_id, JobError(
+            self._fail(job_id, streaming, JobError(
                 code=ErrorCode.WORKER_LOST,
                 message=f"the job was delivered {start.attempts} times (BELLE_MAX_ATTEMPTS) and its worker never finished it; "
                         "it may crash the worker (check the worker logs), or the worker was restarted while running it",
@@ -64,23 +79,27 @@ class JobHandler:
             if problems:
                 raise InvalidRequestError.single("message", None, f"malformed job message: {'; '.join(problems)}")
             request = parse_request(raw, settings=self.settings, resolved=True)
-            prepared = self.engine.prepare(job_id, request, queued_s=start.queued_s)
+            prepared = self.engine.prepare(job_id, request, queued_s=start.queued_s, attempt=start.attempts)
         except InvalidRequestError as exc:
-            self._fail(job_id, JobError(code=ErrorCode.INVALID_REQUEST, message=str(exc), parameter=exc.parameter))
+            self._fail(job_id, streaming, JobError(code=ErrorCode.INVALID_REQUEST, message=str(exc), parameter=exc.parameter))
             return
         except JobFailure as exc:
-            self._fail(job_id, exc.error)
+            self._fail(job_id, streaming, exc.error)
             return
         try:
             generated = self.batcher.run(prepared)
         except JobFailure as exc:  # the batcher already isolated the failure to this job
-            self._fail(job_id, exc.error)
+            self._fail(job_id, streaming, exc.error)
             return
         except BatcherStopped:
             log.warning("job %s: the worker is stopping before it ran; its message goes back to the queue", job_id)
             raise Reject("worker stopping", requeue=True) from None
-        self.store.succeed(job_id, generated.result)
+        if generated.cancelled:
+            log.info("job %s cancelled while running; its partial result is kept", job_id)
+            self.store.finish_cancelled(job_id, generated.result, streaming=streaming)
+        else:
+            self.store.succeed(job_id, generated.result, streaming=streaming)
 
-    def _fail(self, job_id: str, error: JobError) -> None:
+    def _fail(self, job_id: str, streaming: bool, error: JobError) -> None:
         log.info("job %s failed: %s: %s", job_id, error.code, error.message)
-        self.store.fail(job_id, error)
+        self.store.fail(job_id, error, streaming=streaming)

@@ -21,16 +21,20 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
     if not settings.model:
         raise SystemExit("error: no model: pass --model or set BELLE_MODEL")
     from worker.batcher import Batcher
+    from worker.cancellation import CancelWatcher
     from worker.celery_app import create_app
     from worker.engine import Engine
     from worker.handler import JobHandler
     from worker.model_config import load_model_config
+    from worker.publisher import ChunkPublisher
 
     config = load_model_config(settings.model, settings)
     engine = Engine.load(config, settings.device, fault_memory_budget_tokens=settings.fault_memory_budget_tokens)
-    store = JobStore(redis_client(settings.redis_url), result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s)
-    batcher = Batcher(engine, settings).start()
-    app = create_app(settings, JobHandler(settings, store, engine, batcher))
+    redis = redis_client(settings.redis_url)
+    store = JobStore(redis, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s)
+    cancellations = CancelWatcher(redis).start()
+    batcher = Batcher(engine, settings, publisher=ChunkPublisher(redis, ttl_s=settings.pending_ttl_s), cancellations=cancellations).start()
+    app = create_app(settings, JobHandler(settings, store, engine, batcher, cancellations))
     name = settings.worker_name or f"belle@{socket.gethostname()}"
     log.info("worker %s serving %s on queues %s; batches of ≤%d jobs, ≤%d tokens; %d jobs held at once",
              name, config.name, ",".join(queues), settings.batch_max_size, settings.batch_max_tokens, settings.worker_concurrency)
@@ -41,4 +45,5 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
         ])
     finally:
         batcher.stop()
+        cancellations.stop()
     return 0

@@ -1,0 +1,169 @@
+"""Per-row streaming and cancellation inside batched generate() calls, in-process on the real tiny models,
+plus the pure pieces (what may be sent, the follower's bookkeeping)."""
+
+from __future__ import annotations
+
+import pytest
+
+from producer.records import FinishReason, JobRecord, JobState, StreamChunk, StreamEnd
+from producer.schemas import parse_request
+from producer.streaming import StreamFollower
+from worker.engine import Engine
+from worker.model_config import ModelConfig
+from worker.streaming import REPLACEMENT, JobStream, StepHooks, sendable
+
+# Chinese and emoji prompts: the tiny tokenizers split such characters over several byte-level tokens.
+PROMPTS = ["请解释什么是人工智能", "🚀🌍😀 写一篇关于太空探索的科幻短文", "北京是中国的首都。上海", "温度控制输出的随机性 ✨", "Hello 你好"]
+
+
+@pytest.fixture(scope="module", params=["bloom", "llama"])
+def engine(request) -> Engine:
+    path = request.getfixturevalue(f"tiny_{request.param}")
+    return Engine.load(ModelConfig(name=f"tiny-{request.param}", path=str(path), context_length=512), "cpu")
+
+
+class Collector:
+    """Stands in for Redis: records what each step published, and cancels a job after N of its chunks."""
+
+    def __init__(self, cancel_after: dict[str, int] | None = None):
+        self.steps: list[list[StreamChunk]] = []
+        self.cancel_after = cancel_after or {}
+
+    def publish(self, chunks: list[StreamChunk]) -> None:
+        self.steps.append(list(chunks))
+
+    def chunks(self, job_id: str) -> list[StreamChunk]:
+        return [c for step in self.steps for c in step if c.job_id == job_id]
+
+    def is_cancelled(self, job_id: str) -> bool:
+        return job_id in self.cancel_after and len(self.chunks(job_id)) >= self.cancel_after[job_id]
+
+    def hooks(self, jobs) -> StepHooks:
+        streams = {j.job_id: JobStream(j.job_id, j.attempt, j.request.num_return_sequences, j.request.stop) for j in jobs if j.request.stream}
+        return StepHooks(publish=self.publish, is_cancelled=self.is_cancelled, streams=streams)
+
+
+def prepare(engine, job_id, **data):
+    return engine.prepare(job_id, parse_request({"num_beams": 1, "max_new_tokens": 40, "min_new_tokens": 40, **data}))
+
+
+def test_chunks_of_each_job_concatenate_to_its_final_text_and_never_split_a_character(engine):
+    jobs = [prepare(engine, f"s{i}", prompt=p, stream=True) for i, p in enumerate(PROMPTS)]
+    jobs.append(prepare(engine, "quiet", prompt="不流式的任务", stream=False))
+    collector = Collector()
+    results = {g.job_id: g for g in engine.generate_batch(jobs, collector.hooks(jobs))}
+
+    assert not collector.chunks("quiet"), "a non-streaming job publishes nothing"
+    partial_characters = 0
+    for job in jobs[:-1]:
+        chunks = collector.chunks(job.job_id)
+        assert [c.seq for c in chunks] == list(range(len(chunks))), "sequence numbers are gap-free from 0"
+        assert all(c.job_id == job.job_id and c.index == 0 and c.attempt == 1 for c in chunks)
+        # Chunks are only ever appended, so equality means no chunk ended inside a character: its
+        # replacement mark would be in the concatenation, not in the final text.
+        assert "".join(c.text for c in chunks) == results[job.job_id].result.sequences[0].text
+        assert len(chunks) > 5, "the text arrived over many steps, not at the end"
+        # Control: decoding this job's tokens step by step does end inside a character sometimes.
+        ids = results[job.job_id].result.sequences[0].token_ids
+        partial_characters += sum(engine.tokenizer.decode(ids[:k]).endswith(REPLACEMENT) for k in range(1, len(ids)))
+    assert partial_characters > 0, "the prompts should make the model emit multi-byte characters over several tokens"
+    # One pipeline per step: no step publishes two chunks of one job, and steps carry several jobs.
+    for step in collector.steps:
+        assert len({c.job_id for c in step}) == len(step)
+    assert max(len(step) for step in collector.steps) > 1
+
+
+def test_streaming_does_not_change_what_is_generated(engine):
+    plain = [prepare(engine, f"p{i}", prompt=p) for i, p in enumerate(PROMPTS)]
+    streamed = [prepare(engine, f"p{i}", prompt=p, stream=True) for i, p in enumerate(PROMPTS)]
+    expected = [g.result.sequences for g in engine.generate_batch(plain)]
+    assert [g.result.sequences for g in engine.generate_batch(streamed, Collector().hooks(streamed))] == expected
+
+
+def test_a_stop_string_is_never_streamed(engine):
+    (probe,) = engine.generate_batch([prepare(engine, "probe", prompt=PROMPTS[0])])
+    text = probe.result.sequences[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert stop.strip(), text
+    job = prepare(engine, "stop", prompt=PROMPTS[0], stream=True, stop=[stop])
+    collector = Collector()
+    (generated,) = engine.generate_batch([job], collector.hooks([job]))
+    sequence = generated.result.sequences[0]
+    assert sequence.finish_reason is FinishReason.STOP and stop not in sequence.text
+    assert "".join(c.text for c in collector.chunks("stop")) == sequence.text
+
+
+def test_sampling_streams_each_returned_sequence_separately(engine):
+    job = prepare(engine, "n3", prompt=PROMPTS[1], stream=True, do_sample=True, seed=3, num_return_sequences=3)
+    collector = Collector()
+    (generated,) = engine.generate_batch([job], collector.hooks([job]))
+    chunks = collector.chunks("n3")
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    for sequence in generated.result.sequences:
+        assert "".join(c.text for c in chunks if c.index == sequence.index) == sequence.text
+
+
+def test_a_cancelled_job_stops_early_and_its_batch_mates_are_unaffected(engine):
+    jobs = [prepare(engine, "victim", prompt=PROMPTS[0], stream=True), prepare(engine, "mate", prompt=PROMPTS[2], stream=True),
+            prepare(engine, "quiet", prompt=PROMPTS[3])]
+    alone = {j.job_id: engine.generate_batch([j])[0].result.sequences for j in jobs}
+    collector = Collector(cancel_after={"victim": 3})
+    results = {g.job_id: g for g in engine.generate_batch(jobs, collector.hooks(jobs))}
+
+    victim = results["victim"]
+    assert victim.cancelled
+    (sequence,) = victim.result.sequences
+    assert sequence.finish_reason is FinishReason.CANCELLED
+    assert 0 < len(sequence.token_ids) < 40
+    assert sequence.token_ids == alone["victim"][0].token_ids[: len(sequence.token_ids)], "what it kept is what it had generated"
+    assert "".join(c.text for c in collector.chunks("victim")) == sequence.text
+    for job_id in ("mate", "quiet"):
+        assert not results[job_id].cancelled
+        assert results[job_id].result.sequences == alone[job_id]
+        assert results[job_id].result.timings.batch_size == 3
+
+
+def test_cancelling_a_beam_search_job_ends_it_early(engine):
+    jobs = [engine.prepare(f"b{i}", parse_request({"prompt": p, "num_beams": 2, "max_new_tokens": 40, "min_new_tokens": 40})) for i, p in enumerate(PROMPTS[:2])]
+    calls = {"n": 0}
+
+    def is_cancelled(job_id: str) -> bool:
+        calls["n"] += 1
+        return job_id == "b0" and calls["n"] > 10
+
+    results = {g.job_id: g for g in engine.generate_batch(jobs, StepHooks(publish=lambda chunks: None, is_cancelled=is_cancelled, streams={}))}
+    assert results["b0"].cancelled and len(results["b0"].result.sequences[0].token_ids) < 40
+    assert not results["b1"].cancelled and len(results["b1"].result.sequences[0].token_ids) == 40
+
+
+# --- the pure pieces ---
+
+
+def test_sendable_holds_back_partial_stop_strings_and_characters():
+    assert sendable("hello wor", ["world"]) == "hello "
+    assert sendable("hello world and more", ["world"]) == "hello "
+    assert sendable("hello", ["x"]) == "hello"
+    assert sendable("你好" + REPLACEMENT, []) == "你好"
+    assert sendable("abc。", ["。。"]) == "abc"
+
+
+def test_job_stream_sends_only_what_is_new_and_flushes_at_the_end():
+    stream = JobStream("j", 1, 1, ["STOP"])
+    assert stream.advance(0, "Hel", 1).text == "Hel"
+    assert stream.advance(0, "Hel", 2) is None
+    assert stream.advance(0, "Hello ST", 3).text == "lo "
+    final = stream.advance(0, "Hello ", 4, final=True)
+    assert final is None  # the final text ends before the stop string: everything was sent
+    assert [stream.next_seq, stream.sent] == [2, ["Hello "]]
+
+
+def test_the_follower_replays_in_order_and_ends_once():
+    follower = StreamFollower("j")
+    chunk = StreamChunk(job_id="j", seq=0, index=0, text="你", tokens=1, attempt=1).model_dump_json()
+    end = StreamEnd(job_id="j", state=JobState.SUCCEEDED, finish_reasons=[FinishReason.LENGTH]).model_dump_json()
+    events = follower.take([["belle:job:j:chunks", [("1-0", {"event": chunk}), ("2-0", {"event": end}), ("3-0", {"event": chunk})]]])
+    assert [type(e) for e in events] == [StreamChunk, StreamEnd] and follower.done and follower.last_id == "3-0"
+
+    quiet = StreamFollower("k")
+    events = quiet.from_record(JobRecord(job_id="k", state=JobState.FAILED))
+    assert events == [StreamEnd(job_id="k", state=JobState.FAILED)] and quiet.done
