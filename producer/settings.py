@@ -46,14 +46,14 @@ class Settings(BaseSettings):
     # --- delivery (Celery on Redis) ---
     max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails with worker_lost (poison limit).")
     visibility_timeout_s: int = Field(3_600, ge=1, description="Seconds before an unacknowledged job is redelivered; longer than the longest job.")
-    worker_concurrency: int = Field(64, ge=1, description="Jobs one worker process holds at once; about 2 × batch_max_size keeps the next batch ready while one runs.")
+    worker_concurrency: int = Field(128, ge=1, description="Jobs one worker process holds at once; about 2 × batch_max_size keeps jobs ready to join as others finish.")
     prefetch_multiplier: int = Field(1, ge=1, description="Celery prefetch multiplier (messages reserved per held job slot).")
 
     # --- batching (worker) ---
-    batch_max_size: int = Field(32, ge=1, description="Most jobs in one generate() call.")
-    batch_max_tokens: int = Field(65_536, ge=1, description="Token budget of one call: rows (beams or returned sequences) × (longest prompt + max_new_tokens), summed over its jobs.")
-    batch_wait_ms: float = Field(20.0, ge=0, description="An idle batcher starts once no new job has arrived for this long...")
-    batch_max_delay_ms: float = Field(200.0, ge=0, description="...or once its oldest job has waited this long, whichever comes first.")
+    batch_max_size: int = Field(64, ge=1, description="Most jobs decoded together, and most jobs in one generate() call (beam search).")
+    batch_max_tokens: int = Field(65_536, ge=1, description="Token budget of a batch: rows (beams or returned sequences) × (longest prompt + most new tokens still to come).")
+    batch_wait_ms: float = Field(20.0, ge=0, description="Waiting jobs are taken in once no new job has arrived for this long...")
+    batch_max_delay_ms: float = Field(200.0, ge=0, description="...or once the oldest has waited this long, whichever comes first.")
     fault_memory_budget_tokens: int | None = Field(None, ge=1, description="Fault injection: a batch costing more tokens raises a real torch.OutOfMemoryError (tests OOM handling on CPU).")
 
     # --- worker ---

@@ -1,4 +1,8 @@
-"""Dynamic batching and OOM-aware retry, in-process on the real tiny models."""
+"""Continuous batching and OOM-aware retry, in-process on the real tiny models.
+
+The reference for every output is transformers' own ``generate()`` on the job alone
+(``Engine.generate_batch([job])``), the seed's one-request-at-a-time way.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from producer.errors import ErrorCode
 from producer.schemas import parse_request
 from producer.settings import Settings
 from worker.batcher import Batcher, TokenBudget
+from worker.decoding import TRIM_AT, DecodeBatch
 from worker.engine import Engine, batch_cost
 from worker.errors import JobFailure
 from worker.model_config import ModelConfig
@@ -22,6 +27,9 @@ PROMPTS = [
     "def generate_answer(prompt, max_new_tokens=200):", "🚀🌍😀", "Numbers and dates: 2024-05-01, 3.14159, 100%",
     "温度控制输出的随机性", "Beam search keeps several candidate sequences; sampling draws the next token.",
 ]
+# Parameter sets that greedy jobs of one batch may differ by.
+VARIANTS = [{}, {"repetition_penalty": 1.0}, {"no_repeat_ngram_size": 2}, {"min_new_tokens": 12, "max_new_tokens": 12}, {"output_scores": True},
+            {"stop": ["a"]}, {"max_new_tokens": 5}, {"repetition_penalty": 1.5, "no_repeat_ngram_size": 3}]
 
 
 def load(path, **overrides) -> Engine:
@@ -41,32 +49,106 @@ def prepare(engine: Engine, job_id: str, **data):
     return engine.prepare(job_id, parse_request(data))
 
 
+def alone(engine: Engine, job):
+    """The job's sequences from generate() on the job alone."""
+    return engine.generate_batch([job])[0].result.sequences
+
+
+def assert_same_output(batched, reference, job_id):
+    """Same tokens, text and finish reasons; log-probabilities and beam scores equal up to the float
+    noise between batch shapes."""
+    assert [(s.token_ids, s.text, s.finish_reason) for s in batched] == [(s.token_ids, s.text, s.finish_reason) for s in reference], job_id
+    for b, r in zip(batched, reference, strict=True):
+        if r.logprobs is not None:
+            assert b.logprobs == pytest.approx(r.logprobs, abs=1e-3), job_id
+        assert (b.score is None) == (r.score is None) and (r.score is None or abs(b.score - r.score) < 1e-4), job_id
+
+
+def run_all(batcher: Batcher, jobs, timeout: float = 120):
+    futures = [batcher.submit(job) for job in jobs]
+    return {g.job_id: g.result for g in (f.result(timeout=timeout) for f in futures)}
+
+
 def test_greedy_output_is_the_same_alone_and_in_a_mixed_batch_of_32(engine):
-    greedy = [prepare(engine, f"g{i}", prompt=PROMPTS[i % len(PROMPTS)] * (1 + i % 3), num_beams=1, max_new_tokens=16) for i in range(32)]
+    greedy = [prepare(engine, f"g{i}", **{"prompt": PROMPTS[i % len(PROMPTS)] * (1 + i % 3), "num_beams": 1, "max_new_tokens": 16, **VARIANTS[i % len(VARIANTS)]})
+              for i in range(32)]
     others = [
         prepare(engine, "beam", prompt="Hello", num_beams=3, num_return_sequences=2, max_new_tokens=8),
         prepare(engine, "sample", prompt="Hello", do_sample=True, num_beams=1, seed=5, max_new_tokens=8),
-        prepare(engine, "short", prompt="Hello", num_beams=1, max_new_tokens=4),
     ]
-    alone = {job.job_id: engine.generate_batch([job])[0].result for job in greedy}
+    reference = {job.job_id: alone(engine, job) for job in greedy}
     batcher = batcher_for(engine)
     try:
-        futures = [batcher.submit(job) for job in greedy + others]
-        results = {f.result(timeout=120).job_id: f.result().result for f in futures}
+        results = run_all(batcher, greedy + others)
     finally:
         batcher.stop()
-    assert max(results[j.job_id].timings.batch_size for j in greedy) > 8, "the greedy jobs ran batched"
+    # The eight parameter sets decoded together, as one batch.
+    assert min(results[j.job_id].timings.batch_size for j in greedy) >= 32
     for job in greedy:
-        assert results[job.job_id].sequences == alone[job.job_id].sequences, job.job_id
+        assert_same_output(results[job.job_id].sequences, reference[job.job_id], job.job_id)
     assert results["beam"].timings.batch_size == 1 and len(results["beam"].sequences) == 2
-    assert results["short"].timings.batch_size == 1
+    assert_same_output(results["beam"].sequences, alone(engine, others[0]), "beam")
+
+
+def test_jobs_that_join_a_running_batch_and_leave_it_at_different_steps_keep_their_output(engine, caplog):
+    """Jobs arrive while others decode, finish at different steps, a long prompt joins late (the
+    arena moves every row right), and long-prompt rows leave before the short ones (the arena drops
+    the padding columns they leave behind)."""
+    first = [prepare(engine, f"a{i}", prompt=PROMPTS[i], num_beams=1, max_new_tokens=20 + 10 * i, min_new_tokens=20) for i in range(4)]
+    later = [prepare(engine, f"b{i}", **{"prompt": PROMPTS[4 + i] * 2, "num_beams": 1, "max_new_tokens": 30, "min_new_tokens": 30, **VARIANTS[i]})
+             for i in range(6)]
+    long_prompt = prepare(engine, "long", prompt="The quick brown fox jumps over the lazy dog. " * 12, num_beams=1, max_new_tokens=8, min_new_tokens=8)
+    jobs = first + later + [long_prompt]
+    reference = {job.job_id: alone(engine, job) for job in jobs}
+    caplog.set_level(logging.INFO, logger="belle.batcher")
+    batcher = batcher_for(engine, batch_wait_ms=5, batch_max_delay_ms=20)
+    try:
+        early = [batcher.submit(job) for job in first]
+        time.sleep(0.3)
+        mid = [batcher.submit(job) for job in later]
+        time.sleep(0.2)
+        last = batcher.submit(long_prompt)
+        results = {g.job_id: g.result for g in (f.result(timeout=120) for f in early + mid + [last])}
+        widest = batcher._batch.arena.column_capacity
+    finally:
+        batcher.stop()
+    joins = [line for line in caplog.messages if "jobs joined" in line]
+    assert len(joins) >= 3, joins
+    assert any("now 1 jobs" not in line and "joined" in line for line in joins[1:]), "later jobs joined a running batch"
+    for job in jobs:
+        assert_same_output(results[job.job_id].sequences, reference[job.job_id], job.job_id)
+    assert max(r.timings.batch_size for r in results.values()) > len(first)
+    assert widest > TRIM_AT
+
+
+def test_arena_drops_padding_shared_by_every_row(tiny_bloom):
+    engine = load(tiny_bloom)
+    long = prepare(engine, "long", prompt="天气很好 " * 30, num_beams=1, max_new_tokens=2, min_new_tokens=2)
+    short = prepare(engine, "short", prompt="Hi", num_beams=1, max_new_tokens=10, min_new_tokens=10)
+    batcher = batcher_for(engine)
+    batch = DecodeBatch(engine)
+    from worker.decoding import ActiveJob
+
+    rows = [r for job in (long, short) for r in ActiveJob.start(job, engine.decode, engine.device, streaming=False).rows]
+    batch.join([[rows[0]], [rows[1]]])
+    width = batch.length
+    assert width == len(long.input_ids) > TRIM_AT
+    batch.choose()
+    batch.forward()
+    finished = batch.choose()
+    assert finished == [rows[0]]
+    batch.remove(finished)
+    assert batch.length == len(short.input_ids) + 1, "only the short row's columns are left"
+    batch.forward()
+    assert batch.choose() == [] and batch.length == len(short.input_ids) + 2
+    batcher.stop()
 
 
 def test_a_burst_becomes_one_batch_and_a_lone_job_is_not_held_back(tiny_bloom):
     engine = load(tiny_bloom)
     batcher = Batcher(engine, Settings(batch_wait_ms=20, batch_max_delay_ms=3000)).start()
     try:
-        burst = [batcher.submit(prepare(engine, f"b{i}", prompt=f"question number {i}", num_beams=1, max_new_tokens=4)) for i in range(8)]
+        burst = [batcher.submit(prepare(engine, f"b{i}", prompt=f"question number {i}", num_beams=1, max_new_tokens=4, min_new_tokens=4)) for i in range(8)]
         assert {f.result(timeout=60).result.timings.batch_size for f in burst} == {8}
         started = time.monotonic()
         lone = batcher.run(prepare(engine, "lone", prompt="Hi", num_beams=1, max_new_tokens=4))
@@ -76,61 +158,88 @@ def test_a_burst_becomes_one_batch_and_a_lone_job_is_not_held_back(tiny_bloom):
         batcher.stop()
 
 
-def test_batches_respect_size_token_budget_and_padding(tiny_bloom):
+def test_joining_respects_size_token_budget_and_arrival_order(tiny_bloom):
     engine = load(tiny_bloom)
     short = [prepare(engine, f"s{i}", prompt="Hi", num_beams=1, max_new_tokens=4) for i in range(6)]
     long = prepare(engine, "long", prompt="天气很好 " * 60, num_beams=1, max_new_tokens=4)
     one_cost = batch_cost([short[0]])
     batcher = Batcher(engine, Settings(batch_max_size=4, batch_max_tokens=one_cost * 3, batch_wait_ms=50, batch_max_delay_ms=500))
-    for job in short + [long]:
+    batcher._batch = DecodeBatch(engine)
+    for job in short[:2] + [long] + short[2:]:
         batcher.submit(job)
     with batcher._cond:
-        first = batcher._next_batch()
-        second = batcher._next_batch()
-        third = batcher._next_batch()
-    assert [p.job.job_id for p in first] == ["s0", "s1", "s2"]  # 3 fit the token budget (size allows 4)
-    assert [p.job.job_id for p in second] == ["s3", "s4", "s5"]  # the long prompt would be mostly padding
-    assert [p.job.job_id for p in third] == ["long"]
+        kind, first = batcher._select()
+        assert kind == "join" and [p.job.job_id for p in first] == ["s0", "s1"]  # the long prompt does not fit the budget: it stops the rest
+        kind, second = batcher._select()
+        assert [p.job.job_id for p in second] == ["long"]  # an empty batch takes its first job whatever its cost
+    # Beam search jobs run in generate() calls of jobs nearest in prompt length, within the padding limit.
+    beams = Batcher(engine, Settings(batch_max_size=4, batch_wait_ms=50, batch_max_delay_ms=500))
+    beams._batch = DecodeBatch(engine)
+    for job in [prepare(engine, f"k{i}", prompt="Hi", num_beams=2, max_new_tokens=4) for i in range(6)] + [prepare(engine, "klong", prompt="天气很好 " * 60, num_beams=2, max_new_tokens=4)]:
+        beams.submit(job)
+    with beams._cond:
+        assert [(kind, [p.job.job_id for p in batch]) for kind, batch in (beams._select(), beams._select(), beams._select())] == [
+            ("generate", ["k0", "k1", "k2", "k3"]), ("generate", ["k4", "k5"]), ("generate", ["klong"])]
 
 
-def test_an_over_budget_batch_is_split_until_it_fits_and_all_jobs_succeed(tiny_bloom, caplog):
+def test_an_over_budget_burst_waits_and_joins_in_parts_and_all_jobs_succeed(tiny_bloom, caplog):
     engine = load(tiny_bloom)
     jobs = [prepare(engine, f"j{i}", prompt=f"question number {i}: {PROMPTS[i % 3]}", num_beams=1, max_new_tokens=8) for i in range(32)]
-    alone = {job.job_id: engine.generate_batch([job])[0].result.sequences for job in jobs}
-    engine.fault_memory_budget_tokens = batch_cost(jobs) // 5  # the batch of 32 cannot run; batches of ≤ 6 can
+    reference = {job.job_id: alone(engine, job) for job in jobs}
+    engine.fault_memory_budget_tokens = batch_cost(jobs) // 5  # the 32 cannot decode together; 6 can
     batcher = batcher_for(engine)
     caplog.set_level(logging.INFO, logger="belle.batcher")
     try:
-        futures = [batcher.submit(job) for job in jobs]
-        results = [f.result(timeout=120) for f in futures]
+        results = run_all(batcher, jobs)
     finally:
         batcher.stop()
-    assert sorted(g.job_id for g in results) == sorted(j.job_id for j in jobs)  # every job, once
-    for g in results:
-        assert g.result.sequences == alone[g.job_id]
-        assert g.result.timings.batch_size < 32
-    assert "out of memory on a batch of 32" in caplog.text
+    assert sorted(results) == sorted(j.job_id for j in jobs)  # every job, once
+    for job in jobs:
+        assert_same_output(results[job.job_id].sequences, reference[job.job_id], job.job_id)
+        assert results[job.job_id].timings.batch_size < 32
+    assert "out of memory when 32 jobs joined a batch of 0" in caplog.text
     assert batcher.budget.limit < batch_cost(jobs) and f"budget={batcher.budget.limit}" in caplog.text
-    # The remembered budget forms smaller batches from the start: no second OOM.
+    # With the remembered budget, jobs join a few at a time from the start: the first join fits. (The
+    # budget then grows back after TokenBudget.GROW_AFTER successes, and may find the limit again.)
     again = [prepare(engine, f"k{i}", prompt=f"question number {i}: {PROMPTS[i % 3]}", num_beams=1, max_new_tokens=8) for i in range(32)]
     caplog.clear()
     batcher = Batcher(engine, Settings(batch_wait_ms=50, batch_max_delay_ms=500))
-    batcher.budget = TokenBudget(65_536)
     batcher.budget.limit = engine.fault_memory_budget_tokens
     batcher.start()
     try:
-        assert all(f.result(timeout=120) for f in [batcher.submit(job) for job in again])
+        assert len(run_all(batcher, again)) == 32
     finally:
         batcher.stop()
-    assert "out of memory" not in caplog.text
+    events = [m for m in caplog.messages if "jobs joined" in m or "out of memory" in m]
+    assert "jobs joined" in events[0] and "now 32 jobs" not in events[0]
+
+
+def test_a_step_that_runs_out_of_memory_sets_jobs_aside_and_they_finish_with_the_same_output(engine, caplog):
+    jobs = [prepare(engine, f"j{i}", **{"prompt": PROMPTS[i % len(PROMPTS)], "num_beams": 1, "max_new_tokens": 30, "min_new_tokens": 30, **VARIANTS[i % 3]})
+            for i in range(8)]
+    reference = {job.job_id: alone(engine, job) for job in jobs}
+    caplog.set_level(logging.INFO, logger="belle.batcher")
+    batcher = batcher_for(engine)
+    try:
+        futures = [batcher.submit(job) for job in jobs]
+        while "jobs joined" not in caplog.text:
+            time.sleep(0.005)
+        full = batcher._batch.cost()
+        engine.fault_memory_budget_tokens = full // 3  # the running batch no longer fits
+        results = {g.job_id: g.result for g in (f.result(timeout=120) for f in futures)}
+    finally:
+        engine.fault_memory_budget_tokens = None
+        batcher.stop()
+    assert "out of memory in a decoding step of 8 jobs" in caplog.text and "set aside with their tokens" in caplog.text
+    for job in jobs:
+        assert_same_output(results[job.job_id].sequences, reference[job.job_id], job.job_id)
 
 
 def test_a_job_that_is_too_big_alone_fails_with_out_of_memory_and_only_it(tiny_bloom, caplog):
     engine = load(tiny_bloom)
-    # One parameter group, so all four share a batch; only the long prompt is over budget alone.
     small = [prepare(engine, f"s{i}", prompt=f"question number {i}", num_beams=1, max_new_tokens=40) for i in range(3)]
     big = prepare(engine, "big", prompt="天气很好 " * 12, num_beams=1, max_new_tokens=40)
-    alone = {job.job_id: engine.generate_batch([job])[0].result.sequences for job in small}
+    reference = {job.job_id: alone(engine, job) for job in small}
     engine.fault_memory_budget_tokens = batch_cost([big]) - 1
     assert batch_cost([small[0]]) <= engine.fault_memory_budget_tokens
     caplog.set_level(logging.INFO, logger="belle.batcher")
@@ -142,16 +251,37 @@ def test_a_job_that_is_too_big_alone_fails_with_out_of_memory_and_only_it(tiny_b
         assert info.value.error.code is ErrorCode.OUT_OF_MEMORY and info.value.error.parameter == "max_new_tokens"
         assert "reduce max_new_tokens" in info.value.error.message
         for job in small:
-            assert futures[job.job_id].result(timeout=120).result.sequences == alone[job.job_id]
+            assert_same_output(futures[job.job_id].result(timeout=120).result.sequences, reference[job.job_id], job.job_id)
     finally:
         batcher.stop()
-    assert "out of memory on a batch of 4" in caplog.text and "ran out of memory alone" in caplog.text
+    assert "out of memory when 4 jobs joined" in caplog.text and "job big ran out of memory alone" in caplog.text
+
+
+def test_a_beam_batch_over_budget_is_split_and_a_beam_job_too_big_alone_fails(tiny_bloom, caplog):
+    engine = load(tiny_bloom)
+    jobs = [prepare(engine, f"k{i}", prompt=f"question number {i}", num_beams=2, max_new_tokens=8) for i in range(8)]
+    big = prepare(engine, "kbig", prompt="天气很好 " * 40, num_beams=2, max_new_tokens=8)
+    reference = {job.job_id: alone(engine, job) for job in jobs}
+    engine.fault_memory_budget_tokens = batch_cost(jobs[:3])
+    assert batch_cost([big]) > engine.fault_memory_budget_tokens
+    caplog.set_level(logging.INFO, logger="belle.batcher")
+    batcher = batcher_for(engine)
+    try:
+        futures = {job.job_id: batcher.submit(job) for job in [*jobs, big]}
+        with pytest.raises(JobFailure) as info:
+            futures["kbig"].result(timeout=120)
+        assert info.value.error.code is ErrorCode.OUT_OF_MEMORY
+        for job in jobs:
+            assert_same_output(futures[job.job_id].result(timeout=120).result.sequences, reference[job.job_id], job.job_id)
+    finally:
+        batcher.stop()
+    assert "out of memory on a batch of 8" in caplog.text and "job kbig ran out of memory alone" in caplog.text
 
 
 def test_a_job_that_makes_the_model_raise_fails_alone_with_generation_error(tiny_bloom):
     engine = load(tiny_bloom)
     good = [prepare(engine, f"g{i}", prompt=f"question number {i}", num_beams=1, max_new_tokens=6) for i in range(5)]
-    # Token ids past the vocabulary: the real embedding raises IndexError for the whole batch.
+    # Token ids past the vocabulary: the real embedding raises IndexError for the whole prefill.
     bad = dataclasses.replace(good[0], job_id="bad", input_ids=[len(engine.tokenizer) + 10] * len(good[0].input_ids))
     batcher = batcher_for(engine)
     try:
@@ -162,6 +292,22 @@ def test_a_job_that_makes_the_model_raise_fails_alone_with_generation_error(tiny
         assert all(futures[job.job_id].result(timeout=120).result.sequences for job in good)
     finally:
         batcher.stop()
+
+
+def test_seeded_sampling_gives_the_same_text_whatever_decodes_beside_it(engine):
+    job = prepare(engine, "seeded", prompt=PROMPTS[3], do_sample=True, num_beams=1, temperature=1.0, top_p=0.95, top_k=0, seed=11, num_return_sequences=3, max_new_tokens=20)
+    neighbours = [prepare(engine, f"n{i}", prompt=PROMPTS[i], do_sample=True, temperature=1.2, num_beams=1, max_new_tokens=12) for i in range(5)]
+    batcher = batcher_for(engine)
+    try:
+        (solo,) = run_all(batcher, [job]).values()
+        crowded = run_all(batcher, [*neighbours, job])["seeded"]
+        other_seed = run_all(batcher, [dataclasses.replace(job, request=job.request.model_copy(update={"seed": 12}))])["seeded"]
+    finally:
+        batcher.stop()
+    assert crowded.timings.batch_size == 6 and solo.timings.batch_size == 1
+    assert crowded.sequences == solo.sequences
+    assert len({tuple(s.token_ids) for s in solo.sequences}) == 3, "the three sequences were drawn apart"
+    assert other_seed.sequences != solo.sequences
 
 
 def test_the_token_budget_halves_on_oom_and_grows_back_slowly():

@@ -1,5 +1,6 @@
-"""Per-row streaming and cancellation inside batched generate() calls, in-process on the real tiny models,
-plus the pure pieces (what may be sent, the follower's bookkeeping)."""
+"""Per-row streaming and cancellation in the continuous decoding batch, in-process on the real tiny
+models (a collector stands in for Redis here; tests/test_stream_and_cancel.py uses a real one), plus
+the pure pieces (what may be sent, incremental decoding, the follower's bookkeeping)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import pytest
 
 from producer.records import FinishReason, JobRecord, JobState, StreamChunk, StreamEnd
 from producer.schemas import parse_request
+from producer.settings import Settings
 from producer.streaming import StreamFollower
+from worker.batcher import Batcher
 from worker.engine import Engine
 from worker.model_config import ModelConfig
-from worker.streaming import REPLACEMENT, JobStream, StepHooks, sendable
+from worker.streaming import REPLACEMENT, IncrementalText, JobStream, sendable
 
 # Chinese and emoji prompts: the tiny tokenizers split such characters over several byte-level tokens.
 PROMPTS = ["请解释什么是人工智能", "🚀🌍😀 写一篇关于太空探索的科幻短文", "北京是中国的首都。上海", "温度控制输出的随机性 ✨", "Hello 你好"]
+NEW_TOKENS = 40
 
 
 @pytest.fixture(scope="module", params=["bloom", "llama"])
@@ -38,20 +42,25 @@ class Collector:
     def is_cancelled(self, job_id: str) -> bool:
         return job_id in self.cancel_after and len(self.chunks(job_id)) >= self.cancel_after[job_id]
 
-    def hooks(self, jobs) -> StepHooks:
-        streams = {j.job_id: JobStream(j.job_id, j.attempt, j.request.num_return_sequences, j.request.stop) for j in jobs if j.request.stream}
-        return StepHooks(publish=self.publish, is_cancelled=self.is_cancelled, streams=streams)
-
 
 def prepare(engine, job_id, **data):
-    return engine.prepare(job_id, parse_request({"num_beams": 1, "max_new_tokens": 40, "min_new_tokens": 40, **data}))
+    return engine.prepare(job_id, parse_request({"num_beams": 1, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, **data}))
+
+
+def run(engine, jobs, collector: Collector) -> dict:
+    batcher = Batcher(engine, Settings(batch_wait_ms=50, batch_max_delay_ms=500), publisher=collector, cancellations=collector).start()
+    try:
+        futures = [batcher.submit(job) for job in jobs]
+        return {g.job_id: g for g in (f.result(timeout=120) for f in futures)}
+    finally:
+        batcher.stop()
 
 
 def test_chunks_of_each_job_concatenate_to_its_final_text_and_never_split_a_character(engine):
     jobs = [prepare(engine, f"s{i}", prompt=p, stream=True) for i, p in enumerate(PROMPTS)]
     jobs.append(prepare(engine, "quiet", prompt="不流式的任务", stream=False))
     collector = Collector()
-    results = {g.job_id: g for g in engine.generate_batch(jobs, collector.hooks(jobs))}
+    results = run(engine, jobs, collector)
 
     assert not collector.chunks("quiet"), "a non-streaming job publishes nothing"
     partial_characters = 0
@@ -67,17 +76,16 @@ def test_chunks_of_each_job_concatenate_to_its_final_text_and_never_split_a_char
         ids = results[job.job_id].result.sequences[0].token_ids
         partial_characters += sum(engine.tokenizer.decode(ids[:k]).endswith(REPLACEMENT) for k in range(1, len(ids)))
     assert partial_characters > 0, "the prompts should make the model emit multi-byte characters over several tokens"
-    # One pipeline per step: no step publishes two chunks of one job, and steps carry several jobs.
-    for step in collector.steps:
-        assert len({c.job_id for c in step}) == len(step)
-    assert max(len(step) for step in collector.steps) > 1
+    # One publish (one Redis pipeline) per decoding step, carrying the chunks of several jobs.
+    assert len(collector.steps) <= NEW_TOKENS
+    assert max(len({c.job_id for c in step}) for step in collector.steps) > 1
 
 
 def test_streaming_does_not_change_what_is_generated(engine):
     plain = [prepare(engine, f"p{i}", prompt=p) for i, p in enumerate(PROMPTS)]
     streamed = [prepare(engine, f"p{i}", prompt=p, stream=True) for i, p in enumerate(PROMPTS)]
-    expected = [g.result.sequences for g in engine.generate_batch(plain)]
-    assert [g.result.sequences for g in engine.generate_batch(streamed, Collector().hooks(streamed))] == expected
+    expected = {job.job_id: engine.generate_batch([job])[0].result.sequences for job in plain}
+    assert {k: g.result.sequences for k, g in run(engine, streamed, Collector()).items()} == expected
 
 
 def test_a_stop_string_is_never_streamed(engine):
@@ -87,16 +95,16 @@ def test_a_stop_string_is_never_streamed(engine):
     assert stop.strip(), text
     job = prepare(engine, "stop", prompt=PROMPTS[0], stream=True, stop=[stop])
     collector = Collector()
-    (generated,) = engine.generate_batch([job], collector.hooks([job]))
-    sequence = generated.result.sequences[0]
+    sequence = run(engine, [job], collector)["stop"].result.sequences[0]
     assert sequence.finish_reason is FinishReason.STOP and stop not in sequence.text
     assert "".join(c.text for c in collector.chunks("stop")) == sequence.text
+    assert len(sequence.token_ids) < NEW_TOKENS, "generation ended at the stop string"
 
 
 def test_sampling_streams_each_returned_sequence_separately(engine):
     job = prepare(engine, "n3", prompt=PROMPTS[1], stream=True, do_sample=True, seed=3, num_return_sequences=3)
     collector = Collector()
-    (generated,) = engine.generate_batch([job], collector.hooks([job]))
+    generated = run(engine, [job], collector)["n3"]
     chunks = collector.chunks("n3")
     assert [c.seq for c in chunks] == list(range(len(chunks)))
     for sequence in generated.result.sequences:
@@ -108,13 +116,13 @@ def test_a_cancelled_job_stops_early_and_its_batch_mates_are_unaffected(engine):
             prepare(engine, "quiet", prompt=PROMPTS[3])]
     alone = {j.job_id: engine.generate_batch([j])[0].result.sequences for j in jobs}
     collector = Collector(cancel_after={"victim": 3})
-    results = {g.job_id: g for g in engine.generate_batch(jobs, collector.hooks(jobs))}
+    results = run(engine, jobs, collector)
 
     victim = results["victim"]
     assert victim.cancelled
     (sequence,) = victim.result.sequences
     assert sequence.finish_reason is FinishReason.CANCELLED
-    assert 0 < len(sequence.token_ids) < 40
+    assert 0 < len(sequence.token_ids) < NEW_TOKENS
     assert sequence.token_ids == alone["victim"][0].token_ids[: len(sequence.token_ids)], "what it kept is what it had generated"
     assert "".join(c.text for c in collector.chunks("victim")) == sequence.text
     for job_id in ("mate", "quiet"):
@@ -124,16 +132,17 @@ def test_a_cancelled_job_stops_early_and_its_batch_mates_are_unaffected(engine):
 
 
 def test_cancelling_a_beam_search_job_ends_it_early(engine):
-    jobs = [engine.prepare(f"b{i}", parse_request({"prompt": p, "num_beams": 2, "max_new_tokens": 40, "min_new_tokens": 40})) for i, p in enumerate(PROMPTS[:2])]
+    jobs = [engine.prepare(f"b{i}", parse_request({"prompt": p, "num_beams": 2, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}))
+            for i, p in enumerate(PROMPTS[:2])]
     calls = {"n": 0}
 
     def is_cancelled(job_id: str) -> bool:
         calls["n"] += 1
         return job_id == "b0" and calls["n"] > 10
 
-    results = {g.job_id: g for g in engine.generate_batch(jobs, StepHooks(publish=lambda chunks: None, is_cancelled=is_cancelled, streams={}))}
-    assert results["b0"].cancelled and len(results["b0"].result.sequences[0].token_ids) < 40
-    assert not results["b1"].cancelled and len(results["b1"].result.sequences[0].token_ids) == 40
+    results = {g.job_id: g for g in engine.generate_batch(jobs, is_cancelled)}
+    assert results["b0"].cancelled and len(results["b0"].result.sequences[0].token_ids) < NEW_TOKENS
+    assert not results["b1"].cancelled and len(results["b1"].result.sequences[0].token_ids) == NEW_TOKENS
 
 
 # --- the pure pieces ---
@@ -155,6 +164,17 @@ def test_job_stream_sends_only_what_is_new_and_flushes_at_the_end():
     final = stream.advance(0, "Hello ", 4, final=True)
     assert final is None  # the final text ends before the stop string: everything was sent
     assert [stream.next_seq, stream.sent] == [2, ["Hello "]]
+
+
+def test_incremental_text_equals_decoding_the_whole_sequence_at_every_complete_character(engine):
+    ids = engine.tokenize("北京是中国的首都。🚀🌍😀 Emoji and symbols: — «quotes» 温度控制输出的随机性")
+    text = IncrementalText(engine.decode)
+    for k in range(1, len(ids) + 1):
+        whole = engine.decode(ids[:k])
+        assert whole.startswith(text.push(ids[:k]))
+        if not whole.endswith(REPLACEMENT):
+            assert text.text == whole
+    assert text.text == engine.decode(ids)
 
 
 def test_the_follower_replays_in_order_and_ends_once():

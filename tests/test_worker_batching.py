@@ -1,4 +1,4 @@
-"""Batching and OOM handling through Redis and a real worker process."""
+"""Continuous batching and OOM handling through Redis and a real worker process."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_an_over_budget_burst_is_split_and_every_job_succeeds(oom_worker):
     assert [r.state for r in records] == [JobState.SUCCEEDED] * 32
     assert all(r.attempts == 1 for r in records)
     assert max(r.result.timings.batch_size for r in records) < 32
-    assert "out of memory on a batch of" in worker.log and "token budget now" in worker.log
+    assert "out of memory when" in worker.log and "token budget now" in worker.log
 
 
 def test_a_job_too_big_alone_fails_with_out_of_memory_and_its_batch_mates_succeed(oom_worker):

@@ -1,21 +1,33 @@
-"""The batcher: one thread that owns the model and turns the jobs held by the worker's task threads
-into batched generate() calls.
+"""The batcher: one thread that owns the model and runs the jobs held by the worker's task threads.
 
-Forming a batch
-  - An idle batcher starts when no new job has arrived for ``batch_wait_ms``, or when its oldest job
-    has waited ``batch_max_delay_ms``, or when a full batch is pending: a burst becomes one batch,
-    and a lone interactive job waits only a few milliseconds. Jobs that arrive while a batch runs are
-    ready for the next one.
-  - The oldest pending job anchors the batch (so no job starves); it is joined by jobs with the same
-    batch key (they can share one generate() call): the ``batch_max_size`` jobs nearest in prompt
-    length, taken from one end of the group so the rest stays one run of similar lengths, within the
-    token budget and a padding limit.
+Jobs decoded one token at a time (greedy and sampling) share one continuous decoding batch
+(worker/decoding.py): between two steps, finished jobs leave it and waiting jobs join it, so no job
+waits for a whole batch to end, and jobs with different parameters decode together. Beam search
+jobs run as whole generate() calls, between two steps.
+
+When jobs join
+  - An idle batcher starts once no new job has arrived for ``batch_wait_ms``, or its oldest job has
+    waited ``batch_max_delay_ms``, or a full batch is waiting: a burst is prefilled together. A
+    running batch takes in waiting jobs by the same rule, at its next step.
+  - Jobs join in arrival order (jobs set aside after running out of memory first) while the batch
+    holds fewer than ``batch_max_size`` jobs and its cost stays within the token budget. The first
+    job that does not fit stops the ones behind it, so none is overtaken forever; an empty batch
+    always takes its first waiting job.
+  - The oldest waiting job decides what runs next: a beam search job runs in one generate() call
+    with the waiting jobs that share its generation config (nearest in prompt length, within the
+    size, budget and padding limits).
 
 Out of memory
-  ``torch.OutOfMemoryError`` is caught at the batch boundary only. The batch is split in halves and
-  each half retried; the cost that failed lowers the remembered token budget, which grows back
-  slowly after successes. A job that runs out of memory alone fails with ``out_of_memory``; no other
-  job is affected, none is lost, and none gets two results (a failed call produced nothing).
+  ``torch.OutOfMemoryError`` is caught at the batch boundary only: a join (prefill), a decoding
+  step, or a generate() call. Memory is freed outside the except block, and the cost that failed
+  halves the remembered token budget, which grows back slowly after successes.
+  - A join that runs out of memory is undone; its jobs wait and join again under the lower budget.
+  - A decoding step that runs out of memory is undone, and the jobs that joined last are set aside
+    with the tokens they have; they rejoin later (their prompt and tokens are prefilled again, so
+    nothing is generated twice), and the step is retried with the rest.
+  - A generate() call is split in halves and each half retried.
+  A job that runs out of memory alone fails with ``out_of_memory``; no other job is affected, none is
+  lost, and none gets two results.
 """
 
 from __future__ import annotations
@@ -24,34 +36,43 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
 from producer.errors import ErrorCode
+from producer.records import StreamChunk
 from producer.settings import Settings
-from worker.cancellation import CancelWatcher
-from worker.engine import Engine, Generated, PreparedJob, batch_cost
+from worker.decoding import ActiveJob, DecodeBatch, prefill_groups
+from worker.engine import Engine, Generated, PreparedJob, RawSequence, batch_cost
 from worker.errors import JobFailure
-from worker.publisher import ChunkPublisher
-from worker.streaming import JobStream, StepHooks
 
 log = logging.getLogger("belle.batcher")
 
-PADDING_EFFICIENCY = 0.5  # a batch's real tokens / padded tokens may not fall below this
+PADDING_EFFICIENCY = 0.5  # a generate() call's real tokens / padded tokens may not fall below this
 
 
 class BatcherStopped(RuntimeError):
     """The worker is shutting down before this job ran; its message should go back to the queue."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     job: PreparedJob
-    key: tuple
+    key: tuple | None  # the generate() batch key of a beam search job; None for a stepwise job
     arrived: float
     future: Future = field(default_factory=Future)
+    active: ActiveJob | None = None  # a stepwise job set aside after running out of memory: its progress
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(rows, longest input, most tokens still to generate) of this job in a decoding batch."""
+        if self.active is not None:
+            rows = [r for r in self.active.rows if r.finish is None]
+            return len(rows), max(len(r.inputs) for r in rows), max(r.remaining for r in rows)
+        return self.job.request.num_return_sequences, len(self.job.input_ids), self.job.max_new_tokens
 
 
 class TokenBudget:
@@ -80,10 +101,11 @@ class TokenBudget:
 
 
 class Batcher:
-    """``publisher`` carries streaming jobs' chunks to Redis and ``cancellations`` says which jobs to
-    stop; without them (in-process use) nothing streams and nothing is cancelled."""
+    """``publisher`` (``.publish(chunks)``) carries streaming jobs' chunks to Redis and
+    ``cancellations`` (``.is_cancelled(job_id)``) says which jobs to stop; without them (in-process
+    use) nothing streams and nothing is cancelled."""
 
-    def __init__(self, engine: Engine, settings: Settings, *, publisher: ChunkPublisher | None = None, cancellations: CancelWatcher | None = None):
+    def __init__(self, engine: Engine | None, settings: Settings, *, publisher=None, cancellations=None):
         self.engine = engine
         self.publisher = publisher
         self.cancellations = cancellations
@@ -92,16 +114,28 @@ class Batcher:
         self.max_delay_s = settings.batch_max_delay_ms / 1000
         self.budget = TokenBudget(settings.batch_max_tokens)
         self._pending: list[_Pending] = []
+        self._batch: DecodeBatch | None = None  # made on the batcher thread, once the engine is there
+        self._in_batch: dict[str, _Pending] = {}  # the running batch's jobs, by id
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="belle-batcher", daemon=True)
+        self._load: Callable[[], Engine] | None = None
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="belle-batcher", daemon=True)
 
-    def start(self) -> Batcher:
+    def start(self, load: Callable[[], Engine] | None = None) -> Batcher:
+        """Start the batcher thread. With ``load``, the engine is loaded on that thread, the one that
+        runs it (torch work on a second long-lived thread makes every later step slower: see
+        BENCHMARKS.md), and this returns once it is loaded, or raises what loading raised."""
+        self._load = load
         self._thread.start()
+        self._loaded.wait()
+        if self._load_error is not None:
+            raise self._load_error
         return self
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finish the batch in progress, then stop; jobs still pending get ``BatcherStopped``."""
+        """Finish the jobs being decoded (no new ones join), then stop; waiting jobs get ``BatcherStopped``."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -109,7 +143,8 @@ class Batcher:
 
     def submit(self, job: PreparedJob) -> Future:
         """Queue a prepared job; the future's result is a ``Generated``, or it raises ``JobFailure``."""
-        pending = _Pending(job, self.engine.batch_key(job), time.monotonic())
+        key = None if Engine.decodes_stepwise(job) else Engine.batch_key(job)
+        pending = _Pending(job, key, time.monotonic())
         with self._cond:
             if self._stopping:
                 raise BatcherStopped("the batcher is stopping")
@@ -122,45 +157,112 @@ class Batcher:
 
     # --- the batcher thread ---
 
+    def _main(self) -> None:
+        if self._load is not None:
+            try:
+                self.engine = self._load()
+            except BaseException as exc:
+                self._load_error = exc
+                self._loaded.set()
+                return
+        self._loaded.set()
+        with torch.inference_mode():
+            self._batch = DecodeBatch(self.engine)
+            self._loop()
+
     def _loop(self) -> None:
         while True:
             with self._cond:
-                batch = self._next_batch()
-                if batch is None:
-                    for pending in self._pending:
-                        pending.future.set_exception(BatcherStopped("the worker is shutting down"))
-                    self._pending.clear()
-                    return
+                work = self._next_work()
+            if work is None:
+                return
+            kind, items = work
             try:
-                self._execute(batch)
+                if kind == "generate":
+                    self._generate(items)
+                elif kind == "join":
+                    self._join(items)
+                if self._decoding:
+                    self._step()
             except Exception as exc:  # a bug here must not leave task threads waiting forever
-                log.exception("the batcher failed on a batch of %d", len(batch))
-                for pending in batch:
+                log.exception("the batcher failed")
+                failure = JobFailure(ErrorCode.GENERATION_ERROR, f"the batcher failed: {type(exc).__name__}: {exc}"[:2000])
+                for pending in [*items, *self._in_batch.values()]:
                     if not pending.future.done():
-                        pending.future.set_exception(JobFailure(ErrorCode.GENERATION_ERROR, f"the batcher failed: {type(exc).__name__}: {exc}"[:2000]))
+                        pending.future.set_exception(failure)
+                self._in_batch.clear()
+                self._batch = DecodeBatch(self.engine)
 
-    def _next_batch(self) -> list[_Pending] | None:
-        """Wait (holding the condition) until a batch is due, then take it out of the pending list."""
-        while not self._pending:
+    @property
+    def _decoding(self) -> bool:
+        return self._batch is not None and len(self._batch) > 0
+
+    def _next_work(self) -> tuple[str, list[_Pending]] | None:
+        """Wait (holding the condition) until there is work: a generate() call, jobs to join, or a
+        decoding step. None once stopped."""
+        while True:
             if self._stopping:
+                if self._decoding:
+                    return "step", []
+                for pending in self._pending:
+                    pending.future.set_exception(BatcherStopped("the worker is shutting down"))
+                self._pending.clear()
                 return None
+            if self._pending:
+                wait = self._until_due()
+                if wait <= 0 and (work := self._select()) is not None:
+                    return work
+                if not self._decoding:
+                    self._cond.wait(max(wait, 0.001))
+                    continue
+            if self._decoding:
+                return "step", []
             self._cond.wait()
-        while len(self._pending) < self.max_size and not self._stopping:
-            now = time.monotonic()
-            due = min(self._pending[0].arrived + self.max_delay_s, self._pending[-1].arrived + self.wait_s)
-            if now >= due:
-                break
-            self._cond.wait(due - now)
-        batch = self._select()
+
+    def _until_due(self) -> float:
+        """Seconds until the waiting jobs should be taken in (≤ 0: now)."""
+        first, last = self._pending[0], self._pending[-1]
+        room = self.max_size - len(self._batch.jobs)
+        if first.active is not None or len(self._pending) >= room:
+            return 0.0
+        return min(first.arrived + self.max_delay_s, last.arrived + self.wait_s) - time.monotonic()
+
+    def _select(self) -> tuple[str, list[_Pending]] | None:
+        anchor = self._pending[0]
+        if anchor.key is not None:
+            batch = self._select_generate(anchor)
+            kind = "generate"
+        else:
+            batch = self._select_join()
+            kind = "join"
+        if not batch:
+            return None
         taken = {id(p) for p in batch}
         self._pending = [p for p in self._pending if id(p) not in taken]
-        return batch
+        return kind, batch
 
-    def _select(self) -> list[_Pending]:
-        anchor = self._pending[0]
+    def _select_join(self) -> list[_Pending]:
+        batch = self._batch
+        jobs, rows, width = len(batch.jobs), len(batch), batch.length
+        remaining = max((r.remaining for r in batch.rows), default=0)
+        joining: list[_Pending] = []
+        for pending in self._pending:
+            if pending.key is not None:
+                continue  # beam search waits for its turn as the oldest job
+            if jobs + len(joining) >= self.max_size:
+                break
+            n, length, left = pending.shape
+            cost = (rows + n) * (max(width, length) + max(remaining, left))
+            if cost > self.budget.limit and (joining or jobs):
+                break
+            joining.append(pending)
+            rows, width, remaining = rows + n, max(width, length), max(remaining, left)
+        return joining
+
+    def _select_generate(self, anchor: _Pending) -> list[_Pending]:
         group = sorted((p for p in self._pending if p.key == anchor.key), key=lambda p: len(p.job.input_ids))
         # The window of max_size jobs (in prompt-length order) that holds the anchor and sits at one
-        # end of the group, so that what is left over stays one contiguous run for the next batch.
+        # end of the group, so that what is left over stays one contiguous run for the next call.
         at = group.index(anchor)
         start = 0 if at < self.max_size else max(0, len(group) - self.max_size)
         window = group[start:start + self.max_size]
@@ -174,40 +276,159 @@ class Batcher:
                 batch.append(candidate)
         return batch
 
-    def _hooks(self, jobs: list[PreparedJob]) -> StepHooks | None:
-        if self.publisher is None and self.cancellations is None:
-            return None
-        streams = {}
-        if self.publisher is not None:
-            streams = {j.job_id: JobStream(j.job_id, j.attempt, j.request.num_return_sequences, j.request.stop) for j in jobs if j.request.stream}
-        return StepHooks(
-            publish=self.publisher.publish if self.publisher is not None else _publish_nowhere,
-            is_cancelled=self.cancellations.is_cancelled if self.cancellations is not None else _never_cancelled,
-            streams=streams,
-        )
+    def _requeue(self, items: list[_Pending]) -> None:
+        """Put jobs back at the front of the waiting line, in their order."""
+        with self._cond:
+            self._pending[:0] = items
 
-    def _execute(self, batch: list[_Pending]) -> None:
+    def _is_cancelled(self, job_id: str) -> bool:
+        return self.cancellations is not None and self.cancellations.is_cancelled(job_id)
+
+    def _publish(self, chunks: list[StreamChunk]) -> None:
+        if chunks and self.publisher is not None:
+            self.publisher.publish(chunks)
+
+    def _resolve(self, pending: _Pending, outcome: Generated | BaseException) -> None:
+        self._in_batch.pop(pending.job.job_id, None)
+        if isinstance(outcome, BaseException):
+            pending.future.set_exception(outcome)
+        else:
+            pending.future.set_result(outcome)
+
+    # --- the decoding batch ---
+
+    def _join(self, items: list[_Pending]) -> None:
+        engine, batch = self.engine, self._batch
+        for pending in items:
+            if pending.active is None:
+                pending.active = ActiveJob.start(pending.job, engine.decode, engine.device, streaming=pending.job.request.stream and self.publisher is not None)
+        rows = [r for p in items for r in p.active.live_rows]
+        before = len(batch.jobs)
+        cost = batch.cost_with(rows)
+        groups = prefill_groups(rows, self.max_size)
+        started = time.perf_counter()
+        error: Exception | None = None
+        out_of_memory = False
+        try:
+            engine.check_memory(cost, f"{len(items)} jobs joining a batch of {before}")
+            batch.join(groups)
+        except torch.OutOfMemoryError:
+            out_of_memory = True
+        except Exception as exc:
+            error = exc
+        else:
+            self._in_batch.update((p.job.job_id, p) for p in items)
+            self.budget.succeeded(cost)
+            log.info("batch: %d jobs joined (%d rows, %d prefill calls, %d prompt tokens, %.3f s); now %d jobs, %d rows, %d columns; budget=%d",
+                     len(items), len(rows), len(groups), sum(len(r.inputs) for r in rows), time.perf_counter() - started,
+                     len(batch.jobs), len(batch), batch.length, self.budget.limit)
+            return
+        # Here, outside the except block, the exception's frames (and the tensors they hold) are gone.
+        if out_of_memory:
+            self._free_memory()
+            self.budget.failed(cost)
+            if len(items) == 1 and before == 0:
+                self._resolve(items[0], self._oom_failure(items[0].job, cost))
+                return
+            log.warning("out of memory when %d jobs joined a batch of %d (cost %d tokens); they wait; token budget now %d",
+                        len(items), before, cost, self.budget.limit)
+            self._requeue(items)
+            return
+        if len(items) == 1:
+            log.error("job %s: prefill failed: %s: %s", items[0].job.job_id, type(error).__name__, error)
+            self._resolve(items[0], JobFailure(ErrorCode.GENERATION_ERROR, f"generation failed: {type(error).__name__}: {error}"[:2000]))
+            return
+        log.warning("%d jobs joining raised %s: %s; joining them in halves to isolate the job at fault", len(items), type(error).__name__, error)
+        half = len(items) // 2
+        self._join(items[:half])
+        self._join(items[half:])
+
+    def _step(self) -> None:
+        batch = self._batch
+        jobs = batch.jobs
+        cancelled = []
+        for active in jobs:
+            active.peak_jobs = max(active.peak_jobs, len(jobs))
+            if self._is_cancelled(active.job_id):
+                log.info("job %s: cancelled; it stops now with its partial text", active.job_id)
+                cancelled += active.live_rows
+                active.cancel()
+        if cancelled:
+            batch.remove(cancelled)
+        finished, chunks = [], []
+        if len(batch):
+            finished = batch.choose()
+            chunks = list(batch.chunks)
+        done = []
+        for active in jobs:
+            if active.finished:
+                generated = self._result(active)
+                chunks += generated.final_chunks
+                done.append((active, generated))
+        self._publish(chunks)  # before the results, whose records' end events close the streams
+        for active, generated in done:
+            self._resolve(self._in_batch[active.job_id], generated)
+        if finished:
+            batch.remove(finished)
+        if len(batch):
+            self._forward(batch)
+
+    def _forward(self, batch: DecodeBatch) -> None:
+        """The decoding step's model call; on running out of memory, the jobs that joined last are set
+        aside until it fits."""
+        while len(batch):
+            cost = batch.cost()
+            try:
+                batch.forward()
+                return
+            except torch.OutOfMemoryError:
+                pass
+            self._free_memory()
+            self.budget.failed(cost)
+            jobs = batch.jobs
+            if len(jobs) == 1:
+                batch.remove(jobs[0].live_rows)
+                self._resolve(self._in_batch[jobs[0].job_id], self._oom_failure(jobs[0].job, cost))
+                return
+            aside = jobs[len(jobs) // 2:]
+            log.warning("out of memory in a decoding step of %d jobs (cost %d tokens): %d jobs set aside with their tokens; token budget now %d",
+                        len(jobs), cost, len(aside), self.budget.limit)
+            batch.remove([r for a in aside for r in a.live_rows])
+            self._requeue([self._in_batch.pop(a.job_id) for a in aside])
+
+    def _free_memory(self) -> None:
+        if self._batch is not None and not len(self._batch):
+            self._batch.arena.release()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _result(self, active: ActiveJob) -> Generated:
+        output_scores = active.job.request.output_scores
+        sequences = [RawSequence(r.tokens, r.logprobs if output_scores else None) for r in active.rows]
+        return self.engine.job_result(active.job, sequences, generation_s=time.perf_counter() - active.started, batch_size=active.peak_jobs,
+                                      cancelled=active.cancelled, stream=active.stream)
+
+    # --- generate() calls (beam search) ---
+
+    def _generate(self, batch: list[_Pending]) -> None:
         jobs = [p.job for p in batch]
         stats = {"splits": 0}
         started = time.perf_counter()
-        outcomes = self._run_splitting(jobs, stats, self._hooks(jobs))
+        outcomes = self._run_splitting(jobs, stats)
         for pending in batch:
-            outcome = outcomes[pending.job.job_id]
-            if isinstance(outcome, BaseException):
-                pending.future.set_exception(outcome)
-            else:
-                pending.future.set_result(outcome)
+            self._resolve(pending, outcomes[pending.job.job_id])
         log.info(
-            "batch size=%d tokens=%d (prompt %d, new ≤%d) seconds=%.3f splits=%d budget=%d",
+            "generate() batch size=%d tokens=%d (prompt %d, new ≤%d) seconds=%.3f splits=%d budget=%d",
             len(jobs), batch_cost(jobs), sum(len(j.input_ids) for j in jobs), max(j.max_new_tokens for j in jobs),
             time.perf_counter() - started, stats["splits"], self.budget.limit,
         )
 
-    def _run_splitting(self, jobs: list[PreparedJob], stats: dict, hooks: StepHooks | None) -> dict[str, Generated | BaseException]:
+    def _run_splitting(self, jobs: list[PreparedJob], stats: dict) -> dict[str, Generated | BaseException]:
         cost = batch_cost(jobs)
         out_of_memory = False
         try:
-            generated = self.engine.generate_batch(jobs, hooks)
+            generated = self.engine.generate_batch(jobs, self._is_cancelled if self.cancellations is not None else None)
         except torch.OutOfMemoryError:
             out_of_memory = True
         except Exception as exc:
@@ -220,14 +441,14 @@ class Batcher:
             return {g.job_id: g for g in generated}
         # Outside the except block, so the exception's frames (and the tensors they hold) are gone.
         if out_of_memory:
-            _free_memory()
+            self._free_memory()
             self.budget.failed(cost)
             if len(jobs) == 1:
                 return {jobs[0].job_id: self._oom_failure(jobs[0], cost)}
             log.warning("out of memory on a batch of %d (cost %d tokens): splitting it; token budget now %d", len(jobs), cost, self.budget.limit)
         stats["splits"] += 1
         half = len(jobs) // 2
-        return {**self._run_splitting(jobs[:half], stats, hooks), **self._run_splitting(jobs[half:], stats, hooks)}
+        return {**self._run_splitting(jobs[:half], stats), **self._run_splitting(jobs[half:], stats)}
 
     def _oom_failure(self, job: PreparedJob, cost: int) -> JobFailure:
         r = job.request
@@ -241,21 +462,8 @@ class Batcher:
         )
 
 
-def _publish_nowhere(chunks: list) -> None:
-    pass
-
-
-def _never_cancelled(job_id: str) -> bool:
-    return False
-
-
 def _padding_efficiency(jobs: list[PreparedJob]) -> float:
     width = max(len(j.input_ids) for j in jobs)
     real = sum(len(j.input_ids) + j.max_new_tokens for j in jobs)
     return real / (len(jobs) * (width + max(j.max_new_tokens for j in jobs)))
 
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

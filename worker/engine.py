@@ -1,31 +1,36 @@
-"""The resident model: loaded once per worker process, run on batches of compatible jobs.
+"""The resident model: loaded once per worker process, on the thread that runs it.
 
-``Engine.generate(jobs)`` is batch-shaped: it groups the jobs that can share one ``generate()``
-call (same effective generation config) and runs one call per group.
+Two ways to run jobs:
+- jobs decoded one token at a time (greedy, sampling) go through ``forward``, one model call per
+  step of a continuous decoding batch (worker/decoding.py) that jobs join and leave between steps;
+- beam search jobs go through transformers' ``generate()`` (``generate_batch``), one call per
+  group of jobs that share a generation config (``batch_key``).
+Both build their results with ``job_result``.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteriaList
 
 from producer.errors import ErrorCode
-from producer.records import FinishReason, JobResult, PromptFit, SequenceResult, Timings, Usage
+from producer.records import FinishReason, JobResult, PromptFit, SequenceResult, StreamChunk, Timings, Usage
 from producer.schemas import GenerationRequest
 from worker.errors import JobFailure
 from worker.fused_ops import fuse_activations
 from worker.model_config import ModelConfig
 from worker.prompting import fit_prompt
-from worker.streaming import BatchMonitor, StepHooks, cut_at_stop
+from worker.streaming import CancelMonitor, JobStream, cut_at_stop
 
 log = logging.getLogger("belle.engine")
 
@@ -52,6 +57,17 @@ class Generated:
     job_id: str
     result: JobResult
     cancelled: bool = False  # stopped early on request; the result holds the partial text
+    final_chunks: list[StreamChunk] = field(default_factory=list)  # a streaming job's last chunks, to publish before its end
+
+
+@dataclass(frozen=True)
+class RawSequence:
+    """One generated sequence as it came out: tokens (EOS and padding included), and per token the
+    log-probability (output_scores) or, for beam search, the sequence's score."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    score: float | None = None
 
 
 def batch_cost(jobs: Sequence[PreparedJob]) -> int:
@@ -83,6 +99,12 @@ class Engine:
         self._encoder_lock = threading.Lock()
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.num_layers = model.config.num_hidden_layers
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        accepted = inspect.signature(model.forward).parameters
+        self._cache_argument = "cache" if "cache" in accepted else "past_key_values"  # renamed during transformers 5.x
+        self._takes_position_ids = "position_ids" in accepted  # rotary models need them with left padding
+        self._takes_logits_to_keep = "logits_to_keep" in accepted
 
     @classmethod
     def load(cls, config: ModelConfig, device: str = "auto", *, fault_memory_budget_tokens: int | None = None) -> Engine:
@@ -122,7 +144,31 @@ class Engine:
         return (r.do_sample, r.num_beams, r.num_return_sequences, job.max_new_tokens, r.min_new_tokens, sampling,
                 r.repetition_penalty, r.no_repeat_ngram_size, r.output_scores, tuple(r.stop), r.adapter, alone)
 
+    @staticmethod
+    def decodes_stepwise(job: PreparedJob) -> bool:
+        """Whether the job runs in the continuous decoding batch (everything but beam search)."""
+        return job.request.num_beams == 1
+
     # --- generating ---
+
+    def check_memory(self, cost: int, what: str) -> None:
+        """Fault injection (BELLE_FAULT_MEMORY_BUDGET_TOKENS): a real OutOfMemoryError for work over budget."""
+        if self.fault_memory_budget_tokens is not None and cost > self.fault_memory_budget_tokens:
+            raise torch.OutOfMemoryError(f"simulated: {what} costing {cost} tokens exceeds BELLE_FAULT_MEMORY_BUDGET_TOKENS={self.fault_memory_budget_tokens}")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, *, cost: int | None = None) -> torch.Tensor:
+        """One model call over left-padded rows that continue ``cache``: the next-token logits of
+        every row (float32). ``attention_mask`` covers the cached columns and the new ones."""
+        if cost is not None:
+            self.check_memory(cost, f"a decoding step of {input_ids.shape[0]} rows")
+        kwargs = {self._cache_argument: cache, "use_cache": True}
+        if self._takes_position_ids:
+            kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        if self._takes_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        with torch.inference_mode():
+            output = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return output.logits[:, -1].float()
 
     def generate(self, jobs: Sequence[PreparedJob]) -> list[Generated]:
         groups: dict[tuple, list[PreparedJob]] = defaultdict(list)
@@ -133,12 +179,12 @@ class Engine:
             out.extend(self.generate_batch(group))
         return out
 
-    def generate_batch(self, jobs: Sequence[PreparedJob], hooks: StepHooks | None = None) -> list[Generated]:
-        """One generate() call for jobs that share a batch key. With ``hooks``, streaming jobs publish
-        their text after every step and cancelled jobs stop at the next one."""
+    def generate_batch(self, jobs: Sequence[PreparedJob], is_cancelled: Callable[[str], bool] | None = None) -> list[Generated]:
+        """One generate() call for jobs that share a batch key: the path of beam search, and the
+        reference the decoding batch is tested against. With ``is_cancelled``, a cancelled job's rows
+        stop at the next step."""
         first = jobs[0].request
-        if self.fault_memory_budget_tokens is not None and (cost := batch_cost(jobs)) > self.fault_memory_budget_tokens:
-            raise torch.OutOfMemoryError(f"simulated: a batch of {len(jobs)} costing {cost} tokens exceeds BELLE_FAULT_MEMORY_BUDGET_TOKENS={self.fault_memory_budget_tokens}")
+        self.check_memory(batch_cost(jobs), f"a batch of {len(jobs)}")
         width = max(len(job.input_ids) for job in jobs)
         input_ids = torch.full((len(jobs), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(jobs), width), dtype=torch.long)
@@ -148,9 +194,7 @@ class Engine:
         config = self.generation_config(first, jobs[0].max_new_tokens)
         if first.seed is not None:
             torch.manual_seed(first.seed)
-        monitor = None
-        if hooks is not None:
-            monitor = BatchMonitor([job.job_id for job in jobs], width, self.eos_token_id, self._decode, hooks, beam_search=first.num_beams > 1)
+        monitor = CancelMonitor([job.job_id for job in jobs], width, is_cancelled, beam_search=first.num_beams > 1) if is_cancelled else None
         started = time.perf_counter()
         with torch.inference_mode():
             output = self.model.generate(
@@ -166,33 +210,38 @@ class Engine:
         beam_scores = output.sequences_scores.float().cpu() if first.num_beams > 1 else None
         n = first.num_return_sequences
         results = []
-        final_chunks = []
         for i, job in enumerate(jobs):
             cancelled = monitor is not None and job.job_id in monitor.cancelled_jobs
-            stream = hooks.streams.get(job.job_id) if hooks is not None else None
             sequences = []
             for k in range(n):
                 row = i * n + k
                 token_ids = generated[row].tolist()
                 if cancelled and row in monitor.cancelled_rows:
                     token_ids = token_ids[: monitor.cancelled_rows[row]]
-                sequence = self._sequence(k, token_ids, job, logprobs[row] if logprobs is not None else None,
-                                          float(beam_scores[row]) if beam_scores is not None else None, cancelled=cancelled)
-                sequences.append(sequence)
-                if stream is not None and (chunk := stream.advance(k, sequence.result.text, len(sequence.result.token_ids), final=True)):
-                    final_chunks.append(chunk)
-            completion = sum(s.completion_tokens for s in sequences)
-            results.append(Generated(job.job_id, JobResult(
-                sequences=[s.result for s in sequences],
-                usage=Usage(prompt_tokens=len(job.input_ids), completion_tokens=completion, total_tokens=len(job.input_ids) + completion),
-                timings=Timings(queued_s=round(job.queued_s, 6), generation_s=round(seconds, 6), batch_size=len(jobs)),
-                model=self.config.name,
-                adapter=job.request.adapter,
-                prompt_fit=job.fit,
-            ), cancelled=cancelled))
-        if final_chunks:
-            hooks.publish(final_chunks)
+                sequences.append(RawSequence(token_ids, logprobs[row].tolist() if logprobs is not None else None,
+                                             float(beam_scores[row]) if beam_scores is not None else None))
+            results.append(self.job_result(job, sequences, generation_s=seconds, batch_size=len(jobs), cancelled=cancelled))
         return results
+
+    def job_result(self, job: PreparedJob, sequences: Sequence[RawSequence], *, generation_s: float, batch_size: int, cancelled: bool = False,
+                   stream: JobStream | None = None) -> Generated:
+        """The job's result from its sequences' generated tokens. A streaming job's last chunks (text
+        held back until the end) are left in ``Generated.final_chunks``."""
+        results = [self._sequence(k, s, job, cancelled=cancelled) for k, s in enumerate(sequences)]
+        final_chunks = []
+        if stream is not None:
+            for sequence in results:
+                if chunk := stream.advance(sequence.result.index, sequence.result.text, len(sequence.result.token_ids), final=True):
+                    final_chunks.append(chunk)
+        completion = sum(s.completion_tokens for s in results)
+        return Generated(job.job_id, JobResult(
+            sequences=[s.result for s in results],
+            usage=Usage(prompt_tokens=len(job.input_ids), completion_tokens=completion, total_tokens=len(job.input_ids) + completion),
+            timings=Timings(queued_s=round(job.queued_s, 6), generation_s=round(generation_s, 6), batch_size=batch_size),
+            model=self.config.name,
+            adapter=job.request.adapter,
+            prompt_fit=job.fit,
+        ), cancelled=cancelled, final_chunks=final_chunks)
 
     def generation_config(self, request: GenerationRequest, max_new_tokens: int) -> GenerationConfig:
         sampling = {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k} if request.do_sample else {"temperature": None, "top_p": None, "top_k": None}
@@ -220,11 +269,11 @@ class Engine:
         scores = self.model.compute_transition_scores(output.sequences, output.scores, beam_indices, normalize_logits=beam_indices is None)
         return scores.float().cpu()
 
-    def _decode(self, token_ids: list[int]) -> str:
+    def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def _sequence(self, index: int, token_ids: list[int], job: PreparedJob, logprobs: torch.Tensor | None, score: float | None,
-                  *, cancelled: bool = False) -> _Sequence:
+    def _sequence(self, index: int, raw: RawSequence, job: PreparedJob, *, cancelled: bool = False) -> _Sequence:
+        token_ids = list(raw.token_ids)
         finish = FinishReason.LENGTH
         if self.eos_token_id is not None and self.eos_token_id in token_ids:
             cut = token_ids.index(self.eos_token_id)
@@ -235,15 +284,15 @@ class Engine:
             while token_ids and token_ids[-1] == self.pad_token_id:
                 token_ids.pop()
             computed = len(token_ids)
-        text = self._decode(token_ids)
+        text = self.decode(token_ids)
         if job.request.stop and finish is not FinishReason.EOS:
             text, matched = cut_at_stop(text, job.request.stop)
             if matched:
                 finish = FinishReason.STOP
         if cancelled and finish is FinishReason.LENGTH:
             finish = FinishReason.CANCELLED
-        values = [round(float(v), 5) for v in logprobs[: len(token_ids)]] if logprobs is not None else None
-        return _Sequence(SequenceResult(index=index, text=text, token_ids=token_ids, finish_reason=finish, score=score, logprobs=values), computed)
+        values = [round(float(v), 5) for v in raw.logprobs[: len(token_ids)]] if raw.logprobs is not None else None
+        return _Sequence(SequenceResult(index=index, text=text, token_ids=token_ids, finish_reason=finish, score=raw.score, logprobs=values), computed)
 
 
 @dataclass(frozen=True)

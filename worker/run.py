@@ -29,12 +29,13 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
     from worker.publisher import ChunkPublisher
 
     config = load_model_config(settings.model, settings)
-    engine = Engine.load(config, settings.device, fault_memory_budget_tokens=settings.fault_memory_budget_tokens)
     redis = redis_client(settings.redis_url)
     store = JobStore(redis, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s)
     cancellations = CancelWatcher(redis).start()
-    batcher = Batcher(engine, settings, publisher=ChunkPublisher(redis, ttl_s=settings.pending_ttl_s), cancellations=cancellations).start()
-    app = create_app(settings, JobHandler(settings, store, engine, batcher, cancellations))
+    batcher = Batcher(None, settings, publisher=ChunkPublisher(redis, ttl_s=settings.pending_ttl_s), cancellations=cancellations)
+    # The model is loaded on the batcher's thread, the one that runs it (see Batcher.start).
+    batcher.start(load=lambda: Engine.load(config, settings.device, fault_memory_budget_tokens=settings.fault_memory_budget_tokens))
+    app = create_app(settings, JobHandler(settings, store, batcher.engine, batcher, cancellations))
     name = settings.worker_name or f"belle@{socket.gethostname()}"
     log.info("worker %s serving %s on queues %s; batches of ≤%d jobs, ≤%d tokens; %d jobs held at once",
              name, config.name, ",".join(queues), settings.batch_max_size, settings.batch_max_tokens, settings.worker_concurrency)

@@ -1,15 +1,14 @@
-"""Per-row streaming and cancellation inside one batched generate() call.
+"""Streaming a job's text while it is decoded, and cancelling a job inside a generate() call.
 
-transformers' own streamers handle batch size 1 only. ``BatchMonitor`` is a stopping criterion, so
-generate() calls it after every decoding step with the whole batch: it splits the step by job,
-detokenises each streaming row incrementally, publishes the new text of all rows in one Redis
-pipeline, and ends the rows of cancelled jobs (the other rows go on).
+transformers' own streamers handle batch size 1 only. A streaming job's rows run in the decoding
+batch (worker/decoding.py), which after every step pushes each row's new tokens through an
+``IncrementalText`` and its job's ``JobStream``; the batcher publishes the chunks of all rows in one
+Redis pipeline per step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from transformers import StoppingCriteria
@@ -34,6 +33,30 @@ def sendable(text: str, stop: Sequence[str]) -> str:
     hold = max((k for s in stop for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), default=0)
     text = text[: len(text) - hold]
     return text.rstrip(REPLACEMENT)
+
+
+class IncrementalText:
+    """The text of a growing token sequence, decoded a few tokens at a time (TGI's method): each push
+    decodes only the tokens since the last complete character, with a few before them for context,
+    so a step costs the same however long the sequence is. A token that ends inside a multi-byte
+    character adds nothing until the character is complete."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
+        self.text = ""
+        self._prefix = 0  # context tokens start here
+        self._read = 0  # text is complete up to here
+
+    def push(self, tokens: list[int]) -> str:
+        """The text of ``tokens`` (the whole sequence so far, which only ever grows)."""
+        if len(tokens) <= self._read:
+            return self.text
+        before = self.decode(tokens[self._prefix:self._read])
+        after = self.decode(tokens[self._prefix:])
+        if len(after) > len(before) and not after.endswith(REPLACEMENT):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(tokens)
+        return self.text
 
 
 class JobStream:
@@ -62,65 +85,27 @@ class JobStream:
         return chunk
 
 
-@dataclass
-class StepHooks:
-    """What the batcher hands the engine for one call: where chunks go, which jobs are cancelled,
-    and the streams of the streaming jobs (by job id)."""
+class CancelMonitor(StoppingCriteria):
+    """Cancellation inside one generate() call (beam search): a stopping criterion that generate()
+    asks after every step, which ends the rows of cancelled jobs and lets the others go on."""
 
-    publish: Callable[[list[StreamChunk]], None]
-    is_cancelled: Callable[[str], bool]
-    streams: dict[str, JobStream]
-
-
-class BatchMonitor(StoppingCriteria):
-    def __init__(self, job_ids: Sequence[str], prompt_width: int, eos_token_id: int | None, decode: Callable[[list[int]], str], hooks: StepHooks,
-                 *, beam_search: bool = False):
+    def __init__(self, job_ids: Sequence[str], prompt_width: int, is_cancelled: Callable[[str], bool], *, beam_search: bool = False):
         self.job_ids = list(job_ids)
         # Beam search hands over its candidate rows, which are not the same sequences from one step to
-        # the next: only cancellation applies (it never streams).
+        # the next: a cancelled job's beams all end, and beam search returns its best so far.
         self.beam_search = beam_search
         self.width = prompt_width
-        self.eos = eos_token_id
-        self.decode = decode
-        self.hooks = hooks
-        self.ended: set[int] = set()  # rows that produced EOS
+        self.is_cancelled = is_cancelled
         self.cancelled_jobs: set[str] = set()
         self.cancelled_rows: dict[int, int] = {}  # row → generated tokens it keeps
 
-    def rows_per_job(self, rows: int) -> int:
-        return rows // len(self.job_ids)
-
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         rows, length = input_ids.shape
-        per_job = self.rows_per_job(rows)
-        generated = length - self.width
-        done = [False] * rows
-        newly_cancelled = {j for j in self.job_ids if j not in self.cancelled_jobs and self.hooks.is_cancelled(j)}
-        self.cancelled_jobs |= newly_cancelled
-        if self.beam_search:
-            return torch.tensor([self.job_ids[row // per_job] in self.cancelled_jobs for row in range(rows)], dtype=torch.bool, device=input_ids.device)
-        last = input_ids[:, -1].tolist()
-        streaming_rows = []
-        for row in range(rows):
-            job_id = self.job_ids[row // per_job]
-            if row in self.cancelled_rows or row in self.ended:
-                done[row] = row in self.cancelled_rows
-                continue
-            if last[row] == self.eos:
-                self.ended.add(row)
-            elif job_id in self.cancelled_jobs:
-                self.cancelled_rows[row] = generated
-                done[row] = True
-            elif job_id in self.hooks.streams:
-                streaming_rows.append(row)
-        if streaming_rows:
-            tail = input_ids[streaming_rows, self.width:].tolist()
-            chunks = []
-            for row, tokens in zip(streaming_rows, tail, strict=True):
-                stream = self.hooks.streams[self.job_ids[row // per_job]]
-                chunk = stream.advance(row % per_job, self.decode(tokens), generated)
-                if chunk is not None:
-                    chunks.append(chunk)
-            if chunks:
-                self.hooks.publish(chunks)
+        per_job = rows // len(self.job_ids)
+        self.cancelled_jobs |= {j for j in self.job_ids if j not in self.cancelled_jobs and self.is_cancelled(j)}
+        done = [self.job_ids[row // per_job] in self.cancelled_jobs for row in range(rows)]
+        if not self.beam_search:
+            for row in range(rows):
+                if done[row]:
+                    self.cancelled_rows.setdefault(row, length - self.width)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)

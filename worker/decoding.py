@@ -1,0 +1,308 @@
+"""Continuous batching of the jobs decoded one token at a time (greedy and sampling: num_beams = 1).
+
+The ``DecodeBatch`` holds one row per returned sequence of each of its jobs. A step chooses every
+row's next token with its own job's parameters (logits.py) and notes the rows that finished (EOS,
+length, a stop string); finished rows leave at once, and the model runs once on the chosen tokens
+of the others for their next logits. Jobs join between steps: their prompts are prefilled (grouped
+by length, so that little of a prefill is padding) straight into free rows of the KV arena
+(kv_cache.py). A job's rows may also be set aside with their tokens and rejoin later (after running
+out of memory): their prompt and tokens are prefilled again, nothing is generated twice.
+
+Every method runs on the one thread that owns the model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from producer.records import FinishReason, StreamChunk
+from worker.kv_cache import KVArena
+from worker.logits import NgramIndex, RowParameters, apply_processors, choose, logprobs_of
+from worker.streaming import IncrementalText, JobStream, cut_at_stop
+
+PREFILL_EFFICIENCY = 0.8  # real tokens / padded tokens of one prefill call, at least
+TRIM_AT = 64  # columns of padding shared by every row at which the arena drops them
+SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads the seeds of one job's returned sequences
+
+
+@dataclass(eq=False)
+class Row:
+    """One returned sequence of a job being decoded."""
+
+    active: ActiveJob
+    index: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: FinishReason | None = None
+    ngrams: NgramIndex | None = None
+    text: IncrementalText | None = None  # kept for streaming jobs and jobs with stop strings
+    generator: torch.Generator | None = None  # a seeded sampling row's own random stream
+
+    @property
+    def inputs(self) -> list[int]:
+        """What a prefill of this row reads: the prompt and the tokens the row generated before it was
+        set aside."""
+        return self.active.job.input_ids + self.tokens
+
+    @property
+    def remaining(self) -> int:
+        return self.active.job.max_new_tokens - len(self.tokens)
+
+
+@dataclass(eq=False)
+class ActiveJob:
+    """A job from its first admission to a batch until all its rows finished."""
+
+    job: object  # engine.PreparedJob
+    rows: list[Row]
+    stream: JobStream | None
+    started: float
+    peak_jobs: int = 1
+    cancelled: bool = False
+
+    @classmethod
+    def start(cls, job, decode: Callable[[list[int]], str], device: torch.device, *, streaming: bool) -> ActiveJob:
+        request = job.request
+        stream = JobStream(job.job_id, job.attempt, request.num_return_sequences, request.stop) if streaming else None
+        active = cls(job, [], stream, time.perf_counter())
+        for index in range(request.num_return_sequences):
+            row = Row(active, index)
+            if request.do_sample and request.seed is not None:
+                # Each row draws from its own stream, so its text depends on the seed and its index only,
+                # not on which rows decode beside it or in what order.
+                row.generator = torch.Generator(device=device)
+                row.generator.manual_seed((request.seed + index * SEED_STRIDE) % 2**63)
+            if request.no_repeat_ngram_size:
+                row.ngrams = NgramIndex(request.no_repeat_ngram_size, job.input_ids)
+            if streaming or request.stop:
+                row.text = IncrementalText(decode)
+            active.rows.append(row)
+        return active
+
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
+
+    @property
+    def live_rows(self) -> list[Row]:
+        return [r for r in self.rows if r.finish is None]
+
+    @property
+    def finished(self) -> bool:
+        return all(row.finish is not None for row in self.rows)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        for row in self.live_rows:
+            row.finish = FinishReason.CANCELLED
+
+
+def prefill_groups(rows: Sequence[Row], max_rows: int) -> list[list[Row]]:
+    """Rows grouped for prefill calls: by input length, each group at least PREFILL_EFFICIENCY real
+    tokens and at most ``max_rows`` rows."""
+    groups: list[list[Row]] = []
+    for row in sorted(rows, key=lambda r: len(r.inputs)):
+        group = groups[-1] if groups else None
+        if group is not None and len(group) < max_rows:
+            real = sum(len(r.inputs) for r in group) + len(row.inputs)
+            if real >= PREFILL_EFFICIENCY * (len(group) + 1) * len(row.inputs):
+                group.append(row)
+                continue
+        groups.append([row])
+    return groups
+
+
+def joined_cost(rows: int, length: int, remaining: int) -> int:
+    """A decoding batch's cost: rows × (columns + the most tokens a row may still add), the same
+    measure as a generate() call's ``batch_cost``."""
+    return rows * (length + remaining)
+
+
+class DecodeBatch:
+    """The decoding rows: slot i of the arena and row i of ``mask``, ``seen`` and ``logits`` belong
+    to ``rows[i]``."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.arena = KVArena(engine.num_layers)
+        self.rows: list[Row] = []
+        self.length = 0  # columns in use; a row's next token goes in this column
+        device = engine.device
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=device)  # [rows, column capacity]
+        self.seen = torch.zeros((0, engine.vocab_size), dtype=torch.bool, device=device)  # tokens each row holds
+        self.logits = torch.zeros((0, engine.vocab_size), device=device)  # what each row's next token is chosen from
+        self.params = RowParameters.of([], device)
+        self.generators: list[torch.Generator | None] = []
+        self.chunks: list[StreamChunk] = []  # what the last step has to publish
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def jobs(self) -> list[ActiveJob]:
+        return list(dict.fromkeys(r.active for r in self.rows))
+
+    def cost(self) -> int:
+        return joined_cost(len(self.rows), self.length, max((r.remaining for r in self.rows), default=0))
+
+    def cost_with(self, rows: Sequence[Row]) -> int:
+        """The cost once ``rows`` have joined."""
+        everyone = [*self.rows, *rows]
+        return joined_cost(len(everyone), max([self.length] + [len(r.inputs) for r in rows]), max(r.remaining for r in everyone))
+
+    # --- membership ---
+
+    @torch.inference_mode()
+    def join(self, groups: Sequence[Sequence[Row]]) -> None:
+        """Prefill each group in one call, into free rows. If this raises, no row has joined."""
+        n, device = len(self.rows), self.engine.device
+        length = max([self.length] + [len(r.inputs) for g in groups for r in g])
+        joining = [r for g in groups for r in g]
+        columns = length + max(r.remaining for r in [*self.rows, *joining])
+        self._reserve(n + len(joining), columns, shift=length - self.length if n else 0)
+        self.length = length
+        masks, logits, placed = [], [], []
+        at = n
+        for group in groups:
+            group_rows, group_mask, group_logits = self._prefill(group, at)
+            placed += group_rows
+            masks.append(group_mask)
+            logits.append(group_logits)
+            at += len(group_rows)
+        seen = torch.zeros((len(placed), self.seen.shape[1]), dtype=torch.bool, device=device)
+        for i, row in enumerate(placed):
+            seen[i, torch.tensor(row.inputs, device=device)] = True
+        self.mask = torch.cat([self.mask[:n], *masks])
+        self.logits = torch.cat([self.logits[:n], *logits])
+        self.seen = torch.cat([self.seen[:n], seen])
+        self.rows += placed
+        self._rows_changed()
+
+    def _prefill(self, group: Sequence[Row], at: int) -> tuple[list[Row], torch.Tensor, torch.Tensor]:
+        """Prefill ``group`` into rows ``at``…, right-aligned at the current column. Rows of one job
+        that starts fresh share one input: it is computed once and its row copied. Returns the rows
+        in the order they were placed, their mask rows and logits."""
+        firsts, copies, source = [], [], {}
+        for row in group:
+            key = (id(row.active), -1 if not row.tokens else id(row))
+            if key in source:
+                copies.append((row, source[key]))
+            else:
+                source[key] = len(firsts)
+                firsts.append(row)
+        width = max(len(r.inputs) for r in firsts)
+        start = self.length - width
+        input_ids = torch.full((len(firsts), width), self.engine.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(firsts), width), dtype=torch.long)
+        for i, row in enumerate(firsts):
+            input_ids[i, width - len(row.inputs):] = torch.tensor(row.inputs, dtype=torch.long)
+            attention[i, width - len(row.inputs):] = 1
+        input_ids, attention = input_ids.to(self.engine.device), attention.to(self.engine.device)
+        logits = self.engine.forward(input_ids, attention, self.arena.view(slice(at, at + len(firsts)), start, start))
+        self.arena.zero(slice(at, at + len(firsts)), start)
+        for k, (_, first) in enumerate(copies):
+            self.arena.move_row(at + first, at + len(firsts) + k, self.length)
+        picked = list(range(len(firsts))) + [first for _, first in copies]
+        mask = torch.zeros((len(picked), self.mask.shape[1]), dtype=torch.long, device=attention.device)
+        mask[:, start:self.length] = attention[picked]
+        return firsts + [row for row, _ in copies], mask, logits[picked]
+
+    @torch.inference_mode()
+    def remove(self, leaving: Sequence[Row]) -> None:
+        """Take these rows out: each freed slot takes the last row."""
+        gone = {id(r) for r in leaving}
+        order = list(range(len(self.rows)))  # order[slot] = the old slot now there
+        for slot in sorted((i for i, r in enumerate(self.rows) if id(r) in gone), reverse=True):
+            last = len(order) - 1
+            if slot != last:
+                self.arena.move_row(order[last], slot, self.length)
+                order[slot] = order[last]
+            order.pop()
+        self.rows = [self.rows[i] for i in order]
+        picked = torch.tensor(order, dtype=torch.long, device=self.mask.device)
+        self.mask, self.seen, self.logits = self.mask[picked], self.seen[picked], self.logits[picked]
+        self._rows_changed()
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop the leading columns that are padding in every row, once there are TRIM_AT of them."""
+        if not self.rows:
+            self.length = 0
+            return
+        shared = int((self.mask[:, : self.length].cumsum(-1) == 0).sum(-1).min())
+        if shared >= TRIM_AT:
+            self._reserve(len(self.rows), self.arena.column_capacity, shift=-shared)
+            self.length -= shared
+
+    def _reserve(self, rows: int, columns: int, *, shift: int = 0) -> None:
+        n = len(self.rows)
+        self.arena.reserve(rows, columns, live=n, length=self.length, shift=shift)
+        capacity = self.arena.column_capacity
+        if shift or self.mask.shape[1] != capacity:
+            mask = torch.zeros((n, capacity), dtype=torch.long, device=self.mask.device)
+            if shift >= 0:
+                mask[:, shift:shift + self.length] = self.mask[:n, : self.length]
+            else:
+                mask[:, : self.length + shift] = self.mask[:n, -shift:self.length]
+            self.mask = mask
+
+    def _rows_changed(self) -> None:
+        self.params = RowParameters.of([r.active.job.request for r in self.rows], self.engine.device)
+        sampling = self.params.sampling.tolist() if self.params.sampling is not None else []
+        self.generators = [self.rows[i].generator for i in sampling]
+
+    # --- a step ---
+
+    @torch.inference_mode()
+    def choose(self) -> list[Row]:
+        """Choose each row's next token; returns the rows that finished (they are still in the batch).
+        A streaming row's new text is left in ``chunks``."""
+        engine = self.engine
+        generated = torch.tensor([len(r.tokens) for r in self.rows], device=self.logits.device)
+        bans = {i: r.ngrams.banned() for i, r in enumerate(self.rows) if r.ngrams is not None}
+        logits = apply_processors(self.logits, self.seen, self.params, generated, bans, engine.eos_token_id)
+        tokens, chosen_from = choose(logits, self.params, self.generators)
+        logprobs = logprobs_of(chosen_from, tokens, self.params.scored)
+        self.seen[torch.arange(len(self.rows), device=tokens.device), tokens] = True
+        self.chunks = []
+        finished = []
+        for i, token in enumerate(tokens.tolist()):
+            row = self.rows[i]
+            row.tokens.append(token)
+            if i in logprobs:
+                row.logprobs.append(logprobs[i])
+            if row.ngrams is not None:
+                row.ngrams.add(token)
+            if token == engine.eos_token_id:
+                row.finish = FinishReason.EOS
+            elif row.text is not None:
+                text = row.text.push(row.tokens)
+                request = row.active.job.request
+                if request.stop and cut_at_stop(text, request.stop)[1]:
+                    row.finish = FinishReason.STOP
+                if row.active.stream is not None and (chunk := row.active.stream.advance(row.index, text, len(row.tokens))):
+                    self.chunks.append(chunk)
+            if row.finish is None and row.remaining <= 0:
+                row.finish = FinishReason.LENGTH
+            if row.finish is not None:
+                finished.append(row)
+        return finished
+
+    @torch.inference_mode()
+    def forward(self) -> None:
+        """Run the model on every row's last token; a call that fails leaves the batch as it was."""
+        n, length = len(self.rows), self.length
+        if length >= self.arena.column_capacity:
+            self._reserve(n, length + 1)
+        self.mask[:, length] = 1
+        tokens = torch.tensor([[r.tokens[-1]] for r in self.rows], dtype=torch.long, device=self.mask.device)
+        try:
+            self.logits = self.engine.forward(tokens, self.mask[:, : length + 1], self.arena.view(slice(0, n), 0, length), cost=self.cost())
+        except BaseException:
+            self.mask[:, length] = 0
+            raise
+        self.length = length + 1
