@@ -7,6 +7,7 @@ import random
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +32,27 @@ def mixed_prompts(n: int, seed: int = 0, *, max_words: int = 20) -> list[str]:
 
 def median_of(runs: int, measure) -> float:
     return statistics.median(measure() for _ in range(runs))
+
+
+def on_own_thread(work):
+    """Run ``work()`` on a thread that ends with it, and return its result. Torch work done on a
+    thread that lives on (the main thread) leaves an OpenMP thread team behind, which makes the
+    batcher thread's later work a third slower (libgomp throttles spinning when it manages more
+    threads than there are CPUs): the seed's loop runs like this so that it does not slow (b)."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["value"] = work()
+        except BaseException as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def machine() -> str:

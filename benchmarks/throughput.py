@@ -3,11 +3,12 @@
   (a) the seed's way: the model as from_pretrained() loads it, one generate() per prompt (BELLE API doc
       §4.1, greedy here)
   (a') the same loop on the engine's model (fused activations): what batching alone gains is b/a'
-  (b) the worker's engine and batcher, in-process
+  (b) the worker's engine and batcher, in-process (one batcher for all runs, as in a worker)
   (c) end to end: JobClient → Redis → Celery → a worker subprocess → the job records
-plus (b) again with 8 distinct parameter sets over the same jobs.
+plus (b) again with 8 distinct parameter sets over the same jobs (they share the decoding batch).
 
-Targets: b/a ≥ 8, c/b ≥ 0.9. Run: .venv/bin/python benchmarks/throughput.py
+Each path has one untimed warm-up run. Targets: b/a ≥ 8, c/b ≥ 0.9.
+Run: .venv/bin/python -m benchmarks.throughput --runs 3
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from benchmarks.common import WorkerSubprocess, benchmark_model, machine, median_of, mixed_prompts
+from benchmarks.common import WorkerSubprocess, benchmark_model, machine, median_of, mixed_prompts, on_own_thread
 from producer.client import JobClient
 from producer.embedded_redis import EmbeddedRedis
 from producer.schemas import parse_request
@@ -39,7 +40,9 @@ def main() -> None:
     args = parser.parse_args()
 
     path = benchmark_model()
-    engine = Engine.load(ModelConfig(name="bench-bloom-50m", path=str(path), context_length=2048), args.device)
+    config = ModelConfig(name="bench-bloom-50m", path=str(path), context_length=2048)
+    batcher = Batcher(None, get_settings()).start(load=lambda: Engine.load(config, args.device))
+    engine = batcher.engine
     prompts = mixed_prompts(args.jobs, max_words=args.max_words)
     uniform = [{"prompt": p, "num_beams": 1, "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens} for p in prompts]
     # 8 parameter sets that generate the same number of tokens: they differ in repetition penalty.
@@ -47,42 +50,44 @@ def main() -> None:
     tokens = args.jobs * args.new_tokens
     lengths = [len(engine.tokenize(p)) for p in prompts]
     print(f"model: {path.name}, {parameter_count(path) / 1e6:.1f}M parameters; device {engine.device}; machine: {machine()}")
-    print(f"{args.jobs} jobs, prompts of {min(lengths)}–{max(lengths)} tokens, {args.new_tokens} new tokens each (greedy), medians of {args.runs} runs")
+    print(f"{args.jobs} jobs, prompts of {min(lengths)}–{max(lengths)} tokens, {args.new_tokens} new tokens each (greedy), "
+          f"batches of ≤{get_settings().batch_max_size}, medians of {args.runs} runs")
 
-    seed_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(engine.device).eval()
+    seed_model = on_own_thread(lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(engine.device).eval())
     seed_outputs: list[list[int]] = []
+    gen_config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                  repetition_penalty=1.2, pad_token_id=engine.pad_token_id, eos_token_id=engine.eos_token_id)
 
-    def one_at_a_time(model) -> float:
+    def one_at_a_time(model, count: int = args.jobs) -> float:
         """One generate() per prompt, as in the seed's generate_answer()."""
         seed_outputs.clear()
-        config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                  repetition_penalty=1.2, pad_token_id=engine.pad_token_id, eos_token_id=engine.eos_token_id)
         started = time.perf_counter()
-        for prompt in prompts:
+        for prompt in prompts[:count]:
             inputs = engine.tokenizer(engine.config.template.user.replace("{content}", prompt), return_tensors="pt").to(engine.device)
             with torch.inference_mode():
-                out = model.generate(**inputs, generation_config=config)
+                out = model.generate(**inputs, generation_config=gen_config)
             seed_outputs.append(out[0, inputs["input_ids"].shape[1]:].tolist())
-        return tokens / (time.perf_counter() - started)
+        return count * args.new_tokens / (time.perf_counter() - started)
 
     batched_outputs: dict[str, list[int]] = {}
 
     def in_process(requests: list[dict]) -> float:
-        batcher = Batcher(engine, get_settings()).start()
         jobs = [engine.prepare(f"j{i}", parse_request(r)) for i, r in enumerate(requests)]
         started = time.perf_counter()
         futures = [batcher.submit(job) for job in jobs]
         results = [f.result() for f in futures]
         seconds = time.perf_counter() - started
-        batcher.stop()
         batched_outputs.update({g.job_id: g.result.sequences[0].token_ids for g in results})
         return tokens / seconds
 
-    a_fused = median_of(args.runs, lambda: one_at_a_time(engine.model))
-    a = median_of(args.runs, lambda: one_at_a_time(seed_model))
+    on_own_thread(lambda: one_at_a_time(seed_model, 4))
+    a_fused = median_of(args.runs, lambda: on_own_thread(lambda: one_at_a_time(engine.model)))
+    a = median_of(args.runs, lambda: on_own_thread(lambda: one_at_a_time(seed_model)))
+    in_process(uniform)
     b = median_of(args.runs, lambda: in_process(uniform))
     identical = sum(seed_outputs[i] == batched_outputs[f"j{i}"] for i in range(args.jobs))
     b_mixed = median_of(args.runs, lambda: in_process(mixed))
+    batcher.stop()
 
     with EmbeddedRedis() as server:
         settings = Settings(redis_url=server.url)
@@ -98,9 +103,10 @@ def main() -> None:
                 assert all(r.result is not None for r in records), [r.error for r in records if r.error]
                 return tokens / seconds
 
+            through_queue()
             c = median_of(args.runs, through_queue)
         log = worker.stop()
-    batch_lines = [line.split("belle.batcher: ")[1] for line in log.splitlines() if "belle.batcher: batch size=" in line]
+    join_lines = [line.split("belle.batcher: ")[1] for line in log.splitlines() if "belle.batcher: batch:" in line]
 
     print(f"\n(a) one generate() per prompt   {a:10.1f} tokens/s")
     print(f"(a') the same, engine's model    {a_fused:10.1f} tokens/s")
@@ -108,7 +114,7 @@ def main() -> None:
     print(f"(c) through Redis + Celery       {c:10.1f} tokens/s   c/b = {c / b:.2f}   (target ≥ 0.9)")
     print(f"(b') 8 parameter sets, in-process {b_mixed:9.1f} tokens/s   mixed/uniform = {b_mixed / b:.2f}")
     print(f"greedy outputs identical between the seed's model (a) and the batched engine (b): {identical}/{args.jobs}")
-    print("worker batches in the last queued run: " + "; ".join(batch_lines[-4:]))
+    print(f"worker joins in the last queued run ({len(join_lines) // (args.runs + 1)} per run on average): " + "; ".join(join_lines[-3:]))
 
 
 if __name__ == "__main__":

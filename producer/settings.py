@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     # --- batching (worker) ---
     batch_max_size: int = Field(64, ge=1, description="Most jobs decoded together, and most jobs in one generate() call (beam search).")
     batch_max_tokens: int = Field(65_536, ge=1, description="Token budget of a batch: rows (beams or returned sequences) × (longest prompt + most new tokens still to come).")
+    batch_max_prefill_tokens: int = Field(8_192, ge=1, description="Most padded prompt tokens in one prefill call of joining jobs (bounds its activations' memory).")
     batch_wait_ms: float = Field(20.0, ge=0, description="Waiting jobs are taken in once no new job has arrived for this long...")
     batch_max_delay_ms: float = Field(200.0, ge=0, description="...or once the oldest has waited this long, whichever comes first.")
     fault_memory_budget_tokens: int | None = Field(None, ge=1, description="Fault injection: a batch costing more tokens raises a real torch.OutOfMemoryError (tests OOM handling on CPU).")

@@ -322,3 +322,17 @@ def test_the_token_budget_halves_on_oom_and_grows_back_slowly():
     for _ in range(50 * TokenBudget.GROW_AFTER):
         budget.succeeded(300)
     assert budget.limit == 1000
+
+
+def test_prefill_groups_keep_padding_low_and_calls_bounded():
+    from types import SimpleNamespace
+
+    from worker.decoding import prefill_groups
+
+    rows = [SimpleNamespace(inputs=[0] * n) for n in (3, 4, 4, 5, 10, 11, 12, 40, 200)]
+    groups = prefill_groups(rows, max_rows=3, max_tokens=64)
+    assert [[len(r.inputs) for r in g] for g in groups] == [[3, 4, 4], [5], [10, 11, 12], [40], [200]]
+    for group in groups:
+        real = sum(len(r.inputs) for r in group)
+        assert real >= 0.8 * len(group) * max(len(r.inputs) for r in group)
+        assert len(group) == 1 or len(group) * max(len(r.inputs) for r in group) <= 64

@@ -52,6 +52,24 @@ from worker.errors import JobFailure
 log = logging.getLogger("belle.batcher")
 
 PADDING_EFFICIENCY = 0.5  # a generate() call's real tokens / padded tokens may not fall below this
+REPORT_EVERY_S = 10.0  # a decoding batch that runs on is summarised in the log this often
+
+
+@dataclass
+class DecodeStats:
+    """What the decoding batch did since its last log line."""
+
+    since: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    tokens: int = 0
+    joined: int = 0
+    finished: int = 0
+    set_aside: int = 0
+
+    def line(self, jobs: int, budget: int) -> str:
+        seconds = time.perf_counter() - self.since
+        return (f"decoding: {self.steps} steps, {self.tokens} tokens ({self.tokens / max(seconds, 1e-9):.1f} tokens/s) in {seconds:.3f} s; "
+                f"{self.joined} jobs joined, {self.finished} finished, {self.set_aside} set aside (splits); now {jobs} jobs; budget={budget}")
 
 
 class BatcherStopped(RuntimeError):
@@ -110,12 +128,14 @@ class Batcher:
         self.publisher = publisher
         self.cancellations = cancellations
         self.max_size = settings.batch_max_size
+        self.max_prefill_tokens = settings.batch_max_prefill_tokens
         self.wait_s = settings.batch_wait_ms / 1000
         self.max_delay_s = settings.batch_max_delay_ms / 1000
         self.budget = TokenBudget(settings.batch_max_tokens)
         self._pending: list[_Pending] = []
         self._batch: DecodeBatch | None = None  # made on the batcher thread, once the engine is there
         self._in_batch: dict[str, _Pending] = {}  # the running batch's jobs, by id
+        self._stats = DecodeStats()
         self._cond = threading.Condition()
         self._stopping = False
         self._load: Callable[[], Engine] | None = None
@@ -305,7 +325,7 @@ class Batcher:
         rows = [r for p in items for r in p.active.live_rows]
         before = len(batch.jobs)
         cost = batch.cost_with(rows)
-        groups = prefill_groups(rows, self.max_size)
+        groups = prefill_groups(rows, self.max_size, self.max_prefill_tokens)
         started = time.perf_counter()
         error: Exception | None = None
         out_of_memory = False
@@ -317,6 +337,9 @@ class Batcher:
         except Exception as exc:
             error = exc
         else:
+            if before == 0:
+                self._stats = DecodeStats()
+            self._stats.joined += len(items)
             self._in_batch.update((p.job.job_id, p) for p in items)
             self.budget.succeeded(cost)
             log.info("batch: %d jobs joined (%d rows, %d prefill calls, %d prompt tokens, %.3f s); now %d jobs, %d rows, %d columns; budget=%d",
@@ -357,6 +380,8 @@ class Batcher:
             batch.remove(cancelled)
         finished, chunks = [], []
         if len(batch):
+            self._stats.steps += 1
+            self._stats.tokens += len(batch)
             finished = batch.choose()
             chunks = list(batch.chunks)
         done = []
@@ -368,10 +393,14 @@ class Batcher:
         self._publish(chunks)  # before the results, whose records' end events close the streams
         for active, generated in done:
             self._resolve(self._in_batch[active.job_id], generated)
+        self._stats.finished += len(done)
         if finished:
             batch.remove(finished)
         if len(batch):
             self._forward(batch)
+        if not len(batch) or time.perf_counter() - self._stats.since >= REPORT_EVERY_S:
+            log.info(self._stats.line(len(batch.jobs), self.budget.limit))
+            self._stats = DecodeStats()
 
     def _forward(self, batch: DecodeBatch) -> None:
         """The decoding step's model call; on running out of memory, the jobs that joined last are set
@@ -391,6 +420,7 @@ class Batcher:
                 self._resolve(self._in_batch[jobs[0].job_id], self._oom_failure(jobs[0].job, cost))
                 return
             aside = jobs[len(jobs) // 2:]
+            self._stats.set_aside += len(aside)
             log.warning("out of memory in a decoding step of %d jobs (cost %d tokens): %d jobs set aside with their tokens; token budget now %d",
                         len(jobs), cost, len(aside), self.budget.limit)
             batch.remove([r for a in aside for r in a.live_rows])

@@ -101,13 +101,13 @@ class ActiveJob:
             row.finish = FinishReason.CANCELLED
 
 
-def prefill_groups(rows: Sequence[Row], max_rows: int) -> list[list[Row]]:
+def prefill_groups(rows: Sequence[Row], max_rows: int, max_tokens: int) -> list[list[Row]]:
     """Rows grouped for prefill calls: by input length, each group at least PREFILL_EFFICIENCY real
-    tokens and at most ``max_rows`` rows."""
+    tokens, at most ``max_rows`` rows and ``max_tokens`` padded tokens (a longer row goes alone)."""
     groups: list[list[Row]] = []
     for row in sorted(rows, key=lambda r: len(r.inputs)):
         group = groups[-1] if groups else None
-        if group is not None and len(group) < max_rows:
+        if group is not None and len(group) < max_rows and (len(group) + 1) * len(row.inputs) <= max_tokens:
             real = sum(len(r.inputs) for r in group) + len(row.inputs)
             if real >= PREFILL_EFFICIENCY * (len(group) + 1) * len(row.inputs):
                 group.append(row)
