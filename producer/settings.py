@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     batch_max_prefill_tokens: int = Field(8_192, ge=1, description="Most padded prompt tokens in one prefill call of joining jobs (bounds its activations' memory).")
     batch_wait_ms: float = Field(20.0, ge=0, description="Waiting jobs are taken in once no new job has arrived for this long...")
     batch_max_delay_ms: float = Field(200.0, ge=0, description="...or once the oldest has waited this long, whichever comes first.")
+    stream_interval_ms: float = Field(100.0, ge=0, description="Least time between two chunk sends of one streaming job (its first goes out at once); 0 sends every step.")
     fault_memory_budget_tokens: int | None = Field(None, ge=1, description="Fault injection: a batch costing more tokens raises a real torch.OutOfMemoryError (tests OOM handling on CPU).")
 
     # --- worker ---

@@ -33,8 +33,11 @@ class Collector:
         self.steps: list[list[StreamChunk]] = []
         self.cancel_after = cancel_after or {}
 
-    def publish(self, chunks: list[StreamChunk]) -> None:
-        self.steps.append(list(chunks))
+    def publish(self, chunks: list[StreamChunk], then=None) -> None:
+        if chunks:
+            self.steps.append(list(chunks))
+        if then is not None:
+            then()
 
     def chunks(self, job_id: str) -> list[StreamChunk]:
         return [c for step in self.steps for c in step if c.job_id == job_id]
@@ -47,8 +50,9 @@ def prepare(engine, job_id, **data):
     return engine.prepare(job_id, parse_request({"num_beams": 1, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, **data}))
 
 
-def run(engine, jobs, collector: Collector) -> dict:
-    batcher = Batcher(engine, Settings(batch_wait_ms=50, batch_max_delay_ms=500), publisher=collector, cancellations=collector).start()
+def run(engine, jobs, collector: Collector, *, interval_ms: float = 0) -> dict:
+    settings = Settings(batch_wait_ms=50, batch_max_delay_ms=500, stream_interval_ms=interval_ms)
+    batcher = Batcher(engine, settings, publisher=collector, cancellations=collector).start()
     try:
         futures = [batcher.submit(job) for job in jobs]
         return {g.job_id: g for g in (f.result(timeout=120) for f in futures)}
@@ -79,6 +83,18 @@ def test_chunks_of_each_job_concatenate_to_its_final_text_and_never_split_a_char
     # One publish (one Redis pipeline) per decoding step, carrying the chunks of several jobs.
     assert len(collector.steps) <= NEW_TOKENS
     assert max(len({c.job_id for c in step}) for step in collector.steps) > 1
+
+
+def test_a_stream_interval_sends_fewer_larger_chunks_and_the_first_at_once(engine):
+    job = prepare(engine, "slow", prompt=PROMPTS[0], stream=True, max_new_tokens=300, min_new_tokens=100)
+    collector = Collector()
+    sequence = run(engine, [job], collector, interval_ms=25)["slow"].result.sequences[0]
+    chunks = collector.chunks("slow")
+    assert "".join(c.text for c in chunks) == sequence.text
+    assert 2 <= len(chunks) < 100, "about one chunk per 25 ms, not one per token"
+    incremental = IncrementalText(engine.decode)
+    first_text = next(k for k in range(1, len(sequence.token_ids) + 1) if sendable(incremental.push(sequence.token_ids[:k]), []))
+    assert chunks[0].tokens == first_text, "the first chunk goes out as soon as there is text to send"
 
 
 def test_streaming_does_not_change_what_is_generated(engine):

@@ -119,9 +119,9 @@ class TokenBudget:
 
 
 class Batcher:
-    """``publisher`` (``.publish(chunks)``) carries streaming jobs' chunks to Redis and
-    ``cancellations`` (``.is_cancelled(job_id)``) says which jobs to stop; without them (in-process
-    use) nothing streams and nothing is cancelled."""
+    """``publisher`` (``.publish(chunks, then)``: write the chunks, then call ``then``, in order)
+    carries streaming jobs' chunks to Redis, and ``cancellations`` (``.is_cancelled(job_id)``) says
+    which jobs to stop; without them (in-process use) nothing streams and nothing is cancelled."""
 
     def __init__(self, engine: Engine | None, settings: Settings, *, publisher=None, cancellations=None):
         self.engine = engine
@@ -129,6 +129,7 @@ class Batcher:
         self.cancellations = cancellations
         self.max_size = settings.batch_max_size
         self.max_prefill_tokens = settings.batch_max_prefill_tokens
+        self.stream_interval_s = settings.stream_interval_ms / 1000
         self.wait_s = settings.batch_wait_ms / 1000
         self.max_delay_s = settings.batch_max_delay_ms / 1000
         self.budget = TokenBudget(settings.batch_max_tokens)
@@ -304,16 +305,28 @@ class Batcher:
     def _is_cancelled(self, job_id: str) -> bool:
         return self.cancellations is not None and self.cancellations.is_cancelled(job_id)
 
-    def _publish(self, chunks: list[StreamChunk]) -> None:
-        if chunks and self.publisher is not None:
-            self.publisher.publish(chunks)
+    def _publish(self, chunks: list[StreamChunk], outcomes: list[tuple[_Pending, Generated | BaseException]]) -> None:
+        """Publish a step's chunks, then resolve these jobs: through the publisher's queue, so that a
+        job's record ends (its task thread writes the end event) after all its chunks were written."""
+        for pending, _ in outcomes:
+            self._in_batch.pop(pending.job.job_id, None)
+
+        def resolve() -> None:
+            for pending, outcome in outcomes:
+                if pending.future.done():  # failed meanwhile by the batcher's last-resort handler
+                    continue
+                if isinstance(outcome, BaseException):
+                    pending.future.set_exception(outcome)
+                else:
+                    pending.future.set_result(outcome)
+
+        if self.publisher is None:
+            resolve()
+        elif chunks or outcomes:
+            self.publisher.publish(chunks, then=resolve)
 
     def _resolve(self, pending: _Pending, outcome: Generated | BaseException) -> None:
-        self._in_batch.pop(pending.job.job_id, None)
-        if isinstance(outcome, BaseException):
-            pending.future.set_exception(outcome)
-        else:
-            pending.future.set_result(outcome)
+        self._publish([], [(pending, outcome)])
 
     # --- the decoding batch ---
 
@@ -321,7 +334,8 @@ class Batcher:
         engine, batch = self.engine, self._batch
         for pending in items:
             if pending.active is None:
-                pending.active = ActiveJob.start(pending.job, engine.decode, engine.device, streaming=pending.job.request.stream and self.publisher is not None)
+                pending.active = ActiveJob.start(pending.job, engine.decode, engine.device, streaming=pending.job.request.stream and self.publisher is not None,
+                                                 stream_interval_s=self.stream_interval_s)
         rows = [r for p in items for r in p.active.live_rows]
         before = len(batch.jobs)
         cost = batch.cost_with(rows)
@@ -389,10 +403,8 @@ class Batcher:
             if active.finished:
                 generated = self._result(active)
                 chunks += generated.final_chunks
-                done.append((active, generated))
-        self._publish(chunks)  # before the results, whose records' end events close the streams
-        for active, generated in done:
-            self._resolve(self._in_batch[active.job_id], generated)
+                done.append((self._in_batch[active.job_id], generated))
+        self._publish(chunks, done)
         self._stats.finished += len(done)
         if finished:
             batch.remove(finished)
@@ -446,8 +458,7 @@ class Batcher:
         stats = {"splits": 0}
         started = time.perf_counter()
         outcomes = self._run_splitting(jobs, stats)
-        for pending in batch:
-            self._resolve(pending, outcomes[pending.job.job_id])
+        self._publish([], [(pending, outcomes[pending.job.job_id]) for pending in batch])
         log.info(
             "generate() batch size=%d tokens=%d (prompt %d, new ≤%d) seconds=%.3f splits=%d budget=%d",
             len(jobs), batch_cost(jobs), sum(len(j.input_ids) for j in jobs), max(j.max_new_tokens for j in jobs),

@@ -65,9 +65,9 @@ class ActiveJob:
     cancelled: bool = False
 
     @classmethod
-    def start(cls, job, decode: Callable[[list[int]], str], device: torch.device, *, streaming: bool) -> ActiveJob:
+    def start(cls, job, decode: Callable[[list[int]], str], device: torch.device, *, streaming: bool, stream_interval_s: float = 0.0) -> ActiveJob:
         request = job.request
-        stream = JobStream(job.job_id, job.attempt, request.num_return_sequences, request.stop) if streaming else None
+        stream = JobStream(job.job_id, job.attempt, request.num_return_sequences, request.stop, stream_interval_s) if streaming else None
         active = cls(job, [], stream, time.perf_counter())
         for index in range(request.num_return_sequences):
             row = Row(active, index)
@@ -269,6 +269,8 @@ class DecodeBatch:
         logprobs = logprobs_of(chosen_from, tokens, self.params.scored)
         self.seen[torch.arange(len(self.rows), device=tokens.device), tokens] = True
         self.chunks = []
+        now = time.monotonic()
+        sending = {id(r.active) for r in self.rows if r.active.stream is not None and r.active.stream.due(now)}
         finished = []
         for i, token in enumerate(tokens.tolist()):
             row = self.rows[i]
@@ -284,7 +286,7 @@ class DecodeBatch:
                 request = row.active.job.request
                 if request.stop and cut_at_stop(text, request.stop)[1]:
                     row.finish = FinishReason.STOP
-                if row.active.stream is not None and (chunk := row.active.stream.advance(row.index, text, len(row.tokens))):
+                if id(row.active) in sending and (chunk := row.active.stream.advance(row.index, text, len(row.tokens), now=now)):
                     self.chunks.append(chunk)
             if row.finish is None and row.remaining <= 0:
                 row.finish = FinishReason.LENGTH

@@ -1,8 +1,17 @@
-"""Publishing a decoding step's chunks: one Redis pipeline per step, whatever the batch size."""
+"""Publishing the chunks of streaming jobs: one Redis pipeline per decoding step, written by a thread
+of its own while the batcher computes the next step.
+
+Order matters: a job's chunks must be in Redis before its record's end event (written by its task
+thread once its future resolves). So what the batcher wants done after a step's chunks (resolving
+futures) goes through the same queue and runs after them, in order.
+"""
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+from collections.abc import Callable
 
 import redis
 
@@ -12,14 +21,40 @@ from producer.store import STREAM_MAX_ENTRIES
 
 log = logging.getLogger("belle.publisher")
 
+_STOP = object()
+
 
 class ChunkPublisher:
     def __init__(self, client: redis.Redis, *, ttl_s: int):
         self.redis = client
         self.ttl_s = ttl_s  # until the job ends; then the stream takes the record's result TTL
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="belle-publisher", daemon=True)
 
-    def publish(self, chunks: list[StreamChunk]) -> None:
-        """Append each chunk to its job's stream and publish it on its job's channel.
+    def start(self) -> ChunkPublisher:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Write what is queued, then stop."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+
+    def publish(self, chunks: list[StreamChunk], then: Callable[[], None] | None = None) -> None:
+        """Queue a step's chunks (one pipeline), and what to do once they are written."""
+        self._queue.put((chunks, then))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not _STOP:
+            chunks, then = item
+            if chunks:
+                self.write(chunks)
+            if then is not None:
+                then()
+
+    def write(self, chunks: list[StreamChunk]) -> None:
+        """Append each chunk to its job's stream and publish it on its job's channel, in one pipeline.
 
         Streaming is best effort against Redis failures: generation goes on, and the final record
         still holds the whole text."""

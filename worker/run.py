@@ -32,7 +32,8 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
     redis = redis_client(settings.redis_url)
     store = JobStore(redis, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s)
     cancellations = CancelWatcher(redis).start()
-    batcher = Batcher(None, settings, publisher=ChunkPublisher(redis, ttl_s=settings.pending_ttl_s), cancellations=cancellations)
+    publisher = ChunkPublisher(redis, ttl_s=settings.pending_ttl_s).start()
+    batcher = Batcher(None, settings, publisher=publisher, cancellations=cancellations)
     # The model is loaded on the batcher's thread, the one that runs it (see Batcher.start).
     batcher.start(load=lambda: Engine.load(config, settings.device, fault_memory_budget_tokens=settings.fault_memory_budget_tokens))
     app = create_app(settings, JobHandler(settings, store, batcher.engine, batcher, cancellations))
@@ -46,5 +47,6 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
         ])
     finally:
         batcher.stop()
+        publisher.stop()
         cancellations.stop()
     return 0

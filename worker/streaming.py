@@ -62,17 +62,23 @@ class IncrementalText:
 class JobStream:
     """What one streaming job has published: its chunk counter and, per sequence, the text sent.
 
-    It outlives a single generate() call, so a batch split after running out of memory resumes the
-    job's stream where it was instead of sending its text twice."""
+    It outlives a step, so a job set aside after running out of memory resumes its stream where it
+    was instead of sending its text twice. ``interval_s``: the least time between two of its chunk
+    sends (its first goes out at once, and what is held back goes out at its end)."""
 
-    def __init__(self, job_id: str, attempt: int, sequences: int, stop: Sequence[str]):
+    def __init__(self, job_id: str, attempt: int, sequences: int, stop: Sequence[str], interval_s: float = 0.0):
         self.job_id = job_id
         self.attempt = attempt
         self.stop = tuple(stop)
+        self.interval_s = interval_s
         self.next_seq = 0
         self.sent = [""] * sequences
+        self.last_sent_at = float("-inf")
 
-    def advance(self, index: int, text: str, tokens: int, *, final: bool = False) -> StreamChunk | None:
+    def due(self, now: float) -> bool:
+        return now - self.last_sent_at >= self.interval_s
+
+    def advance(self, index: int, text: str, tokens: int, *, final: bool = False, now: float | None = None) -> StreamChunk | None:
         """The chunk that brings sequence ``index`` from what was sent to ``text`` (its whole text so
         far, or its final text), or None when nothing new can be sent."""
         ready = text if final else sendable(text, self.stop)
@@ -82,6 +88,8 @@ class JobStream:
         chunk = StreamChunk(job_id=self.job_id, seq=self.next_seq, index=index, text=ready[len(sent):], tokens=tokens, attempt=self.attempt)
         self.next_seq += 1
         self.sent[index] = ready
+        if now is not None:
+            self.last_sent_at = now
         return chunk
 
 
