@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -30,6 +31,9 @@ class Message(BaseModel):
 
 
 _Text = Annotated[str, Field(description="Unicode text")]
+
+# An adapter is asked for by name; the worker maps names to folders from its model config.
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class GenerationRequest(BaseModel):
@@ -65,7 +69,7 @@ class GenerationRequest(BaseModel):
     stream: bool = Field(False, description="Publish text chunks while generating (needs num_beams=1).")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Random seed for reproducible sampling.")
     stop: list[str] = Field(default_factory=list, description="Stop strings: generation ends at the first match, which is cut off.")
-    adapter: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="LoRA adapter name served by the worker.")
+    adapter: str | None = Field(None, pattern=ADAPTER_NAME.pattern, description="LoRA adapter name served by the worker.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Caller's data, stored with the job and returned as is.")
 
     @field_validator("stop", mode="before")

@@ -35,6 +35,14 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tiny_adapter(args: argparse.Namespace) -> int:
+    from worker.tiny_model import build_tiny_adapter
+
+    path = build_tiny_adapter(args.base, args.path, seed=args.seed, force=args.force)
+    print(f"{path} (LoRA adapter of {args.base}, random weights)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
@@ -58,6 +66,13 @@ def register(sub) -> None:
     p.add_argument("--size", choices=["tiny", "benchmark"], default="tiny", help="tiny (~0.2M parameters, for tests) or benchmark (~50M)")
     p.add_argument("--force", action="store_true", help="rebuild even if the folder holds the same spec")
     p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("tiny-adapter", help="build a LoRA adapter with random weights for a tiny checkpoint (needs the lora extra)")
+    p.add_argument("base", help="the tiny checkpoint folder")
+    p.add_argument("path", help="folder to write")
+    p.add_argument("--seed", type=int, default=1, help="different seeds give different adapters")
+    p.add_argument("--force", action="store_true", help="rebuild even if the folder holds the same adapter")
+    p.set_defaults(func=cmd_tiny_adapter)
 
     p = sub.add_parser("demo", help="embedded redis + tiny model + worker + sample jobs, then shut down")
     p.set_defaults(func=cmd_demo)

@@ -202,7 +202,8 @@ class DecodeBatch:
             input_ids[i, width - len(row.inputs):] = torch.tensor(row.inputs, dtype=torch.long)
             attention[i, width - len(row.inputs):] = 1
         input_ids, attention = input_ids.to(self.engine.device), attention.to(self.engine.device)
-        logits = self.engine.forward(input_ids, attention, self.arena.view(slice(at, at + len(firsts)), start, start))
+        logits = self.engine.forward(input_ids, attention, self.arena.view(slice(at, at + len(firsts)), start, start),
+                                     [r.active.job.request.adapter for r in firsts])
         self.arena.zero(slice(at, at + len(firsts)), start)
         for k, (_, first) in enumerate(copies):
             self.arena.move_row(at + first, at + len(firsts) + k, self.length)
@@ -303,7 +304,8 @@ class DecodeBatch:
         self.mask[:, length] = 1
         tokens = torch.tensor([[r.tokens[-1]] for r in self.rows], dtype=torch.long, device=self.mask.device)
         try:
-            self.logits = self.engine.forward(tokens, self.mask[:, : length + 1], self.arena.view(slice(0, n), 0, length), cost=self.cost())
+            self.logits = self.engine.forward(tokens, self.mask[:, : length + 1], self.arena.view(slice(0, n), 0, length),
+                                              [r.active.job.request.adapter for r in self.rows], cost=self.cost())
         except BaseException:
             self.mask[:, length] = 0
             raise

@@ -28,7 +28,7 @@ from producer.records import FinishReason, JobResult, PromptFit, SequenceResult,
 from producer.schemas import GenerationRequest
 from worker.errors import JobFailure
 from worker.fused_ops import fuse_activations
-from worker.model_config import ModelConfig
+from worker.model_config import ModelConfig, Quantization
 from worker.prompting import fit_prompt
 from worker.streaming import CancelMonitor, JobStream, cut_at_stop
 
@@ -77,6 +77,40 @@ def batch_cost(jobs: Sequence[PreparedJob]) -> int:
     return sum(max(j.request.num_beams, j.request.num_return_sequences) for j in jobs) * width
 
 
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+
+
+def bitsandbytes_config(quantization: Quantization, device: torch.device):
+    from transformers import BitsAndBytesConfig
+
+    _require("bitsandbytes", "quantization", "quant")
+    if quantization.mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = _DTYPES[quantization.compute_dtype] if device.type == "cuda" else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute, bnb_4bit_quant_type=quantization.quant_type,
+                              bnb_4bit_use_double_quant=quantization.double_quant)
+
+
+def attach_adapters(model, adapters: dict[str, str]):
+    """The model wrapped by peft with every adapter loaded (none merged, so rows of one batch can use
+    different adapters). peft is imported only here: it pulls in bitsandbytes, which takes seconds."""
+    _require("peft", "adapters", "lora")
+    from peft import PeftModel
+
+    (first, path), *rest = adapters.items()
+    model = PeftModel.from_pretrained(model, path, adapter_name=first)
+    for name, path in rest:
+        model.load_adapter(path, adapter_name=name)
+    return model
+
+
+def _require(module: str, setting: str, extra: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise RuntimeError(f"the model config sets `{setting}`, which needs {module}: pip install 'belle-queue[{extra}]'")
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -101,7 +135,9 @@ class Engine:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.num_layers = model.config.num_hidden_layers
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        accepted = inspect.signature(model.forward).parameters
+        self.has_adapters = bool(config.adapters)
+        base = model.get_base_model() if self.has_adapters else model
+        accepted = inspect.signature(base.forward).parameters
         self._cache_argument = "cache" if "cache" in accepted else "past_key_values"  # renamed during transformers 5.x
         self._takes_position_ids = "position_ids" in accepted  # rotary models need them with left padding
         self._takes_logits_to_keep = "logits_to_keep" in accepted
@@ -115,10 +151,25 @@ class Engine:
             dtype = torch.float32
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(config.path)
-        model = AutoModelForCausalLM.from_pretrained(config.path, dtype=dtype)
-        model.to(target).eval()
+        quantization = config.quantization
+        if quantization.mode == "none":
+            model = AutoModelForCausalLM.from_pretrained(config.path, dtype=dtype)
+            model.to(target)
+        else:
+            if quantization.mode == "8bit":
+                # On every 8-bit matrix product outside float16 (so at every step on CPU), bitsandbytes
+                # logs that it casts; once is enough.
+                logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+                log.info("8-bit weights: bitsandbytes computes in float16 (inputs are cast)")
+            # Quantised weights are placed while loading and cannot be moved afterwards.
+            place = {"": target.index or 0} if target.type == "cuda" else {"": "cpu"}
+            model = AutoModelForCausalLM.from_pretrained(config.path, dtype=dtype, quantization_config=bitsandbytes_config(quantization, target), device_map=place)
         fused = fuse_activations(model)
-        log.info("loaded %s from %s on %s (%s, %d activations fused) in %.1f s", config.name, config.path, target, model.dtype, fused, time.perf_counter() - started)
+        if config.adapters:
+            model = attach_adapters(model, config.adapters)
+        model.eval()
+        log.info("loaded %s from %s on %s (%s, %s weights, %.1f MB, %d activations fused, adapters: %s) in %.1f s", config.name, config.path, target,
+                 model.dtype, quantization.mode, model.get_memory_footprint() / 1e6, fused, ", ".join(config.adapters) or "none", time.perf_counter() - started)
         return cls(model, tokenizer, config, target, fault_memory_budget_tokens=fault_memory_budget_tokens)
 
     # --- preparing jobs ---
@@ -127,10 +178,16 @@ class Engine:
         with self._encoder_lock:
             return self._encoder(text, add_special_tokens=True)["input_ids"]
 
+    @property
+    def adapters(self) -> list[str]:
+        """The adapters this engine serves (its model config's allowlist)."""
+        return sorted(self.config.adapters)
+
     def prepare(self, job_id: str, request: GenerationRequest, queued_s: float = 0.0, attempt: int = 1) -> PreparedJob:
         """Fit the prompt to the context window; raises JobFailure when this job cannot run here."""
-        if request.adapter is not None:
-            raise JobFailure(ErrorCode.INVALID_REQUEST, f"adapter must be one of the adapters this worker serves ([]), got {request.adapter!r}; drop adapter", parameter="adapter")
+        if request.adapter is not None and request.adapter not in self.config.adapters:
+            raise JobFailure(ErrorCode.INVALID_REQUEST, f"adapter must be one of the adapters this worker serves ({self.adapters}), got {request.adapter!r}; "
+                             "pick one of those or drop adapter", parameter="adapter")
         fitted = fit_prompt(request, self.config.template, self.tokenize, self.config.context_length)
         return PreparedJob(job_id, request, fitted.input_ids, fitted.max_new_tokens, fitted.fit, queued_s, attempt)
 
@@ -141,8 +198,9 @@ class Engine:
         sampling = (r.temperature, r.top_p, r.top_k) if r.do_sample else None
         # A seeded sampling job runs alone: its random stream must not depend on its neighbours.
         alone = job.job_id if (r.do_sample and r.seed is not None) else None
+        # Adapters are not in the key: peft runs rows with different adapters in one call.
         return (r.do_sample, r.num_beams, r.num_return_sequences, job.max_new_tokens, r.min_new_tokens, sampling,
-                r.repetition_penalty, r.no_repeat_ngram_size, r.output_scores, tuple(r.stop), r.adapter, alone)
+                r.repetition_penalty, r.no_repeat_ngram_size, r.output_scores, tuple(r.stop), alone)
 
     @staticmethod
     def decodes_stepwise(job: PreparedJob) -> bool:
@@ -156,12 +214,18 @@ class Engine:
         if self.fault_memory_budget_tokens is not None and cost > self.fault_memory_budget_tokens:
             raise torch.OutOfMemoryError(f"simulated: {what} costing {cost} tokens exceeds BELLE_FAULT_MEMORY_BUDGET_TOKENS={self.fault_memory_budget_tokens}")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, *, cost: int | None = None) -> torch.Tensor:
+    def adapter_names(self, adapters: Sequence[str | None]) -> dict:
+        """The keyword that makes peft run each row with its own adapter (none: the base model)."""
+        return {"adapter_names": [a or BASE_ADAPTER for a in adapters]} if self.has_adapters else {}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, adapters: Sequence[str | None], *,
+                cost: int | None = None) -> torch.Tensor:
         """One model call over left-padded rows that continue ``cache``: the next-token logits of
-        every row (float32). ``attention_mask`` covers the cached columns and the new ones."""
+        every row (float32). ``attention_mask`` covers the cached columns and the new ones;
+        ``adapters``: each row's adapter."""
         if cost is not None:
             self.check_memory(cost, f"a decoding step of {input_ids.shape[0]} rows")
-        kwargs = {self._cache_argument: cache, "use_cache": True}
+        kwargs = {self._cache_argument: cache, "use_cache": True, **self.adapter_names(adapters)}
         if self._takes_position_ids:
             kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         if self._takes_logits_to_keep:
@@ -203,6 +267,8 @@ class Engine:
                 generation_config=config,
                 tokenizer=self.tokenizer if first.stop else None,
                 stopping_criteria=StoppingCriteriaList([monitor]) if monitor is not None else None,
+                # generate() expands every input to num_beams rows (beam search) or num_return_sequences.
+                **self.adapter_names([job.request.adapter for job in jobs for _ in range(first.num_beams if first.num_beams > 1 else first.num_return_sequences)]),
             )
         seconds = time.perf_counter() - started
         generated = output.sequences[:, width:].cpu()

@@ -117,6 +117,31 @@ def build_tiny_model(path: Path | str, spec: TinyModelSpec = TinyModelSpec(), *,
     return path
 
 
+def build_tiny_adapter(base: Path | str, path: Path | str, *, seed: int, rank: int = 4, force: bool = False) -> Path:
+    """A LoRA adapter for the tiny checkpoint at ``base``, with random (non-zero) weights so that it
+    changes the output, saved with peft's save_pretrained as a trained adapter is."""
+    path = Path(path)
+    marker = path / MARKER
+    spec = {"base": str(Path(base).resolve()), "seed": seed, "rank": rank}
+    if not force and marker.is_file() and json.loads(marker.read_text()) == spec:
+        return path
+
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(base)
+    targets = ["query_key_value"] if model.config.model_type == "bloom" else ["q_proj", "v_proj"]
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=4 * rank, target_modules=targets, task_type="CAUSAL_LM", init_lora_weights=False))
+    path.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(path)
+    marker.write_text(json.dumps(spec))
+    return path
+
+
 def calibrate_eos(model, tokenizer, target: float) -> None:
     """Point EOS's output row along the mean final hidden state and scale it until the median
     probability of EOS over the corpus is ``target``."""

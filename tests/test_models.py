@@ -1,0 +1,139 @@
+"""LoRA adapters (peft) and 8/4-bit quantisation (bitsandbytes) on the real tiny models, in-process
+and through a real worker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+from producer.client import JobClient
+from producer.errors import ErrorCode
+from producer.records import JobState
+from producer.schemas import parse_request
+from producer.settings import Settings
+from worker.batcher import Batcher
+from worker.engine import Engine
+from worker.errors import JobFailure
+from worker.model_config import ModelConfig, load_model_config
+from worker.tiny_model import build_tiny_adapter
+
+PROMPTS = ["请解释什么是人工智能", "What is machine learning?", "北京是中国的首都", "写一篇关于环保的短文"]
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory, tiny_bloom, tiny_llama) -> dict[str, dict[str, str]]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {arch: {name: str(build_tiny_adapter(base, root / f"{arch}-{name}", seed=seed)) for name, seed in (("poet", 1), ("coder", 2))}
+            for arch, base in (("bloom", tiny_bloom), ("llama", tiny_llama))}
+
+
+@pytest.fixture(scope="module", params=["bloom", "llama"])
+def lora_engine(request, adapters) -> Engine:
+    base = request.getfixturevalue(f"tiny_{request.param}")
+    return Engine.load(ModelConfig(name=f"tiny-{request.param}", path=str(base), context_length=256, adapters=adapters[request.param]), "cpu")
+
+
+def jobs_with_adapters(engine: Engine, **params):
+    return [engine.prepare(f"{adapter or 'base'}-{i}", parse_request({"prompt": prompt, "adapter": adapter, "max_new_tokens": 12, **params}))
+            for i, prompt in enumerate(PROMPTS) for adapter in (None, "poet", "coder")]
+
+
+def run_batched(engine: Engine, jobs) -> dict:
+    batcher = Batcher(engine, Settings(batch_wait_ms=50, batch_max_delay_ms=500)).start()
+    try:
+        futures = [batcher.submit(job) for job in jobs]
+        return {g.job_id: g.result for g in (f.result(timeout=120) for f in futures)}
+    finally:
+        batcher.stop()
+
+
+def test_jobs_with_different_adapters_decode_in_one_batch_each_as_with_its_adapter_alone(lora_engine):
+    jobs = jobs_with_adapters(lora_engine, num_beams=1, min_new_tokens=12)
+    alone = {job.job_id: lora_engine.generate_batch([job])[0].result for job in jobs}
+    results = run_batched(lora_engine, jobs)
+    for job in jobs:
+        assert results[job.job_id].sequences == alone[job.job_id].sequences, job.job_id
+        assert results[job.job_id].adapter == job.request.adapter
+        assert results[job.job_id].timings.batch_size == len(jobs)
+    # Control: the adapters change what is generated.
+    for i in range(len(PROMPTS)):
+        texts = {alone[f"{a}-{i}"].sequences[0].token_ids.__repr__() for a in ("base", "poet", "coder")}
+        assert len(texts) == 3
+
+
+def test_beam_search_jobs_with_different_adapters_share_a_generate_call(lora_engine):
+    jobs = jobs_with_adapters(lora_engine, num_beams=3, num_return_sequences=2)
+    alone = {job.job_id: lora_engine.generate_batch([job])[0].result for job in jobs}
+    together = {g.job_id: g.result for g in lora_engine.generate_batch(jobs)}
+    for job in jobs:
+        assert [(s.token_ids, s.finish_reason) for s in together[job.job_id].sequences] == [(s.token_ids, s.finish_reason) for s in alone[job.job_id].sequences]
+        assert together[job.job_id].timings.batch_size == len(jobs)
+
+
+def test_an_adapter_the_worker_does_not_serve_is_refused_with_the_served_names(lora_engine, tiny_bloom):
+    with pytest.raises(JobFailure) as info:
+        lora_engine.prepare("j", parse_request({"prompt": "hi", "adapter": "lawyer"}))
+    assert info.value.error.code is ErrorCode.INVALID_REQUEST and info.value.error.parameter == "adapter"
+    assert "['coder', 'poet']" in info.value.error.message and "'lawyer'" in info.value.error.message
+    plain = Engine.load(ModelConfig(name="plain", path=str(tiny_bloom), context_length=256), "cpu")
+    with pytest.raises(JobFailure, match=r"serves \(\[\]\)"):
+        plain.prepare("j", parse_request({"prompt": "hi", "adapter": "poet"}))
+
+
+def test_adapter_names_in_a_config_cannot_be_paths_and_their_folders_resolve_from_the_config(tmp_path):
+    for name in ("../etc", "/abs", "a/b", ".hidden", ""):
+        with pytest.raises(ValueError, match="adapter name"):
+            ModelConfig(name="m", path="p", adapters={name: "x"})
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"name": "m", "path": "base", "adapters": {"poet": "lora"}}))
+    config = load_model_config(str(tmp_path / "m.yaml"), Settings())
+    assert config.adapters == {"poet": str((tmp_path / "lora").resolve())}
+
+
+def test_peft_is_imported_only_when_adapters_are_configured(tiny_bloom):
+    code = ("import sys; from worker.engine import Engine; from worker.model_config import ModelConfig; "
+            f"Engine.load(ModelConfig(name='t', path={str(tiny_bloom)!r}), 'cpu'); print('peft' in sys.modules, 'bitsandbytes' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("mode", ["8bit", "4bit"])
+@pytest.mark.parametrize("arch", ["bloom", "llama"])
+def test_quantised_weights_load_and_generate_on_cpu(request, arch, mode):
+    path = request.getfixturevalue(f"tiny_{arch}")
+    engine = Engine.load(ModelConfig(name=f"tiny-{arch}-{mode}", path=str(path), context_length=256, quantization=mode), "cpu")
+    full = AutoModelForCausalLM.from_pretrained(path)
+    assert engine.model.get_memory_footprint() < 0.9 * full.get_memory_footprint()
+    assert type(engine.model.get_submodule("lm_head")).__name__ == "Linear"  # the output layer stays full precision
+    assert any(type(m).__module__.startswith("bitsandbytes") for m in engine.model.modules())
+    jobs = [engine.prepare(f"q{i}", parse_request({"prompt": p, "num_beams": 1, "max_new_tokens": 10, "min_new_tokens": 10})) for i, p in enumerate(PROMPTS)]
+    alone = {job.job_id: engine.generate_batch([job])[0].result for job in jobs}
+    batched = run_batched(engine, jobs)
+    for job in jobs:
+        assert len(batched[job.job_id].sequences[0].token_ids) == 10
+        # Same tokens from generate() alone and from the decoding batch (quantised matmuls add noise
+        # between batch shapes, so compare the first tokens, where it has not accumulated).
+        assert batched[job.job_id].sequences[0].token_ids[:3] == alone[job.job_id].sequences[0].token_ids[:3]
+
+
+def test_a_worker_serves_its_adapters_through_the_queue(redis_server, start_worker, tiny_bloom, adapters, tmp_path_factory):
+    config = tmp_path_factory.mktemp("configs") / "tiny-bloom-lora.yaml"
+    config.write_text(yaml.safe_dump({"name": "tiny-bloom-lora", "path": str(tiny_bloom), "context_length": 256, "adapters": adapters["bloom"]}))
+    url = redis_server.url.rsplit("/", 1)[0] + "/4"
+    worker = start_worker(config, name="lora@tests", redis_url=url)
+    with JobClient(Settings(redis_url=url)) as client:
+        ids = {a: client.submit({"prompt": "你好", "adapter": a, "num_beams": 1, "max_new_tokens": 8}) for a in ("poet", "coder", None)}
+        unknown = client.submit({"prompt": "你好", "adapter": "lawyer"})
+        records = {a: client.wait(job_id, 120) for a, job_id in ids.items()}
+        assert all(r.state is JobState.SUCCEEDED for r in records.values())
+        assert {a: r.result.adapter for a, r in records.items()} == {"poet": "poet", "coder": "coder", None: None}
+        assert len({tuple(r.result.sequences[0].token_ids) for r in records.values()}) == 3
+        failed = client.wait(unknown, 60)
+        assert failed.state is JobState.FAILED and failed.error.code is ErrorCode.INVALID_REQUEST and "['coder', 'poet']" in failed.error.message
+    assert worker.alive() and "adapters: coder, poet" in worker.log
