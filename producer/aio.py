@@ -16,6 +16,7 @@ from producer.records import JobRecord, JobState, StreamEvent
 from producer.settings import Settings, get_settings
 from producer.store import CANCEL_SCRIPT, CREATE_SCRIPT, CancelOutcome, cancel_call, cancel_outcome, canonical_json, is_final_event, now, record_from_hash
 from producer.streaming import READ_COUNT, StreamFollower
+from producer.workers import WORKERS_MATCH, WorkerInfo, check_against_workers, parse_workers
 
 
 class AsyncJobClient:
@@ -32,8 +33,10 @@ class AsyncJobClient:
     def from_url(cls, url: str, **overrides: Any) -> AsyncJobClient:
         return cls(Settings(redis_url=url, **overrides))
 
-    async def submit(self, request: RequestLike, *, queue: str = keys.QUEUE_INTERACTIVE) -> str:
+    async def submit(self, request: RequestLike, *, queue: str = keys.QUEUE_INTERACTIVE, check_workers: bool = False) -> str:
         validated = prepare(request, self.settings)
+        if check_workers:
+            check_against_workers(validated, await self.workers())
         wire = validated.to_wire()
         job_id = new_job_id()
         await self._create(keys=[keys.job(job_id)], args=[canonical_json(wire), now(), self.settings.pending_ttl_s])
@@ -90,6 +93,11 @@ class AsyncJobClient:
                         events += follower.from_record(record)
             for event in events:
                 yield event
+
+    async def workers(self) -> list[WorkerInfo]:
+        """As ``JobClient.workers``."""
+        names = sorted([name async for name in self.redis.scan_iter(match=WORKERS_MATCH, count=100)])
+        return parse_workers(await self.redis.mget(names) if names else [])
 
     async def cancel(self, job_id: str) -> CancelOutcome:
         """As ``JobClient.cancel``."""

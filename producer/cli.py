@@ -65,7 +65,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.stream:
         request["stream"] = True
     with _client(args) as client:
-        job_id = client.submit(request)
+        job_id = client.submit(request, check_workers=args.check_workers)
         if args.stream:
             print(job_id, file=sys.stderr)
             return _watch(client, job_id, args.wait if args.wait is not None else args.timeout, args.json)
@@ -155,6 +155,24 @@ def cmd_result(args: argparse.Namespace) -> int:
     return _exit_for(record)
 
 
+def cmd_workers(args: argparse.Namespace) -> int:
+    import time
+
+    with _client(args) as client:
+        workers = client.workers()
+    if args.json:
+        print(json.dumps([w.model_dump(mode="json") for w in workers], ensure_ascii=False))
+        return EXIT_OK
+    if not workers:
+        print("no live workers")
+    now = time.time()
+    for w in workers:
+        caps = f"max_new_tokens ≤{w.max_new_tokens}, beams ≤{w.num_beams}" if w.profile else "no caps"
+        print(f"{w.name}: {w.model} on {w.device}; adapters: {', '.join(w.adapters) or 'none'}; profile {w.profile or 'none'} ({caps}); "
+              f"queues {','.join(w.queues)}; up {now - w.started_at:.0f} s, last heartbeat {now - w.heartbeat_at:.1f} s ago; pid {w.pid} on {w.host}; v{w.version}")
+    return EXIT_OK
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from producer.presets import describe_presets, load_presets
 
@@ -196,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, metavar="SECONDS", help="wait this long for the final record")
     p.add_argument("--stream", action="store_true", help="stream=true, and print the text as it is generated (as `watch`)")
     p.add_argument("--timeout", type=float, default=600, metavar="SECONDS", help="with --stream: how long to follow the job (default 600)")
+    p.add_argument("--check-workers", action="store_true", help="refuse the job unless a live worker serves its adapter and allows its size")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_submit)
 
@@ -220,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, metavar="SECONDS", help="wait this long for the job to finish")
     p.add_argument("--json", action="store_true", help="print the whole record as JSON")
     p.set_defaults(func=cmd_result)
+
+    p = sub.add_parser("workers", help="list the live workers: model, adapters, hardware profile, device")
+    p.add_argument("--json", action="store_true", help="print them as a JSON list")
+    p.set_defaults(func=cmd_workers)
 
     p = sub.add_parser("presets", help="list the named parameter sets")
     p.set_defaults(func=cmd_presets)

@@ -16,6 +16,7 @@ from producer.schemas import GenerationRequest, parse_request
 from producer.settings import Settings, get_settings
 from producer.store import CancelOutcome, JobStore, canonical_json, is_final_event
 from producer.streaming import READ_COUNT, StreamFollower
+from producer.workers import WorkerInfo, check_against_workers, live_workers
 
 RequestLike = GenerationRequest | Mapping[str, Any]
 
@@ -49,9 +50,12 @@ class JobClient:
     def from_url(cls, url: str, **overrides: Any) -> JobClient:
         return cls(Settings(redis_url=url, **overrides))
 
-    def submit(self, request: RequestLike, *, queue: str = keys.QUEUE_INTERACTIVE) -> str:
-        """Validate and enqueue one job; returns its id. Raises InvalidRequestError on bad input."""
+    def submit(self, request: RequestLike, *, queue: str = keys.QUEUE_INTERACTIVE, check_workers: bool = False) -> str:
+        """Validate and enqueue one job; returns its id. Raises InvalidRequestError on bad input, and
+        with ``check_workers`` when no live worker could run it (see ``workers()``)."""
         validated = prepare(request, self.settings)
+        if check_workers:
+            check_against_workers(validated, self.workers())
         wire = validated.to_wire()
         job_id = new_job_id()
         self.store.create(job_id, canonical_json(wire))
@@ -112,6 +116,10 @@ class JobClient:
                     if not follower.done:
                         events += follower.from_record(record)
             yield from events
+
+    def workers(self) -> list[WorkerInfo]:
+        """The live workers: what each serves (model, adapters, hardware profile and caps, device)."""
+        return live_workers(self.redis)
 
     def cancel(self, job_id: str) -> CancelOutcome:
         """Cancel a job: a queued one ends ``cancelled`` without running; a running one stops at its

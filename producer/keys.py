@@ -23,5 +23,10 @@ def job_chunks(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:chunks"
 
 
+def worker(name: str) -> str:
+    """A live worker's announcement (JSON WorkerInfo), renewed by its heartbeat; expires when it stops."""
+    return f"{PREFIX}:worker:{name}"
+
+
 # Every worker listens here for the ids of running jobs whose cancellation was requested.
 CANCEL_CHANNEL = f"{PREFIX}:cancel"

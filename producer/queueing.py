@@ -16,7 +16,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.redis_url,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": settings.unacked_restore_interval_s,
+            "unacked_restore_throttle": settings.unacked_restore_throttle,
+        },
+        # Task events, so that Flower (or `celery events`) can follow jobs.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
         # JSON only: pickle (or anything else) on the queue is refused, never deserialised.
         "task_serializer": "json",
         "accept_content": ["json"],

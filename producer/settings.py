@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     # --- delivery (Celery on Redis) ---
     max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails with worker_lost (poison limit).")
     visibility_timeout_s: int = Field(3_600, ge=1, description="Seconds before an unacknowledged job is redelivered; longer than the longest job.")
+    unacked_restore_interval_s: int = Field(10, ge=1, description="Seconds between a worker's sweeps for unacknowledged jobs past their visibility timeout...")
+    unacked_restore_throttle: int = Field(10, ge=1, description="...of which only every this-many scans Redis: redelivery waits up to interval × throttle after the timeout.")
     worker_concurrency: int = Field(128, ge=1, description="Jobs one worker process holds at once; about 2 × batch_max_size keeps jobs ready to join as others finish.")
     prefetch_multiplier: int = Field(1, ge=1, description="Celery prefetch multiplier (messages reserved per held job slot).")
 
@@ -61,8 +63,10 @@ class Settings(BaseSettings):
     # --- worker ---
     model: str | None = Field(None, description="Model config (configs/models/NAME.yaml, a path to a YAML) or a checkpoint folder.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs; auto picks cuda when available.")
+    hardware_profile: str | None = Field(None, description="configs/hardware/NAME.yaml (or a YAML path): caps on jobs and batch budgets for the device.")
     worker_name: str | None = Field(None, description="Celery node name; default belle@HOSTNAME.")
     log_level: str = Field("INFO", description="Worker log level.")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="Serve the worker's Prometheus metrics on this port (a supervisor's children: this port + their index); none: off.")
 
     @classmethod
     def settings_customise_sources(

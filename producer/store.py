@@ -60,6 +60,19 @@ redis.call('PUBLISH', ARGV[5], cjson.encode({{event='state', state='running', at
 return {{'run', attempts, redis.call('HGET', KEYS[1], 'created_at')}}
 """
 
+# KEYS: record. ARGV: worker, channel. A job its worker took but did not start (the worker is
+# stopping): back to queued, the attempt not counted, unless it has ended or another worker took it.
+RELEASE_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', 'queued')
+redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+redis.call('HDEL', KEYS[1], 'started_at', 'worker')
+redis.call('PUBLISH', ARGV[2], cjson.encode({event='state', state='queued'}))
+return 1
+"""
+
 # Writes a final state: the record, its expiry, the end event on the chunks stream (when the job
 # streamed) and on the channel. The caller has checked that the record is not final yet.
 _FINALIZE = """
@@ -224,6 +237,7 @@ class JobStore:
         self._start = redis.register_script(START_SCRIPT)
         self._finish = redis.register_script(FINISH_SCRIPT)
         self._cancel = redis.register_script(CANCEL_SCRIPT)
+        self._release = redis.register_script(RELEASE_SCRIPT)
 
     def create(self, job_id: str, request_json: str) -> None:
         self._create(keys=[keys.job(job_id)], args=[request_json, now(), self.pending_ttl_s])
@@ -241,6 +255,11 @@ class JobStore:
             args=[worker, started, self.pending_ttl_s, request_json, keys.job_channel(job_id), max_attempts],
         )
         return StartOutcome(outcome, int(attempts), max(0.0, started - float(created_at)) if created_at else 0.0)
+
+    def release(self, job_id: str, *, worker: str) -> bool:
+        """Give back a job this worker took but will not run (it is stopping): queued again, its
+        attempt not counted. False when the record is no longer this worker's running job."""
+        return bool(self._release(keys=[keys.job(job_id)], args=[worker, keys.job_channel(job_id)]))
 
     # ``streaming``: the job asked for stream=true, so its stream gets the end event even if it sent no chunk.
 

@@ -48,6 +48,7 @@ from producer.settings import Settings
 from worker.decoding import ActiveJob, DecodeBatch, prefill_groups
 from worker.engine import Engine, Generated, PreparedJob, RawSequence, batch_cost
 from worker.errors import JobFailure
+from worker.metrics import Metrics
 
 log = logging.getLogger("belle.batcher")
 
@@ -123,10 +124,11 @@ class Batcher:
     carries streaming jobs' chunks to Redis, and ``cancellations`` (``.is_cancelled(job_id)``) says
     which jobs to stop; without them (in-process use) nothing streams and nothing is cancelled."""
 
-    def __init__(self, engine: Engine | None, settings: Settings, *, publisher=None, cancellations=None):
+    def __init__(self, engine: Engine | None, settings: Settings, *, publisher=None, cancellations=None, metrics: Metrics | None = None):
         self.engine = engine
         self.publisher = publisher
         self.cancellations = cancellations
+        self.metrics = metrics or Metrics()
         self.max_size = settings.batch_max_size
         self.max_prefill_tokens = settings.batch_max_prefill_tokens
         self.stream_interval_s = settings.stream_interval_ms / 1000
@@ -155,11 +157,16 @@ class Batcher:
             raise self._load_error
         return self
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish the jobs being decoded (no new ones join), then stop; waiting jobs get ``BatcherStopped``."""
+    def drain(self) -> None:
+        """Take no more jobs in: those being decoded finish, waiting ones get ``BatcherStopped`` (their
+        messages go back to the queue), and the thread ends. Returns at once (a warm shutdown)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """``drain()``, and wait for the thread to end."""
+        self.drain()
         self._thread.join(timeout)
 
     def submit(self, job: PreparedJob) -> Future:
@@ -170,6 +177,7 @@ class Batcher:
             if self._stopping:
                 raise BatcherStopped("the batcher is stopping")
             self._pending.append(pending)
+            self.metrics.waiting_jobs.set(len(self._pending))
             self._cond.notify_all()
         return pending.future
 
@@ -260,6 +268,7 @@ class Batcher:
             return None
         taken = {id(p) for p in batch}
         self._pending = [p for p in self._pending if id(p) not in taken]
+        self.metrics.waiting_jobs.set(len(self._pending))
         return kind, batch
 
     def _select_join(self) -> list[_Pending]:
@@ -356,6 +365,9 @@ class Batcher:
             self._stats.joined += len(items)
             self._in_batch.update((p.job.job_id, p) for p in items)
             self.budget.succeeded(cost)
+            self.metrics.joined.observe(len(items))
+            self.metrics.decoding_jobs.set(len(batch.jobs))
+            self.metrics.token_budget.set(self.budget.limit)
             log.info("batch: %d jobs joined (%d rows, %d prefill calls, %d prompt tokens, %.3f s); now %d jobs, %d rows, %d columns; budget=%d",
                      len(items), len(rows), len(groups), sum(len(r.inputs) for r in rows), time.perf_counter() - started,
                      len(batch.jobs), len(batch), batch.length, self.budget.limit)
@@ -364,6 +376,8 @@ class Batcher:
         if out_of_memory:
             self._free_memory()
             self.budget.failed(cost)
+            self.metrics.out_of_memory.labels("join").inc()
+            self.metrics.token_budget.set(self.budget.limit)
             if len(items) == 1 and before == 0:
                 self._resolve(items[0], self._oom_failure(items[0].job, cost))
                 return
@@ -396,6 +410,9 @@ class Batcher:
         if len(batch):
             self._stats.steps += 1
             self._stats.tokens += len(batch)
+            self.metrics.steps.inc()
+            self.metrics.tokens.inc(len(batch))
+            self.metrics.step_rows.observe(len(batch))
             finished = batch.choose()
             chunks = list(batch.chunks)
         done = []
@@ -410,6 +427,7 @@ class Batcher:
             batch.remove(finished)
         if len(batch):
             self._forward(batch)
+        self.metrics.decoding_jobs.set(len(batch.jobs))
         if not len(batch) or time.perf_counter() - self._stats.since >= REPORT_EVERY_S:
             log.info(self._stats.line(len(batch.jobs), self.budget.limit))
             self._stats = DecodeStats()
@@ -426,6 +444,8 @@ class Batcher:
                 pass
             self._free_memory()
             self.budget.failed(cost)
+            self.metrics.out_of_memory.labels("step").inc()
+            self.metrics.token_budget.set(self.budget.limit)
             jobs = batch.jobs
             if len(jobs) == 1:
                 batch.remove(jobs[0].live_rows)
@@ -459,6 +479,8 @@ class Batcher:
         started = time.perf_counter()
         outcomes = self._run_splitting(jobs, stats)
         self._publish([], [(pending, outcomes[pending.job.job_id]) for pending in batch])
+        self.metrics.generate_jobs.observe(len(jobs))
+        self.metrics.tokens.inc(sum(o.result.usage.completion_tokens for o in outcomes.values() if isinstance(o, Generated)))
         log.info(
             "generate() batch size=%d tokens=%d (prompt %d, new ≤%d) seconds=%.3f splits=%d budget=%d",
             len(jobs), batch_cost(jobs), sum(len(j.input_ids) for j in jobs), max(j.max_new_tokens for j in jobs),
@@ -484,6 +506,8 @@ class Batcher:
         if out_of_memory:
             self._free_memory()
             self.budget.failed(cost)
+            self.metrics.out_of_memory.labels("generate").inc()
+            self.metrics.token_budget.set(self.budget.limit)
             if len(jobs) == 1:
                 return {jobs[0].job_id: self._oom_failure(jobs[0], cost)}
             log.warning("out of memory on a batch of %d (cost %d tokens): splitting it; token budget now %d", len(jobs), cost, self.budget.limit)

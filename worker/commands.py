@@ -12,16 +12,52 @@ def _settings(args: argparse.Namespace, **overrides):
     updates = {k: v for k, v in overrides.items() if v is not None}
     if args.redis_url:
         updates["redis_url"] = args.redis_url
-    # Settings is frozen; a validated copy carries the command line's values.
     settings = get_settings()
+    if updates.get("hardware_profile") or settings.hardware_profile:
+        from worker.hardware import batch_settings, load_profile
+
+        profile = load_profile(updates.get("hardware_profile") or settings.hardware_profile, settings)
+        updates = {**batch_settings(profile, settings, settings.model_fields_set | set(updates)), **updates}
+    # Settings is frozen; a validated copy carries the command line's values.
     return type(settings).model_validate({**settings.model_dump(), **updates})
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    if args.gpus or args.processes > 1:
+        return _supervise(args)
     from worker.run import run_worker
 
-    settings = _settings(args, model=args.model, device=args.device, worker_concurrency=args.concurrency, worker_name=args.name)
+    settings = _settings(args, model=args.model, device=args.device, worker_concurrency=args.concurrency, worker_name=args.name,
+                         hardware_profile=args.profile)
     return run_worker(settings, queues=args.queues.split(","))
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    import logging
+
+    from celery.utils.nodenames import host_format
+
+    from producer.settings import get_settings
+    from worker.run import configure_logging
+    from worker.supervisor import Supervisor, plan, visible_gpus
+
+    if args.gpus and args.device == "cpu":
+        raise SystemExit("error: --gpus runs one worker per GPU (device cuda); for CPU workers use --device cpu --processes N")
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    logging.getLogger("belle.supervisor").info("belle-queue supervisor, pid %d", __import__("os").getpid())
+    passed = ["--queues", args.queues]
+    if args.model:
+        passed += ["--model", args.model]
+    if args.redis_url:
+        passed = ["--redis-url", args.redis_url, *passed]
+    for flag, value in (("--concurrency", args.concurrency), ("--profile", args.profile)):
+        if value is not None:
+            passed += [flag, str(value)]
+    base = host_format(args.name or settings.worker_name or "belle@%h")
+    children = plan(["worker", *passed], base, gpus=visible_gpus(args.gpus) if args.gpus else None, processes=args.processes,
+                    metrics_port=settings.metrics_port)
+    return Supervisor(children).run()
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -53,11 +89,14 @@ def register(sub) -> None:
     from producer import keys
 
     p = sub.add_parser("worker", help="run a worker with a resident model (needs the worker extras)")
-    p.add_argument("--model", required=True, metavar="CONFIG_OR_PATH", help="configs/models name (e.g. tiny-bloom), a YAML file, or a checkpoint folder")
+    p.add_argument("--model", metavar="CONFIG_OR_PATH", help="configs/models name (e.g. tiny-bloom), a YAML file, or a checkpoint folder (default: BELLE_MODEL)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs (default: BELLE_DEVICE, else auto)")
     p.add_argument("--concurrency", type=int, help="jobs held at once (default: BELLE_WORKER_CONCURRENCY)")
     p.add_argument("--name", help="Celery node name (default: belle@HOSTNAME)")
     p.add_argument("--queues", default=",".join(keys.QUEUES), help="queues to consume, comma-separated")
+    p.add_argument("--profile", metavar="NAME", help="hardware profile (configs/hardware: 1080ti, 3090, a100-40g, a100-80g, h100-80g) or a YAML file")
+    p.add_argument("--gpus", metavar="0,1,...|all", help="one supervised worker process per GPU, each seeing only its GPU")
+    p.add_argument("--processes", type=int, default=1, metavar="N", help="with --device cpu: N supervised worker processes")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("tiny-model", help="build a tiny random-weight checkpoint locally (no network)")

@@ -22,6 +22,8 @@ from worker.batcher import Batcher, BatcherStopped
 from worker.cancellation import CancelWatcher
 from worker.engine import Engine
 from worker.errors import JobFailure
+from worker.hardware import HardwareProfile
+from worker.metrics import Metrics
 
 log = logging.getLogger("belle.worker")
 
@@ -29,12 +31,15 @@ JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class JobHandler:
-    def __init__(self, settings: Settings, store: JobStore, engine: Engine, batcher: Batcher, cancellations: CancelWatcher):
+    def __init__(self, settings: Settings, store: JobStore, engine: Engine, batcher: Batcher, cancellations: CancelWatcher,
+                 *, profile: HardwareProfile | None = None, metrics: Metrics | None = None):
         self.settings = settings
         self.store = store
         self.engine = engine
         self.batcher = batcher
         self.cancellations = cancellations
+        self.profile = profile
+        self.metrics = metrics or batcher.metrics
 
     def handle(self, args: tuple, kwargs: dict[str, Any], *, worker: str) -> None:
         job_id = kwargs.get("job_id") if isinstance(kwargs, dict) else None
@@ -65,6 +70,7 @@ class JobHandler:
         if start.outcome == "cancel":
             log.info("job %s was cancelled while an earlier attempt ran; it ends cancelled without running again", job_id)
             self.store.finish_cancelled(job_id, streaming=streaming)
+            self.metrics.jobs.labels("cancelled", ErrorCode.CANCELLED.value).inc()
             return
         if start.outcome == "exhausted":
             self._fail(job_id, streaming, JobError(
@@ -79,6 +85,8 @@ class JobHandler:
             if problems:
                 raise InvalidRequestError.single("message", None, f"malformed job message: {'; '.join(problems)}")
             request = parse_request(raw, settings=self.settings, resolved=True)
+            if self.profile is not None:
+                self.profile.check(request)
             prepared = self.engine.prepare(job_id, request, queued_s=start.queued_s, attempt=start.attempts)
         except InvalidRequestError as exc:
             self._fail(job_id, streaming, JobError(code=ErrorCode.INVALID_REQUEST, message=str(exc), parameter=exc.parameter))
@@ -93,13 +101,19 @@ class JobHandler:
             return
         except BatcherStopped:
             log.warning("job %s: the worker is stopping before it ran; its message goes back to the queue", job_id)
+            self.store.release(job_id, worker=worker)
             raise Reject("worker stopping", requeue=True) from None
+        self.metrics.queue_wait.observe(start.queued_s)
+        self.metrics.generation.observe(generated.result.timings.generation_s)
         if generated.cancelled:
             log.info("job %s cancelled while running; its partial result is kept", job_id)
             self.store.finish_cancelled(job_id, generated.result, streaming=streaming)
+            self.metrics.jobs.labels("cancelled", "").inc()
         else:
             self.store.succeed(job_id, generated.result, streaming=streaming)
+            self.metrics.jobs.labels("succeeded", "").inc()
 
     def _fail(self, job_id: str, streaming: bool, error: JobError) -> None:
         log.info("job %s failed: %s: %s", job_id, error.code, error.message)
         self.store.fail(job_id, error, streaming=streaming)
+        self.metrics.jobs.labels("failed", error.code.value).inc()

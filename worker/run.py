@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import time
+from importlib.metadata import PackageNotFoundError, version
 
 from producer.connection import redis_client
 from producer.settings import Settings
 from producer.store import JobStore
+from producer.workers import WorkerInfo
 
 log = logging.getLogger("belle.worker")
 
@@ -19,34 +23,62 @@ def configure_logging(level: str) -> None:
 def run_worker(settings: Settings, *, queues: list[str]) -> int:
     configure_logging(settings.log_level)
     if not settings.model:
-        raise SystemExit("error: no model: pass --model or set BELLE_MODEL")
+        raise SystemExit("error: no model: pass --model or set BELLE_MODEL (a configs/models name, a YAML file or a checkpoint folder)")
+    from celery.signals import worker_shutting_down
+    from celery.utils.nodenames import host_format
+
+    from worker.announce import Announcer
     from worker.batcher import Batcher
     from worker.cancellation import CancelWatcher
     from worker.celery_app import create_app
     from worker.engine import Engine
     from worker.handler import JobHandler
+    from worker.hardware import load_profile
+    from worker.metrics import Metrics
     from worker.model_config import load_model_config
     from worker.publisher import ChunkPublisher
 
     config = load_model_config(settings.model, settings)
+    profile = load_profile(settings.hardware_profile, settings) if settings.hardware_profile else None
     redis = redis_client(settings.redis_url)
     store = JobStore(redis, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s)
     cancellations = CancelWatcher(redis).start()
     publisher = ChunkPublisher(redis, ttl_s=settings.pending_ttl_s).start()
-    batcher = Batcher(None, settings, publisher=publisher, cancellations=cancellations)
+    metrics = Metrics()
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port)
+    batcher = Batcher(None, settings, publisher=publisher, cancellations=cancellations, metrics=metrics)
     # The model is loaded on the batcher's thread, the one that runs it (see Batcher.start).
     batcher.start(load=lambda: Engine.load(config, settings.device, fault_memory_budget_tokens=settings.fault_memory_budget_tokens))
-    app = create_app(settings, JobHandler(settings, store, batcher.engine, batcher, cancellations))
-    name = settings.worker_name or f"belle@{socket.gethostname()}"
-    log.info("worker %s serving %s on queues %s; batches of ≤%d jobs, ≤%d tokens; %d jobs held at once",
-             name, config.name, ",".join(queues), settings.batch_max_size, settings.batch_max_tokens, settings.worker_concurrency)
+    engine = batcher.engine
+    app = create_app(settings, JobHandler(settings, store, engine, batcher, cancellations, profile=profile))
+    name = host_format(settings.worker_name or "belle@%h")  # %h: the host name, as Celery expands it
+    # A warm shutdown (SIGTERM) finishes the jobs being decoded; the jobs not started go back to the queue.
+    worker_shutting_down.connect(lambda **_: batcher.drain(), weak=False)
+    announcer = Announcer(redis, WorkerInfo(
+        name=name, host=socket.gethostname(), pid=os.getpid(), version=package_version(), model=config.name, adapters=engine.adapters,
+        device=str(engine.device), profile=profile.name if profile else None, max_new_tokens=profile.max_new_tokens if profile else None,
+        num_beams=profile.num_beams if profile else None, queues=queues, batch_max_size=settings.batch_max_size,
+        concurrency=settings.worker_concurrency, started_at=round(time.time(), 3), heartbeat_at=round(time.time(), 3),
+    )).start()
+    log.info("worker %s serving %s on queues %s (profile %s); batches of ≤%d jobs, ≤%d tokens; %d jobs held at once; metrics %s",
+             name, config.name, ",".join(queues), profile.name if profile else "none", settings.batch_max_size, settings.batch_max_tokens,
+             settings.worker_concurrency, f"on port {settings.metrics_port}" if settings.metrics_port else "off")
     try:
         app.worker_main([
             "worker", f"--hostname={name}", f"--queues={','.join(queues)}", f"--loglevel={settings.log_level}",
             "--without-gossip", "--without-mingle",
         ])
     finally:
+        announcer.stop()
         batcher.stop()
         publisher.stop()
         cancellations.stop()
     return 0
+
+
+def package_version() -> str:
+    try:
+        return version("belle-queue")
+    except PackageNotFoundError:
+        return "unknown"

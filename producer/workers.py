@@ -1,0 +1,77 @@
+"""Live workers, as they announce themselves in Redis, and the producer's check of a job against them.
+
+Each worker process writes its ``WorkerInfo`` under ``keys.worker(name)`` every few seconds with a
+short expiry, so the keys present are the workers alive now (``belle-queue workers``).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from producer import keys
+from producer.errors import InvalidRequestError
+from producer.schemas import GenerationRequest
+
+HEARTBEAT_S = 5.0  # how often a worker renews its announcement
+EXPIRES_S = 15  # an announcement not renewed for this long is gone (the worker is taken for dead)
+
+
+class WorkerInfo(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    name: str  # Celery node name
+    host: str
+    pid: int
+    version: str
+    model: str
+    adapters: list[str] = []
+    device: str
+    profile: str | None = None  # hardware profile name
+    max_new_tokens: int | None = None  # the profile's caps (None: the request schema's ranges)
+    num_beams: int | None = None
+    queues: list[str] = []
+    batch_max_size: int
+    concurrency: int
+    started_at: float
+    heartbeat_at: float
+
+
+WORKERS_MATCH = keys.worker("*")
+
+
+def live_workers(redis) -> list[WorkerInfo]:
+    names = sorted(redis.scan_iter(match=WORKERS_MATCH, count=100))
+    return parse_workers(redis.mget(names) if names else [])
+
+
+def parse_workers(values: list[str | None]) -> list[WorkerInfo]:
+    workers = []
+    for value in values:
+        if value:
+            try:
+                workers.append(WorkerInfo.model_validate_json(value))
+            except ValueError:
+                continue  # a worker of another version, or a stray key
+    return workers
+
+
+def check_against_workers(request: GenerationRequest, workers: list[WorkerInfo]) -> None:
+    """Raise InvalidRequestError when no live worker could run the job: none is announced, none
+    serves its adapter, or every one that does caps max_new_tokens or beams below what it asks."""
+    if not workers:
+        raise InvalidRequestError.single("request", None, "no live worker is announced, so the job cannot be checked; start a worker, or submit without checking workers")
+    if request.adapter is not None:
+        serving = [w for w in workers if request.adapter in w.adapters]
+        if not serving:
+            served = sorted({a for w in workers for a in w.adapters})
+            raise InvalidRequestError.single("adapter", request.adapter,
+                                             f"adapter must be one of the adapters live workers serve ({served}), got {request.adapter!r}")
+        workers = serving
+    rows = "num_beams" if request.num_beams >= request.num_return_sequences else "num_return_sequences"
+    for parameter, value, cap_of in (("max_new_tokens", request.max_new_tokens, lambda w: w.max_new_tokens),
+                                     (rows, getattr(request, rows), lambda w: w.num_beams)):
+        caps = [cap_of(w) for w in workers]
+        if all(cap is not None and cap < value for cap in caps):
+            profiles = ", ".join(sorted({f"{w.name} ({w.profile})" for w in workers}))
+            raise InvalidRequestError.single(parameter, value, f"{parameter} must be in [1, {max(caps)}] on the live workers ({profiles}), got {value}; "
+                                                              f"lower {parameter} or start a worker with a larger hardware profile")

@@ -1,0 +1,210 @@
+"""Operating workers: hardware profiles, announcements, the supervisor, warm shutdown, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from producer.client import JobClient
+from producer.embedded_redis import free_port
+from producer.errors import ErrorCode, InvalidRequestError
+from producer.records import JobState
+from producer.schemas import parse_request
+from producer.settings import Settings
+from producer.workers import WorkerInfo, check_against_workers
+from tests.test_cli import cli
+from worker.commands import _settings
+from worker.hardware import load_profile
+from worker.supervisor import node_name
+
+
+def database(redis_server, n: int) -> str:
+    return redis_server.url.rsplit("/", 1)[0] + f"/{n}"
+
+
+def test_profiles_come_from_the_seed_table_and_set_batch_budgets_unless_set_explicitly(monkeypatch):
+    settings = Settings()
+    caps = {name: (p.max_new_tokens, p.num_beams) for name in ("1080ti", "3090", "a100-40g", "a100-80g", "h100-80g")
+            for p in [load_profile(name, settings)]}
+    assert caps["1080ti"] == (256, 2) and caps["3090"] == (512, 4) and caps["a100-40g"] == (1024, 8)
+    with pytest.raises(FileNotFoundError, match="1080ti, 3090, a100-40g, a100-80g, h100-80g"):
+        load_profile("tpu", settings)
+    from producer.settings import get_settings
+
+    args = type("Args", (), {"redis_url": None})()
+    get_settings.cache_clear()
+    applied = _settings(args, hardware_profile="3090")
+    assert (applied.batch_max_size, applied.batch_max_tokens) == (32, 16384)
+    monkeypatch.setenv("BELLE_BATCH_MAX_SIZE", "8")
+    get_settings.cache_clear()
+    try:
+        applied = _settings(args, hardware_profile="3090")
+        assert (applied.batch_max_size, applied.batch_max_tokens) == (8, 16384), "the environment wins over the profile"
+    finally:
+        get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def profiled_worker(redis_server, start_worker, bloom_config):
+    url = database(redis_server, 5)
+    worker = start_worker(bloom_config, name="profiled@tests", redis_url=url, env={"BELLE_HARDWARE_PROFILE": "1080ti"})
+    with JobClient(Settings(redis_url=url)) as client:
+        yield worker, client
+
+
+def test_a_job_over_the_profiles_caps_is_refused_naming_the_cap_and_the_profile(profiled_worker):
+    worker, client = profiled_worker
+    ok = client.wait(client.submit({"prompt": "hi", "num_beams": 2, "max_new_tokens": 8}), 60)
+    assert ok.state is JobState.SUCCEEDED
+    too_long = client.wait(client.submit({"prompt": "hi", "num_beams": 1, "max_new_tokens": 300}), 60)
+    assert too_long.state is JobState.FAILED and too_long.error.code is ErrorCode.INVALID_REQUEST and too_long.error.parameter == "max_new_tokens"
+    assert "max_new_tokens must be in [1, 256] on this worker (hardware profile 1080ti" in too_long.error.message
+    too_wide = client.wait(client.submit({"prompt": "hi", "num_beams": 4, "max_new_tokens": 8}), 60)
+    assert too_wide.error.parameter == "num_beams" and "[1, 2]" in too_wide.error.message
+    assert "batches of ≤16 jobs, ≤8192 tokens" in worker.log
+
+
+def test_workers_announce_themselves_and_the_producer_checks_jobs_against_them(profiled_worker, redis_server):
+    worker, client = profiled_worker
+    (info,) = client.workers()
+    assert (info.name, info.model, info.profile, info.max_new_tokens, info.num_beams, info.adapters, info.device) == (
+        "profiled@tests", "tiny-bloom", "1080ti", 256, 2, [], "cpu")
+    assert time.time() - info.heartbeat_at < 10 and info.pid == worker.process.pid
+    with pytest.raises(InvalidRequestError, match=r"max_new_tokens must be in \[1, 256\] on the live workers \(profiled@tests \(1080ti\)\)"):
+        client.submit({"prompt": "hi", "max_new_tokens": 512}, check_workers=True)
+    with pytest.raises(InvalidRequestError, match=r"adapter must be one of the adapters live workers serve \(\[\]\), got 'poet'"):
+        client.submit({"prompt": "hi", "adapter": "poet"}, check_workers=True)
+    assert client.submit({"prompt": "hi", "num_beams": 2, "max_new_tokens": 4}, check_workers=True)
+    listed = cli(database(redis_server, 5), "workers")
+    assert listed.returncode == 0 and "profiled@tests: tiny-bloom on cpu; adapters: none; profile 1080ti (max_new_tokens ≤256, beams ≤2)" in listed.stdout
+    refused = cli(database(redis_server, 5), "submit", "--prompt", "hi", "--set", "max_new_tokens=400", "--check-workers")
+    assert refused.returncode == 2 and "on the live workers" in refused.stderr
+    empty = cli(database(redis_server, 6), "workers", "--json")
+    assert empty.returncode == 0 and json.loads(empty.stdout) == []
+
+
+def test_checking_against_workers_picks_any_worker_that_can_run_the_job():
+    def info(name, adapters, cap):
+        return WorkerInfo(name=name, host="h", pid=1, version="0", model="m", adapters=adapters, device="cuda", profile="p", max_new_tokens=cap,
+                          num_beams=4, batch_max_size=8, concurrency=16, started_at=0, heartbeat_at=0)
+
+    workers = [info("small", ["poet"], 256), info("big", [], 2048)]
+    check_against_workers(parse_request({"prompt": "x", "max_new_tokens": 1024}), workers)  # the big one can
+    with pytest.raises(InvalidRequestError, match=r"\[1, 256\].*small \(p\)"):  # only the small one serves poet
+        check_against_workers(parse_request({"prompt": "x", "adapter": "poet", "max_new_tokens": 1024}), workers)
+    with pytest.raises(InvalidRequestError, match="num_return_sequences must be in"):
+        check_against_workers(parse_request({"prompt": "x", "do_sample": True, "num_beams": 1, "num_return_sequences": 6}), workers)
+    with pytest.raises(InvalidRequestError, match="no live worker"):
+        check_against_workers(parse_request({"prompt": "x"}), [])
+
+
+def test_node_names_per_gpu():
+    assert node_name("belle@host-1", "gpu0") == "belle-gpu0@host-1" and node_name("solo", "3") == "solo-3"
+
+
+def test_the_supervisor_restarts_a_killed_worker_and_no_job_is_lost(redis_server, bloom_config, tmp_path):
+    url = database(redis_server, 7)
+    fast_redelivery = {"BELLE_VISIBILITY_TIMEOUT_S": "4", "BELLE_UNACKED_RESTORE_INTERVAL_S": "1", "BELLE_UNACKED_RESTORE_THROTTLE": "1",
+                       "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "supervisor.log", "w+")
+    supervisor = subprocess.Popen([sys.executable, "-m", "worker", "--redis-url", url, "worker", "--model", str(bloom_config), "--device", "cpu",
+                                   "--processes", "2", "--concurrency", "4", "--name", "sup@tests"], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **fast_redelivery})
+    try:
+        with JobClient(Settings(redis_url=url)) as client:
+            deadline = time.monotonic() + 120
+            while len(client.workers()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            workers = {w.name: w for w in client.workers()}
+            assert sorted(workers) == ["sup-0@tests", "sup-1@tests"]
+            request = {"num_beams": 1, "max_new_tokens": 120, "min_new_tokens": 100}
+            ids = [client.submit({"prompt": f"question number {i}", **request}) for i in range(12)]
+            deadline = time.monotonic() + 60
+            while not (running := {client.get(j).worker for j in ids if client.get(j).state is JobState.RUNNING}) >= set(workers):
+                assert time.monotonic() < deadline, f"jobs did not start on both workers: {running}"
+                time.sleep(0.02)
+            os.kill(workers["sup-1@tests"].pid, signal.SIGKILL)
+            records = [client.wait(job_id, 180) for job_id in ids]
+            assert [r.state for r in records] == [JobState.SUCCEEDED] * 12
+            assert any(r.attempts == 2 for r in records), "the killed worker's jobs ran again elsewhere"
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                restarted = {w.name: w.pid for w in client.workers()}
+                if restarted.get("sup-1@tests") not in (None, workers["sup-1@tests"].pid):
+                    break
+                time.sleep(0.2)
+            assert restarted.get("sup-1@tests") not in (None, workers["sup-1@tests"].pid), "sup-1 came back with a new process"
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=90) == 0
+        log.seek(0)
+        text = log.read()
+        assert "sup-1@tests exited (code -9); restarting it in 1 s" in text and "every worker has stopped" in text
+        with JobClient(Settings(redis_url=url)) as client:
+            assert client.workers() == [], "stopped workers withdraw their announcement"
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+        log.close()
+
+
+def test_a_warm_shutdown_finishes_the_decoding_jobs_and_returns_the_others(redis_server, start_worker, bloom_config):
+    url = database(redis_server, 8)
+    worker = start_worker(bloom_config, name="warm@tests", redis_url=url, env={"BELLE_BATCH_MAX_SIZE": "2"})
+    with JobClient(Settings(redis_url=url)) as client:
+        ids = [client.submit({"prompt": f"question {i}", "num_beams": 1, "max_new_tokens": 150, "min_new_tokens": 100}) for i in range(6)]
+        deadline = time.monotonic() + 60
+        while sum(client.get(j).state is JobState.RUNNING for j in ids) < 6:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(timeout=90) == 0
+        records = [client.get(j) for j in ids]
+        finished = [r for r in records if r.state is JobState.SUCCEEDED]
+        returned = [r for r in records if r.state is JobState.QUEUED]
+        assert len(finished) == 2 and len(returned) == 4, [r.state for r in records]
+        assert all(r.attempts == 0 and r.worker is None for r in returned), "a returned job's attempt is not counted"
+        assert "the worker is stopping before it ran; its message goes back to the queue" in worker.log
+        successor = start_worker(bloom_config, name="successor@tests", redis_url=url)
+        records = [client.wait(j, 120) for j in ids]
+        assert all(r.state is JobState.SUCCEEDED for r in records)
+        assert sorted(r.worker for r in records) == ["successor@tests"] * 4 + ["warm@tests"] * 2
+        assert successor.alive()
+
+
+def test_the_worker_serves_prometheus_metrics(redis_server, start_worker, bloom_config):
+    url = database(redis_server, 9)
+    port = free_port()
+    start_worker(bloom_config, name="metrics@tests", redis_url=url, env={"BELLE_METRICS_PORT": str(port)})
+    with JobClient(Settings(redis_url=url)) as client:
+        done = [client.wait(client.submit({"prompt": f"hi {i}", "num_beams": 1, "max_new_tokens": 6, "min_new_tokens": 6}), 60) for i in range(3)]
+        failed = client.wait(client.submit({"prompt": "hi", "adapter": "nobody"}), 60)
+    assert all(r.state is JobState.SUCCEEDED for r in done) and failed.state is JobState.FAILED
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    assert values['belle_jobs_total{error="",state="succeeded"}'] == 3
+    assert values['belle_jobs_total{error="invalid_request",state="failed"}'] == 1
+    assert values["belle_generated_tokens_total"] == 18
+    assert values["belle_queue_wait_seconds_count"] == 3 and values["belle_decoding_steps_total"] >= 6
+
+
+def test_a_job_released_by_a_stopping_worker_is_queued_again_without_counting_the_attempt(redis_server):
+    from producer.connection import redis_client
+    from producer.store import JobStore
+
+    store = JobStore(redis_client(database(redis_server, 10)), result_ttl_s=60, pending_ttl_s=60)
+    store.create("r1", canonical := json.dumps({"prompt": "x"}))
+    assert store.start("r1", worker="w1", request_json=canonical, max_attempts=3).should_run
+    assert not store.release("r1", worker="someone-else")
+    assert store.release("r1", worker="w1")
+    record = store.get("r1")
+    assert (record.state, record.attempts, record.worker, record.started_at) == (JobState.QUEUED, 0, None, None)
+    assert not store.release("r1", worker="w1"), "only a running job is released"

@@ -1,0 +1,29 @@
+"""Prometheus metrics of one worker process, served on ``BELLE_METRICS_PORT`` when it is set (a
+supervisor gives its children consecutive ports from it). Tokens/s is ``rate(belle_generated_tokens_total[1m])``."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.jobs = Counter("belle_jobs", "Jobs that ended here, by final state and error code", ["state", "error"], registry=r)
+        self.tokens = Counter("belle_generated_tokens", "Tokens generated (every returned sequence's, EOS included)", registry=r)
+        self.steps = Counter("belle_decoding_steps", "Steps of the decoding batch", registry=r)
+        self.step_rows = Histogram("belle_decoding_step_rows", "Rows (returned sequences) decoded per step", buckets=SIZES, registry=r)
+        self.joined = Histogram("belle_join_jobs", "Jobs that joined the decoding batch at once", buckets=SIZES, registry=r)
+        self.generate_jobs = Histogram("belle_generate_call_jobs", "Jobs per generate() call (beam search)", buckets=SIZES, registry=r)
+        self.out_of_memory = Counter("belle_out_of_memory", "Out-of-memory errors caught, by where (join, step, generate)", ["where"], registry=r)
+        self.queue_wait = Histogram("belle_queue_wait_seconds", "Submission to the start of the attempt that ran the job", buckets=SECONDS, registry=r)
+        self.generation = Histogram("belle_generation_seconds", "From a job's first decoding step (or generate() call) to its end", buckets=SECONDS, registry=r)
+        self.decoding_jobs = Gauge("belle_decoding_jobs", "Jobs in the decoding batch", registry=r)
+        self.waiting_jobs = Gauge("belle_waiting_jobs", "Jobs held by the worker, waiting for the batcher", registry=r)
+        self.token_budget = Gauge("belle_token_budget", "The remembered token budget (lowered on OOM, grows back)", registry=r)
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, registry=self.registry)
