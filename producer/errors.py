@@ -14,6 +14,7 @@ class ErrorCode(StrEnum):
     GENERATION_ERROR = "generation_error"  # the model raised something else while generating
     WORKER_LOST = "worker_lost"  # the job was delivered max_attempts times and never finished
     CANCELLED = "cancelled"  # cancelled before it started (a job cancelled while running keeps its partial result)
+    EXPIRED = "expired"  # its deadline passed before it started
 
 
 class BelleError(Exception):

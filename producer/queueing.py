@@ -20,6 +20,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": settings.unacked_restore_interval_s,
             "unacked_restore_throttle": settings.unacked_restore_throttle,
+            # A worker takes from its queues in the order given (interactive first), not in turn.
+            "queue_order_strategy": "priority",
         },
         # Task events, so that Flower (or `celery events`) can follow jobs.
         "worker_send_task_events": True,

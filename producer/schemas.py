@@ -12,6 +12,7 @@ import difflib
 import json
 import math
 import re
+import time
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -71,6 +72,9 @@ class GenerationRequest(BaseModel):
     stop: list[str] = Field(default_factory=list, description="Stop strings: generation ends at the first match, which is cut off.")
     adapter: str | None = Field(None, pattern=ADAPTER_NAME.pattern, description="LoRA adapter name served by the worker.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Caller's data, stored with the job and returned as is.")
+    deadline: float | None = Field(None, gt=0, description="Unix time (seconds): a job not started by then ends expired without running.")
+    idempotency_key: str | None = Field(None, min_length=1, max_length=128,
+                                        description="Submitting the same key again returns the same job id and enqueues nothing (while its record lives).")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -177,9 +181,13 @@ def parse_request(
             raise InvalidRequestError.single("preset", _short(preset_name), f"preset must be one of {sorted(presets)}, got {_short(preset_name)!r}")
         data = {**presets[preset_name], **data}
     try:
-        return GenerationRequest.model_validate(data, context={"settings": settings or _DEFAULT_LIMITS})
+        request = GenerationRequest.model_validate(data, context={"settings": settings or _DEFAULT_LIMITS})
     except ValidationError as exc:
         raise InvalidRequestError([_describe(error) for error in exc.errors()]) from None
+    if not resolved and request.deadline is not None and request.deadline <= (now := time.time()):
+        raise InvalidRequestError.single("deadline", request.deadline, f"deadline must be after now ({now:.0f}, Unix seconds), got {request.deadline:g}; "
+                                         "give a later time, or none")
+    return request
 
 
 _DEFAULT_LIMITS = Settings.model_construct()

@@ -269,6 +269,10 @@ class JobStore:
     def fail(self, job_id: str, error: JobError, *, request_json: str = "", streaming: bool = False) -> str:
         return self._finish_with(job_id, JobState.FAILED, error=error, request_json=request_json, streaming=streaming)
 
+    def expire(self, job_id: str, error: JobError, *, streaming: bool = False) -> str:
+        """End a job whose deadline passed before it started."""
+        return self._finish_with(job_id, JobState.EXPIRED, error=error, streaming=streaming)
+
     def finish_cancelled(self, job_id: str, result: JobResult | None = None, *, streaming: bool = False) -> str:
         """End a job whose cancellation was requested: with its partial result, or none if it never ran."""
         error = None if result is not None else cancelled_before_start(job_id)

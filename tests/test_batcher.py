@@ -336,3 +336,245 @@ def test_prefill_groups_keep_padding_low_and_calls_bounded():
         real = sum(len(r.inputs) for r in group)
         assert real >= 0.8 * len(group) * max(len(r.inputs) for r in group)
         assert len(group) == 1 or len(group) * max(len(r.inputs) for r in group) <= 64
+
+
+# --- failures at every boundary (faults injected where real ones would strike) ---
+
+
+def decoding(engine, jobs):
+    from worker.decoding import ActiveJob
+
+    return [ActiveJob.start(job, engine.decode, engine.device, streaming=False) for job in jobs]
+
+
+def drive(batch, actives) -> dict:
+    """Step a DecodeBatch until its rows are done; the generated tokens of each job's first row."""
+    while len(batch):
+        batch.remove(batch.choose())
+        if len(batch):
+            batch.forward()
+    return {a.job_id: a.rows[0].tokens for a in actives}
+
+
+def test_a_join_that_runs_out_of_memory_while_moving_the_arena_leaves_the_running_rows_intact(tiny_bloom, monkeypatch):
+    import torch
+
+    import worker.kv_cache as kv_cache
+
+    engine = load(tiny_bloom)
+    short = prepare(engine, "short", prompt="Hi", num_beams=1, max_new_tokens=30, min_new_tokens=30)
+    long = prepare(engine, "long", prompt="天气很好 " * 40, num_beams=1, max_new_tokens=30, min_new_tokens=30)
+    reference = alone(engine, short)[0].token_ids
+    batch = DecodeBatch(engine)
+    (a,) = decoding(engine, [short])
+    batch.join([a.rows])
+    batch.remove(batch.choose())
+    batch.forward()
+    moved = kv_cache._moved
+    calls = {"n": 0}
+
+    def fails_on_the_values(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > engine.num_layers:  # the keys are built; the values run out of memory
+            raise torch.OutOfMemoryError("injected")
+        return moved(*args, **kwargs)
+
+    monkeypatch.setattr(kv_cache, "_moved", fails_on_the_values)
+    (b,) = decoding(engine, [long])
+    with pytest.raises(torch.OutOfMemoryError):
+        batch.join([b.rows])
+    monkeypatch.setattr(kv_cache, "_moved", moved)
+    assert len(batch) == 1
+    assert drive(batch, [a])["short"] == reference, "the running job decodes on as if nothing happened"
+
+
+def test_a_first_join_that_fails_leaves_no_columns_behind(tiny_bloom, monkeypatch):
+    import torch
+
+    engine = load(tiny_bloom)
+    batch = DecodeBatch(engine)
+    (big,) = decoding(engine, [prepare(engine, "big", prompt="天气很好 " * 40, num_beams=1, max_new_tokens=4)])
+    forward = engine.forward
+    monkeypatch.setattr(engine, "forward", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("injected")))
+    with pytest.raises(torch.OutOfMemoryError):
+        batch.join([big.rows])
+    monkeypatch.setattr(engine, "forward", forward)
+    assert (len(batch), batch.length) == (0, 0)
+    small = prepare(engine, "small", prompt="Hi", num_beams=1, max_new_tokens=4)
+    (s,) = decoding(engine, [small])
+    batch.join([s.rows])
+    assert batch.length == len(small.input_ids)
+    assert drive(batch, [s])["small"] == alone(engine, small)[0].token_ids
+
+
+def test_choosing_tokens_that_runs_out_of_memory_sets_jobs_aside_and_draws_the_same(engine, monkeypatch, caplog):
+    import torch
+
+    import worker.decoding as decoding_module
+
+    jobs = [prepare(engine, f"c{i}", prompt=PROMPTS[i], num_beams=1, max_new_tokens=20, min_new_tokens=20, **({"do_sample": True, "seed": i} if i % 2 else {}))
+            for i in range(6)]
+    reference = {job.job_id: run_all(batcher := batcher_for(engine), [job])[job.job_id].sequences for job in jobs}
+    batcher.stop()
+    processors = decoding_module.apply_processors
+    state = {"armed": True}
+
+    def runs_out_once(logits, *args, **kwargs):
+        if state["armed"] and logits.shape[0] == len(jobs):
+            state["armed"] = False
+            raise torch.OutOfMemoryError("injected")
+        return processors(logits, *args, **kwargs)
+
+    monkeypatch.setattr(decoding_module, "apply_processors", runs_out_once)
+    caplog.set_level(logging.INFO, logger="belle.batcher")
+    batcher = batcher_for(engine)
+    try:
+        results = run_all(batcher, jobs)
+    finally:
+        batcher.stop()
+    assert not state["armed"] and "out of memory in a decoding step of 6 jobs" in caplog.text
+    for job in jobs:
+        assert results[job.job_id].sequences == reference[job.job_id], job.job_id
+
+
+def test_a_job_whose_scores_are_unusable_fails_alone(tiny_bloom, monkeypatch):
+    engine = load(tiny_bloom)
+    jobs = [prepare(engine, f"n{i}", prompt=PROMPTS[i], num_beams=1, max_new_tokens=10, min_new_tokens=10) for i in range(4)]
+    poison = prepare(engine, "poison", prompt=PROMPTS[5], num_beams=1, max_new_tokens=10, min_new_tokens=10)
+    reference = {job.job_id: alone(engine, job) for job in jobs}
+    forward = DecodeBatch.forward
+
+    def overflowing(self):  # as float16 overflow would leave one row's scores
+        forward(self)
+        for i, row in enumerate(self.rows):
+            if row.active.job_id == "poison":
+                self.logits[i] = float("nan")
+
+    monkeypatch.setattr(DecodeBatch, "forward", overflowing)
+    batcher = batcher_for(engine)
+    try:
+        futures = {job.job_id: batcher.submit(job) for job in [*jobs, poison]}
+        with pytest.raises(JobFailure, match="no usable next-token scores"):
+            futures["poison"].result(timeout=60)
+        for job in jobs:
+            assert futures[job.job_id].result(timeout=60).result.sequences == reference[job.job_id]
+    finally:
+        batcher.stop()
+
+
+def test_a_batcher_bug_fails_only_the_jobs_it_was_running(tiny_bloom, monkeypatch):
+    engine = load(tiny_bloom)
+    greedy = prepare(engine, "greedy", prompt="Hello", num_beams=1, max_new_tokens=2000, min_new_tokens=100)
+    beam = prepare(engine, "beam", prompt="Hello", num_beams=2, max_new_tokens=4)
+    later = prepare(engine, "later", prompt="Hi", num_beams=1, max_new_tokens=4)
+    choose = DecodeBatch.choose
+    state = {"beam done": False, "raised": False}
+    generate = Batcher._generate
+
+    def generate_then_flag(self, items):
+        generate(self, items)
+        state["beam done"] = True
+
+    def breaks_once(self):
+        if state["beam done"] and not state["raised"]:
+            state["raised"] = True
+            raise RuntimeError("injected bug")
+        return choose(self)
+
+    monkeypatch.setattr(Batcher, "_generate", generate_then_flag)
+    monkeypatch.setattr(DecodeBatch, "choose", breaks_once)
+    batcher = batcher_for(engine, batch_wait_ms=1, batch_max_delay_ms=5)
+    try:
+        running = batcher.submit(greedy)
+        while not batcher._decoding:
+            time.sleep(0.001)
+        beam_future = batcher.submit(beam)
+        assert beam_future.result(timeout=60).result.sequences, "the beam job that finished keeps its result"
+        with pytest.raises(JobFailure, match="the batcher failed: RuntimeError: injected bug"):
+            running.result(timeout=60)
+        assert batcher.run(later).result.sequences, "the batcher goes on"
+    finally:
+        batcher.stop()
+    assert state["raised"]
+
+
+def test_a_beam_job_that_runs_out_of_memory_beside_the_decoding_batch_runs_once_it_is_empty(tiny_bloom, caplog):
+    engine = load(tiny_bloom)
+    greedy = prepare(engine, "greedy", prompt="Hello there", num_beams=1, max_new_tokens=80, min_new_tokens=80)
+    beam = prepare(engine, "beam", prompt="Hello", num_beams=2, max_new_tokens=8)
+    reference = alone(engine, beam)
+    engine.fault_memory_budget_tokens = batch_cost([beam]) + batch_cost([greedy]) - 1  # each fits alone, not both together
+    caplog.set_level(logging.INFO, logger="belle.batcher")
+    batcher = batcher_for(engine, batch_wait_ms=1, batch_max_delay_ms=5)
+    try:
+        running = batcher.submit(greedy)
+        while not batcher._decoding:
+            time.sleep(0.001)
+        result = batcher.run(beam).result
+        assert running.result(timeout=60).result.sequences
+    finally:
+        batcher.stop()
+    assert "job beam ran out of memory beside the decoding batch; it runs once that is empty" in caplog.text
+    assert_same_output(result.sequences, reference, "beam")
+
+
+def test_a_job_past_its_deadline_or_cancelled_while_it_waits_ends_without_running(tiny_bloom, caplog):
+    from worker.batcher import JobCancelled
+
+    engine = load(tiny_bloom)
+    late = engine.prepare("late", parse_request({"prompt": "hi", "num_beams": 1, "deadline": time.time() - 1}, resolved=True))
+
+    class Cancelled:
+        def is_cancelled(self, job_id):
+            return job_id == "gone"
+
+    caplog.set_level(logging.INFO, logger="belle.batcher")
+    batcher = Batcher(engine, Settings(batch_wait_ms=20), cancellations=Cancelled()).start()
+    try:
+        with pytest.raises(JobFailure) as info:
+            batcher.run(late)
+        assert info.value.error.code is ErrorCode.EXPIRED and info.value.error.parameter == "deadline"
+        with pytest.raises(JobCancelled):
+            batcher.run(prepare(engine, "gone", prompt="hi", num_beams=1))
+    finally:
+        batcher.stop()
+    assert "jobs joined" not in caplog.text, "neither was prefilled"
+
+
+def test_interactive_jobs_wait_ahead_of_bulk_ones(tiny_bloom):
+    from worker.batcher import BULK, INTERACTIVE
+
+    engine = load(tiny_bloom)
+    batcher = Batcher(engine, Settings())
+    for i, priority in enumerate([BULK, BULK, INTERACTIVE, BULK, INTERACTIVE]):
+        batcher.submit(prepare(engine, f"j{i}-{'bulk' if priority else 'interactive'}", prompt="hi", num_beams=1), priority=priority)
+    assert [p.job.job_id for p in batcher._pending] == ["j2-interactive", "j4-interactive", "j0-bulk", "j1-bulk", "j3-bulk"]
+
+
+def test_a_beam_call_never_exceeds_the_batch_size_whatever_the_anchor(tiny_bloom):
+    engine = load(tiny_bloom)
+    batcher = Batcher(engine, Settings(batch_max_size=4))
+    batcher._batch = DecodeBatch(engine)
+    jobs = [prepare(engine, f"k{i}", prompt="Hi " * (i + 1), num_beams=2, max_new_tokens=4) for i in range(10)]
+    for job in [jobs[5], *jobs[:5], *jobs[6:]]:  # the anchor sits in the middle of the length order
+        batcher.submit(job)
+    with batcher._cond:
+        kind, batch = batcher._select()
+    assert kind == "generate" and batch[0].job.job_id == "k5" and len(batch) <= 4
+
+
+def test_beam_search_stop_strings_count_only_generated_text_and_leave_the_global_rng_alone(tiny_bloom):
+    import torch
+
+    engine = load(tiny_bloom)
+    prompt = "Hello"
+    plain = prepare(engine, "plain", prompt=prompt, num_beams=2, max_new_tokens=6)
+    text = alone(engine, plain)[0].text
+    stop = "\n" + text[:1]  # spans the end of the prompt ("Assistant: ") and the first generated character
+    assert text and stop not in text
+    with_stop = dataclasses.replace(plain, job_id="stop", request=plain.request.model_copy(update={"stop": [stop]}))
+    assert [s.token_ids for s in alone(engine, with_stop)] == [s.token_ids for s in alone(engine, plain)]
+    state = torch.get_rng_state()
+    seeded = prepare(engine, "seeded", prompt=prompt, num_beams=2, do_sample=True, seed=3, max_new_tokens=4)
+    engine.generate_batch([seeded])
+    assert torch.equal(torch.get_rng_state(), state), "a seeded job does not reseed other jobs' draws"

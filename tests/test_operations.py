@@ -170,13 +170,14 @@ def test_a_warm_shutdown_finishes_the_decoding_jobs_and_returns_the_others(redis
         records = [client.get(j) for j in ids]
         finished = [r for r in records if r.state is JobState.SUCCEEDED]
         returned = [r for r in records if r.state is JobState.QUEUED]
-        assert len(finished) == 2 and len(returned) == 4, [r.state for r in records]
+        # Batches of 2, and interactive jobs may take a batch a quarter over (at least one): 3 decoded.
+        assert len(finished) == 3 and len(returned) == 3, [r.state for r in records]
         assert all(r.attempts == 0 and r.worker is None for r in returned), "a returned job's attempt is not counted"
         assert "the worker is stopping before it ran; its message goes back to the queue" in worker.log
         successor = start_worker(bloom_config, name="successor@tests", redis_url=url)
         records = [client.wait(j, 120) for j in ids]
         assert all(r.state is JobState.SUCCEEDED for r in records)
-        assert sorted(r.worker for r in records) == ["successor@tests"] * 4 + ["warm@tests"] * 2
+        assert sorted(r.worker for r in records) == ["successor@tests"] * 3 + ["warm@tests"] * 3
         assert successor.alive()
 
 

@@ -6,33 +6,41 @@ waits for a whole batch to end, and jobs with different parameters decode togeth
 jobs run as whole generate() calls, between two steps.
 
 When jobs join
-  - An idle batcher starts once no new job has arrived for ``batch_wait_ms``, or its oldest job has
-    waited ``batch_max_delay_ms``, or a full batch is waiting: a burst is prefilled together. A
-    running batch takes in waiting jobs by the same rule, at its next step.
-  - Jobs join in arrival order (jobs set aside after running out of memory first) while the batch
-    holds fewer than ``batch_max_size`` jobs and its cost stays within the token budget. The first
-    job that does not fit stops the ones behind it, so none is overtaken forever; an empty batch
-    always takes its first waiting job.
-  - The oldest waiting job decides what runs next: a beam search job runs in one generate() call
-    with the waiting jobs that share its generation config (nearest in prompt length, within the
-    size, budget and padding limits).
+  - Waiting jobs are kept in order: interactive jobs before bulk ones (the queue a job came from),
+    then by arrival; jobs set aside after running out of memory go first of all.
+  - An idle batcher starts once no new job has arrived for ``batch_wait_ms``, or its first waiting
+    job has waited ``batch_max_delay_ms``, or a full batch is waiting: a burst is prefilled together.
+    A running batch takes in waiting jobs by the same rule, at its next step.
+  - Jobs join in that order while the batch holds fewer than ``batch_max_size`` jobs (interactive
+    jobs may take it a quarter over) and its cost stays within the token budget. The first job that
+    does not fit stops the ones behind it, so none is overtaken forever; an empty batch always takes
+    its first waiting job. A job cancelled or past its deadline while it waited ends there.
+  - When the first waiting job is a beam search job, it runs in one generate() call with the waiting
+    jobs that share its generation config (nearest in prompt length, within the size, budget and
+    padding limits).
 
 Out of memory
   ``torch.OutOfMemoryError`` is caught at the batch boundary only: a join (prefill), a decoding
-  step, or a generate() call. Memory is freed outside the except block, and the cost that failed
-  halves the remembered token budget, which grows back slowly after successes.
+  step (choosing tokens, or the model call), or a generate() call. Memory is freed outside the
+  except block, and the cost that failed halves the remembered token budget, which grows back slowly
+  after successes.
   - A join that runs out of memory is undone; its jobs wait and join again under the lower budget.
   - A decoding step that runs out of memory is undone, and the jobs that joined last are set aside
     with the tokens they have; they rejoin later (their prompt and tokens are prefilled again, so
-    nothing is generated twice), and the step is retried with the rest.
-  - A generate() call is split in halves and each half retried.
+    nothing is generated twice), and the step is retried with the others.
+  - A generate() call is split in halves and each half retried. A beam job that runs out of memory
+    alone beside a decoding batch waits until the batch is empty, and runs then.
   A job that runs out of memory alone fails with ``out_of_memory``; no other job is affected, none is
   lost, and none gets two results.
+
+Every outcome goes back to its task thread through the publisher's queue, after the chunks published
+before it, so a job's stream always ends after its last chunk.
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import threading
 import time
@@ -54,6 +62,15 @@ log = logging.getLogger("belle.batcher")
 
 PADDING_EFFICIENCY = 0.5  # a generate() call's real tokens / padded tokens may not fall below this
 REPORT_EVERY_S = 10.0  # a decoding batch that runs on is summarised in the log this often
+INTERACTIVE, BULK = 0, 1  # priorities: lower goes first
+
+
+class BatcherStopped(RuntimeError):
+    """The worker is shutting down before this job ran; its message should go back to the queue."""
+
+
+class JobCancelled(RuntimeError):
+    """The job was cancelled before it started to run."""
 
 
 @dataclass
@@ -73,25 +90,29 @@ class DecodeStats:
                 f"{self.joined} jobs joined, {self.finished} finished, {self.set_aside} set aside (splits); now {jobs} jobs; budget={budget}")
 
 
-class BatcherStopped(RuntimeError):
-    """The worker is shutting down before this job ran; its message should go back to the queue."""
-
-
 @dataclass(eq=False)
 class _Pending:
     job: PreparedJob
     key: tuple | None  # the generate() batch key of a beam search job; None for a stepwise job
     arrived: float
+    priority: int = INTERACTIVE
+    order: int = 0  # arrival number, for a stable order within a priority
     future: Future = field(default_factory=Future)
     active: ActiveJob | None = None  # a stepwise job set aside after running out of memory: its progress
+    exclusive: bool = False  # a beam job that ran out of memory beside a decoding batch: it runs when the batch is empty
+    settled: bool = False  # its outcome is on its way to its task thread
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """(rows, longest input, most tokens still to generate) of this job in a decoding batch."""
         if self.active is not None:
-            rows = [r for r in self.active.rows if r.finish is None]
+            rows = self.active.live_rows
             return len(rows), max(len(r.inputs) for r in rows), max(r.remaining for r in rows)
         return self.job.request.num_return_sequences, len(self.job.input_ids), self.job.max_new_tokens
+
+    def expired(self, now: float) -> bool:
+        deadline = self.job.request.deadline
+        return self.active is None and deadline is not None and now > deadline
 
 
 class TokenBudget:
@@ -130,14 +151,17 @@ class Batcher:
         self.cancellations = cancellations
         self.metrics = metrics or Metrics()
         self.max_size = settings.batch_max_size
+        self.interactive_size = self.max_size + max(1, self.max_size // 4)
         self.max_prefill_tokens = settings.batch_max_prefill_tokens
         self.stream_interval_s = settings.stream_interval_ms / 1000
         self.wait_s = settings.batch_wait_ms / 1000
         self.max_delay_s = settings.batch_max_delay_ms / 1000
         self.budget = TokenBudget(settings.batch_max_tokens)
         self._pending: list[_Pending] = []
+        self._arrivals = itertools.count()
+        self._joins = itertools.count(1)
         self._batch: DecodeBatch | None = None  # made on the batcher thread, once the engine is there
-        self._in_batch: dict[str, _Pending] = {}  # the running batch's jobs, by id
+        self._in_batch: dict[str, _Pending] = {}  # the decoding batch's jobs, by id
         self._stats = DecodeStats()
         self._cond = threading.Condition()
         self._stopping = False
@@ -158,8 +182,9 @@ class Batcher:
         return self
 
     def drain(self) -> None:
-        """Take no more jobs in: those being decoded finish, waiting ones get ``BatcherStopped`` (their
-        messages go back to the queue), and the thread ends. Returns at once (a warm shutdown)."""
+        """Take no new jobs in: the jobs being decoded (and those set aside from them) finish, waiting
+        ones get ``BatcherStopped`` (their messages go back to the queue), and the thread ends.
+        Returns at once (a warm shutdown)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -169,20 +194,24 @@ class Batcher:
         self.drain()
         self._thread.join(timeout)
 
-    def submit(self, job: PreparedJob) -> Future:
-        """Queue a prepared job; the future's result is a ``Generated``, or it raises ``JobFailure``."""
+    def submit(self, job: PreparedJob, *, priority: int = INTERACTIVE) -> Future:
+        """Queue a prepared job; the future's result is a ``Generated``, or it raises ``JobFailure``
+        (``JobCancelled`` if it was cancelled before it ran, ``BatcherStopped`` if the worker stops
+        before it runs)."""
         key = None if Engine.decodes_stepwise(job) else Engine.batch_key(job)
-        pending = _Pending(job, key, time.monotonic())
         with self._cond:
             if self._stopping:
                 raise BatcherStopped("the batcher is stopping")
-            self._pending.append(pending)
+            pending = _Pending(job, key, time.monotonic(), priority, next(self._arrivals))
+            at = next((i for i, p in enumerate(self._pending) if p.active is None and not p.exclusive and (p.priority, p.order) > (priority, pending.order)),
+                      len(self._pending))
+            self._pending.insert(at, pending)
             self.metrics.waiting_jobs.set(len(self._pending))
             self._cond.notify_all()
         return pending.future
 
-    def run(self, job: PreparedJob) -> Generated:
-        return self.submit(job).result()
+    def run(self, job: PreparedJob, *, priority: int = INTERACTIVE) -> Generated:
+        return self.submit(job, priority=priority).result()
 
     # --- the batcher thread ---
 
@@ -211,65 +240,79 @@ class Batcher:
                     self._generate(items)
                 elif kind == "join":
                     self._join(items)
+                elif kind == "end":
+                    self._settle([], [(p, outcome) for p, outcome in items])
                 if self._decoding:
                     self._step()
             except Exception as exc:  # a bug here must not leave task threads waiting forever
                 log.exception("the batcher failed")
                 failure = JobFailure(ErrorCode.GENERATION_ERROR, f"the batcher failed: {type(exc).__name__}: {exc}"[:2000])
-                for pending in [*items, *self._in_batch.values()]:
-                    if not pending.future.done():
-                        pending.future.set_exception(failure)
+                with self._cond:
+                    waiting = {id(p) for p in self._pending}
+                stranded = [p for p in [*(i for i in items if isinstance(i, _Pending)), *self._in_batch.values()]
+                            if not p.settled and id(p) not in waiting]
+                self._settle([], [(p, failure) for p in stranded])
                 self._in_batch.clear()
+                self._batch.arena.release()
                 self._batch = DecodeBatch(self.engine)
 
     @property
     def _decoding(self) -> bool:
         return self._batch is not None and len(self._batch) > 0
 
-    def _next_work(self) -> tuple[str, list[_Pending]] | None:
-        """Wait (holding the condition) until there is work: a generate() call, jobs to join, or a
-        decoding step. None once stopped."""
+    def _next_work(self) -> tuple[str, list] | None:
+        """Wait (holding the condition) until there is work: jobs to end (expired, cancelled, or
+        turned away at shutdown), a generate() call, jobs to join, or a decoding step. None once
+        stopped."""
         while True:
             if self._stopping:
+                turned_away = [p for p in self._pending if p.active is None]
+                if turned_away:
+                    self._pending = [p for p in self._pending if p.active is not None]
+                    return "end", [(p, BatcherStopped("the worker is shutting down")) for p in turned_away]
+                if self._pending and (joining := self._select_join()):
+                    return self._take("join", joining)
                 if self._decoding:
                     return "step", []
-                for pending in self._pending:
-                    pending.future.set_exception(BatcherStopped("the worker is shutting down"))
-                self._pending.clear()
                 return None
             if self._pending:
+                now = time.time()
+                ended = [(p, self._expiry(p)) for p in self._pending if p.expired(now)]
+                ended += [(p, JobCancelled(p.job.job_id)) for p in self._pending if p.active is None and self._is_cancelled(p.job.job_id)]
+                if ended:
+                    return self._take("end", [p for p, _ in ended], ended)
                 wait = self._until_due()
                 if wait <= 0 and (work := self._select()) is not None:
                     return work
                 if not self._decoding:
-                    self._cond.wait(max(wait, 0.001))
+                    self._cond.wait(max(wait, 0.001) if wait > 0 else 0.05)
                     continue
             if self._decoding:
                 return "step", []
             self._cond.wait()
 
+    def _take(self, kind: str, taken: list[_Pending], items: list | None = None) -> tuple[str, list]:
+        ids = {id(p) for p in taken}
+        self._pending = [p for p in self._pending if id(p) not in ids]
+        self.metrics.waiting_jobs.set(len(self._pending))
+        return kind, items if items is not None else taken
+
     def _until_due(self) -> float:
         """Seconds until the waiting jobs should be taken in (≤ 0: now)."""
         first, last = self._pending[0], self._pending[-1]
         room = self.max_size - len(self._batch.jobs)
-        if first.active is not None or len(self._pending) >= room:
+        if first.active is not None or first.exclusive or len(self._pending) >= room:
             return 0.0
         return min(first.arrived + self.max_delay_s, last.arrived + self.wait_s) - time.monotonic()
 
-    def _select(self) -> tuple[str, list[_Pending]] | None:
+    def _select(self) -> tuple[str, list] | None:
         anchor = self._pending[0]
         if anchor.key is not None:
-            batch = self._select_generate(anchor)
-            kind = "generate"
-        else:
-            batch = self._select_join()
-            kind = "join"
-        if not batch:
-            return None
-        taken = {id(p) for p in batch}
-        self._pending = [p for p in self._pending if id(p) not in taken]
-        self.metrics.waiting_jobs.set(len(self._pending))
-        return kind, batch
+            if anchor.exclusive and self._decoding:
+                return None  # no joins: the decoding batch drains, then the beam job runs alone
+            return self._take("generate", self._select_generate(anchor))
+        joining = self._select_join()
+        return self._take("join", joining) if joining else None
 
     def _select_join(self) -> list[_Pending]:
         batch = self._batch
@@ -278,8 +321,10 @@ class Batcher:
         joining: list[_Pending] = []
         for pending in self._pending:
             if pending.key is not None:
-                continue  # beam search waits for its turn as the oldest job
-            if jobs + len(joining) >= self.max_size:
+                continue  # beam search waits for its turn as the first waiting job
+            if self._stopping and pending.active is None:
+                continue
+            if jobs + len(joining) >= (self.interactive_size if pending.priority == INTERACTIVE else self.max_size):
                 break
             n, length, left = pending.shape
             cost = (rows + n) * (max(width, length) + max(remaining, left))
@@ -290,16 +335,19 @@ class Batcher:
         return joining
 
     def _select_generate(self, anchor: _Pending) -> list[_Pending]:
-        group = sorted((p for p in self._pending if p.key == anchor.key), key=lambda p: len(p.job.input_ids))
-        # The window of max_size jobs (in prompt-length order) that holds the anchor and sits at one
-        # end of the group, so that what is left over stays one contiguous run for the next call.
+        group = sorted((p for p in self._pending if p.key == anchor.key and not p.exclusive), key=lambda p: len(p.job.input_ids))
+        if anchor.exclusive:
+            return [anchor]
+        # A window of max_size jobs (in prompt-length order) that holds the anchor, at one end of the
+        # group when it can, so that what is left over stays one contiguous run for the next call.
         at = group.index(anchor)
-        start = 0 if at < self.max_size else max(0, len(group) - self.max_size)
+        start = min(max(0, at - self.max_size + 1) if at >= self.max_size else 0, max(0, len(group) - self.max_size))
+        start = min(start, at)
         window = group[start:start + self.max_size]
         # Then trim from the side farther from the anchor until the budget and padding rules hold.
         batch = [anchor]
         for candidate in sorted(window, key=lambda p: abs(len(p.job.input_ids) - len(anchor.job.input_ids))):
-            if candidate is anchor:
+            if candidate is anchor or len(batch) >= self.max_size:
                 continue
             trial = [p.job for p in batch] + [candidate.job]
             if batch_cost(trial) <= self.budget.limit and _padding_efficiency(trial) >= PADDING_EFFICIENCY:
@@ -310,20 +358,24 @@ class Batcher:
         """Put jobs back at the front of the waiting line, in their order."""
         with self._cond:
             self._pending[:0] = items
+            self.metrics.waiting_jobs.set(len(self._pending))
 
     def _is_cancelled(self, job_id: str) -> bool:
         return self.cancellations is not None and self.cancellations.is_cancelled(job_id)
 
-    def _publish(self, chunks: list[StreamChunk], outcomes: list[tuple[_Pending, Generated | BaseException]]) -> None:
-        """Publish a step's chunks, then resolve these jobs: through the publisher's queue, so that a
-        job's record ends (its task thread writes the end event) after all its chunks were written."""
+    def _expiry(self, pending: _Pending) -> JobFailure:
+        return JobFailure(ErrorCode.EXPIRED, f"the job's deadline ({pending.job.request.deadline:.0f}, Unix seconds) passed before it started; "
+                                             "submit it again with a later deadline", parameter="deadline")
+
+    def _settle(self, chunks: list[StreamChunk], outcomes: list[tuple[_Pending, Generated | BaseException]]) -> None:
+        """Publish a step's chunks, then hand these jobs their outcomes: through the publisher's queue,
+        so that a job's record ends (its task thread writes the end event) after all its chunks."""
         for pending, _ in outcomes:
+            pending.settled = True
             self._in_batch.pop(pending.job.job_id, None)
 
         def resolve() -> None:
             for pending, outcome in outcomes:
-                if pending.future.done():  # failed meanwhile by the batcher's last-resort handler
-                    continue
                 if isinstance(outcome, BaseException):
                     pending.future.set_exception(outcome)
                 else:
@@ -333,9 +385,6 @@ class Batcher:
             resolve()
         elif chunks or outcomes:
             self.publisher.publish(chunks, then=resolve)
-
-    def _resolve(self, pending: _Pending, outcome: Generated | BaseException) -> None:
-        self._publish([], [(pending, outcome)])
 
     # --- the decoding batch ---
 
@@ -363,7 +412,9 @@ class Batcher:
             if before == 0:
                 self._stats = DecodeStats()
             self._stats.joined += len(items)
-            self._in_batch.update((p.job.job_id, p) for p in items)
+            for pending in items:
+                pending.active.joined = next(self._joins)
+                self._in_batch[pending.job.job_id] = pending
             self.budget.succeeded(cost)
             self.metrics.joined.observe(len(items))
             self.metrics.decoding_jobs.set(len(batch.jobs))
@@ -379,7 +430,7 @@ class Batcher:
             self.metrics.out_of_memory.labels("join").inc()
             self.metrics.token_budget.set(self.budget.limit)
             if len(items) == 1 and before == 0:
-                self._resolve(items[0], self._oom_failure(items[0].job, cost))
+                self._settle([], [(items[0], self._oom_failure(items[0].job, cost))])
                 return
             log.warning("out of memory when %d jobs joined a batch of %d (cost %d tokens); they wait; token budget now %d",
                         len(items), before, cost, self.budget.limit)
@@ -387,7 +438,7 @@ class Batcher:
             return
         if len(items) == 1:
             log.error("job %s: prefill failed: %s: %s", items[0].job.job_id, type(error).__name__, error)
-            self._resolve(items[0], JobFailure(ErrorCode.GENERATION_ERROR, f"generation failed: {type(error).__name__}: {error}"[:2000]))
+            self._settle([], [(items[0], JobFailure(ErrorCode.GENERATION_ERROR, f"generation failed: {type(error).__name__}: {error}"[:2000]))])
             return
         log.warning("%d jobs joining raised %s: %s; joining them in halves to isolate the job at fault", len(items), type(error).__name__, error)
         half = len(items) // 2
@@ -406,40 +457,42 @@ class Batcher:
                 active.cancel()
         if cancelled:
             batch.remove(cancelled)
-        finished, chunks = [], []
-        if len(batch):
+        finished = self._until_fits(batch.choose) if len(batch) else None
+        chunks = list(batch.chunks) if finished is not None else []
+        if finished is not None:
             self._stats.steps += 1
             self._stats.tokens += len(batch)
             self.metrics.steps.inc()
             self.metrics.tokens.inc(len(batch))
             self.metrics.step_rows.observe(len(batch))
-            finished = batch.choose()
-            chunks = list(batch.chunks)
         done = []
         for active in jobs:
-            if active.finished:
+            if active.finished and active.job_id in self._in_batch:
                 generated = self._result(active)
-                chunks += generated.final_chunks
+                if isinstance(generated, Generated):
+                    chunks += generated.final_chunks
                 done.append((self._in_batch[active.job_id], generated))
-        self._publish(chunks, done)
+        self._settle(chunks, done)
         self._stats.finished += len(done)
         if finished:
             batch.remove(finished)
         if len(batch):
-            self._forward(batch)
+            self._until_fits(batch.forward)
+        self._release_if_idle()
         self.metrics.decoding_jobs.set(len(batch.jobs))
         if not len(batch) or time.perf_counter() - self._stats.since >= REPORT_EVERY_S:
             log.info(self._stats.line(len(batch.jobs), self.budget.limit))
             self._stats = DecodeStats()
 
-    def _forward(self, batch: DecodeBatch) -> None:
-        """The decoding step's model call; on running out of memory, the jobs that joined last are set
-        aside until it fits."""
+    def _until_fits(self, action: Callable):
+        """Run a part of the decoding step; on running out of memory, set aside the jobs that joined
+        last until it fits (a job alone fails). Returns the action's result, or None when no job was
+        left to run it."""
+        batch = self._batch
         while len(batch):
             cost = batch.cost()
             try:
-                batch.forward()
-                return
+                return action()
             except torch.OutOfMemoryError:
                 pass
             self._free_memory()
@@ -448,15 +501,22 @@ class Batcher:
             self.metrics.token_budget.set(self.budget.limit)
             jobs = batch.jobs
             if len(jobs) == 1:
-                batch.remove(jobs[0].live_rows)
-                self._resolve(self._in_batch[jobs[0].job_id], self._oom_failure(jobs[0].job, cost))
-                return
+                (only,) = jobs
+                batch.remove(only.live_rows)
+                self._settle([], [(self._in_batch[only.job_id], self._oom_failure(only.job, cost))])
+                return None
             aside = jobs[len(jobs) // 2:]
             self._stats.set_aside += len(aside)
             log.warning("out of memory in a decoding step of %d jobs (cost %d tokens): %d jobs set aside with their tokens; token budget now %d",
                         len(jobs), cost, len(aside), self.budget.limit)
             batch.remove([r for a in aside for r in a.live_rows])
             self._requeue([self._in_batch.pop(a.job_id) for a in aside])
+        return None
+
+    def _release_if_idle(self) -> None:
+        """An empty decoding batch gives its arena back when memory is tight (after an OOM)."""
+        if not len(self._batch) and self.budget.limit < self.budget.ceiling:
+            self._batch.arena.release()
 
     def _free_memory(self) -> None:
         if self._batch is not None and not len(self._batch):
@@ -465,7 +525,10 @@ class Batcher:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _result(self, active: ActiveJob) -> Generated:
+    def _result(self, active: ActiveJob) -> Generated | JobFailure:
+        if active.error is not None:
+            log.error("job %s: %s", active.job_id, active.error)
+            return JobFailure(ErrorCode.GENERATION_ERROR, active.error)
         output_scores = active.job.request.output_scores
         sequences = [RawSequence(r.tokens, r.logprobs if output_scores else None) for r in active.rows]
         return self.engine.job_result(active.job, sequences, generation_s=time.perf_counter() - active.started, batch_size=active.peak_jobs,
@@ -474,11 +537,18 @@ class Batcher:
     # --- generate() calls (beam search) ---
 
     def _generate(self, batch: list[_Pending]) -> None:
+        if not self._decoding:
+            self._batch.arena.release()  # all the memory for this call
         jobs = [p.job for p in batch]
         stats = {"splits": 0}
         started = time.perf_counter()
         outcomes = self._run_splitting(jobs, stats)
-        self._publish([], [(pending, outcomes[pending.job.job_id]) for pending in batch])
+        retry = [p for p in batch if outcomes[p.job.job_id] is None]
+        for pending in retry:
+            pending.exclusive = True
+            log.warning("job %s ran out of memory beside the decoding batch; it runs once that is empty", pending.job.job_id)
+        self._requeue(retry)
+        self._settle([], [(p, outcomes[p.job.job_id]) for p in batch if outcomes[p.job.job_id] is not None])
         self.metrics.generate_jobs.observe(len(jobs))
         self.metrics.tokens.inc(sum(o.result.usage.completion_tokens for o in outcomes.values() if isinstance(o, Generated)))
         log.info(
@@ -487,11 +557,13 @@ class Batcher:
             time.perf_counter() - started, stats["splits"], self.budget.limit,
         )
 
-    def _run_splitting(self, jobs: list[PreparedJob], stats: dict) -> dict[str, Generated | BaseException]:
+    def _run_splitting(self, jobs: list[PreparedJob], stats: dict) -> dict[str, Generated | BaseException | None]:
+        """Outcomes by job id; None for a job to retry once the decoding batch is empty."""
         cost = batch_cost(jobs)
+        held = self._batch.cost()
         out_of_memory = False
         try:
-            generated = self.engine.generate_batch(jobs, self._is_cancelled if self.cancellations is not None else None)
+            generated = self.engine.generate_batch(jobs, self._is_cancelled if self.cancellations is not None else None, held=held)
         except torch.OutOfMemoryError:
             out_of_memory = True
         except Exception as exc:
@@ -509,7 +581,7 @@ class Batcher:
             self.metrics.out_of_memory.labels("generate").inc()
             self.metrics.token_budget.set(self.budget.limit)
             if len(jobs) == 1:
-                return {jobs[0].job_id: self._oom_failure(jobs[0], cost)}
+                return {jobs[0].job_id: None if held else self._oom_failure(jobs[0], cost)}
             log.warning("out of memory on a batch of %d (cost %d tokens): splitting it; token budget now %d", len(jobs), cost, self.budget.limit)
         stats["splits"] += 1
         half = len(jobs) // 2
@@ -531,4 +603,3 @@ def _padding_efficiency(jobs: list[PreparedJob]) -> float:
     width = max(len(j.input_ids) for j in jobs)
     real = sum(len(j.input_ids) + j.max_new_tokens for j in jobs)
     return real / (len(jobs) * (width + max(j.max_new_tokens for j in jobs)))
-

@@ -44,6 +44,6 @@ def create_app(settings: Settings, handler: JobHandler) -> Celery:
 
     @app.task(base=GenerateTask, bind=True, name=keys.TASK_GENERATE)
     def generate(self, *args, **kwargs):
-        handler.handle(args, kwargs, worker=self.request.hostname or "unknown")
+        handler.handle(args, kwargs, worker=self.request.hostname or "unknown", queue=(self.request.delivery_info or {}).get("routing_key"))
 
     return app

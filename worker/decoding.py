@@ -63,6 +63,8 @@ class ActiveJob:
     started: float
     peak_jobs: int = 1
     cancelled: bool = False
+    joined: int = 0  # when it last joined (a batch-wide counter): jobs are set aside last-joined first
+    error: str | None = None  # the job failed while decoding (the model gave it no usable scores)
 
     @classmethod
     def start(cls, job, decode: Callable[[list[int]], str], device: torch.device, *, streaming: bool, stream_interval_s: float = 0.0) -> ActiveJob:
@@ -99,6 +101,11 @@ class ActiveJob:
         self.cancelled = True
         for row in self.live_rows:
             row.finish = FinishReason.CANCELLED
+
+    def fail(self, error: str) -> None:
+        self.error = error
+        for row in self.live_rows:
+            row.finish = FinishReason.LENGTH
 
 
 def prefill_groups(rows: Sequence[Row], max_rows: int, max_tokens: int) -> list[list[Row]]:
@@ -144,7 +151,8 @@ class DecodeBatch:
 
     @property
     def jobs(self) -> list[ActiveJob]:
-        return list(dict.fromkeys(r.active for r in self.rows))
+        """The batch's jobs, in the order they joined."""
+        return sorted(dict.fromkeys(r.active for r in self.rows), key=lambda a: a.joined)
 
     def cost(self) -> int:
         return joined_cost(len(self.rows), self.length, max((r.remaining for r in self.rows), default=0))
@@ -158,13 +166,23 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def join(self, groups: Sequence[Sequence[Row]]) -> None:
-        """Prefill each group in one call, into free rows. If this raises, no row has joined."""
-        n, device = len(self.rows), self.engine.device
+        """Prefill each group in one call, into free rows. If this raises, no row has joined (the
+        running rows may have moved right, which changes nothing they compute)."""
+        n = len(self.rows)
         length = max([self.length] + [len(r.inputs) for g in groups for r in g])
         joining = [r for g in groups for r in g]
         columns = length + max(r.remaining for r in [*self.rows, *joining])
         self._reserve(n + len(joining), columns, shift=length - self.length if n else 0)
         self.length = length
+        try:
+            self._join(groups, n)
+        except BaseException:
+            if n == 0:
+                self.length = 0
+            raise
+
+    def _join(self, groups: Sequence[Sequence[Row]], n: int) -> None:
+        device = self.engine.device
         masks, logits, placed = [], [], []
         at = n
         for group in groups:
@@ -261,26 +279,36 @@ class DecodeBatch:
     @torch.inference_mode()
     def choose(self) -> list[Row]:
         """Choose each row's next token; returns the rows that finished (they are still in the batch).
-        A streaming row's new text is left in ``chunks``."""
-        engine = self.engine
-        generated = torch.tensor([len(r.tokens) for r in self.rows], device=self.logits.device)
-        bans = {i: r.ngrams.banned() for i, r in enumerate(self.rows) if r.ngrams is not None}
-        logits = apply_processors(self.logits, self.seen, self.params, generated, bans, engine.eos_token_id)
-        tokens, chosen_from = choose(logits, self.params, self.generators)
+        A streaming row's new text is left in ``chunks``. If this raises, nothing has changed (seeded
+        rows' generators are put back), so it can be retried."""
+        states = [g.get_state() if g is not None else None for g in self.generators]
+        try:
+            tokens, chosen_from, broken = self._choose_tokens()
+        except BaseException:
+            for generator, state in zip(self.generators, states, strict=True):
+                if generator is not None:
+                    generator.set_state(state)
+            raise
         logprobs = logprobs_of(chosen_from, tokens, self.params.scored)
         self.seen[torch.arange(len(self.rows), device=tokens.device), tokens] = True
         self.chunks = []
         now = time.monotonic()
         sending = {id(r.active) for r in self.rows if r.active.stream is not None and r.active.stream.due(now)}
         finished = []
+        for i in broken:
+            self.rows[i].active.fail("the model gave this job no usable next-token scores (NaN, or every token forbidden); "
+                                     "if it runs in float16, try bfloat16 or float32, or relax no_repeat_ngram_size")
         for i, token in enumerate(tokens.tolist()):
             row = self.rows[i]
+            if row.finish is not None:  # its job failed
+                finished.append(row)
+                continue
             row.tokens.append(token)
             if i in logprobs:
                 row.logprobs.append(logprobs[i])
             if row.ngrams is not None:
                 row.ngrams.add(token)
-            if token == engine.eos_token_id:
+            if token == self.engine.eos_token_id:
                 row.finish = FinishReason.EOS
             elif row.text is not None:
                 text = row.text.push(row.tokens)
@@ -294,6 +322,19 @@ class DecodeBatch:
             if row.finish is not None:
                 finished.append(row)
         return finished
+
+    def _choose_tokens(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        generated = torch.tensor([len(r.tokens) for r in self.rows], device=self.logits.device)
+        bans = {i: r.ngrams.banned() for i, r in enumerate(self.rows) if r.ngrams is not None}
+        logits = apply_processors(self.logits, self.seen, self.params, generated, bans, self.engine.eos_token_id)
+        # A row with no finite score left (or a NaN) cannot choose: it fails alone, its neighbours go on.
+        unusable = torch.isnan(logits).any(-1) | ~torch.isfinite(logits).any(-1)
+        broken = unusable.nonzero().flatten().tolist()
+        if broken:
+            logits = logits.clone()
+            logits[unusable] = 0.0
+        tokens, chosen_from = choose(logits, self.params, self.generators)
+        return tokens, chosen_from, broken
 
     @torch.inference_mode()
     def forward(self) -> None:

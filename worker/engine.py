@@ -10,6 +10,7 @@ Both build their results with ``job_result``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -30,7 +31,7 @@ from worker.errors import JobFailure
 from worker.fused_ops import fuse_activations
 from worker.model_config import ModelConfig, Quantization
 from worker.prompting import fit_prompt
-from worker.streaming import CancelMonitor, JobStream, cut_at_stop
+from worker.streaming import JobStream, RowMonitor, cut_at_stop
 
 log = logging.getLogger("belle.engine")
 
@@ -102,6 +103,19 @@ def attach_adapters(model, adapters: dict[str, str]):
     for name, path in rest:
         model.load_adapter(path, adapter_name=name)
     return model
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """generate() draws from torch's global generator: seed it for a seeded job, and put back its
+    state after, so that a job's seed does not change what other jobs draw."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def _require(module: str, setting: str, extra: str) -> None:
@@ -243,12 +257,12 @@ class Engine:
             out.extend(self.generate_batch(group))
         return out
 
-    def generate_batch(self, jobs: Sequence[PreparedJob], is_cancelled: Callable[[str], bool] | None = None) -> list[Generated]:
+    def generate_batch(self, jobs: Sequence[PreparedJob], is_cancelled: Callable[[str], bool] | None = None, *, held: int = 0) -> list[Generated]:
         """One generate() call for jobs that share a batch key: the path of beam search, and the
         reference the decoding batch is tested against. With ``is_cancelled``, a cancelled job's rows
-        stop at the next step."""
+        stop at the next step. ``held``: the cost of what else holds memory (the decoding batch)."""
         first = jobs[0].request
-        self.check_memory(batch_cost(jobs), f"a batch of {len(jobs)}")
+        self.check_memory(batch_cost(jobs) + held, f"a batch of {len(jobs)}" + (f" beside a decoding batch costing {held}" if held else ""))
         width = max(len(job.input_ids) for job in jobs)
         input_ids = torch.full((len(jobs), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(jobs), width), dtype=torch.long)
@@ -256,16 +270,15 @@ class Engine:
             input_ids[row, width - len(job.input_ids):] = torch.tensor(job.input_ids, dtype=torch.long)
             attention_mask[row, width - len(job.input_ids):] = 1
         config = self.generation_config(first, jobs[0].max_new_tokens)
-        if first.seed is not None:
-            torch.manual_seed(first.seed)
-        monitor = CancelMonitor([job.job_id for job in jobs], width, is_cancelled, beam_search=first.num_beams > 1) if is_cancelled else None
+        monitor = None
+        if is_cancelled is not None or first.stop:
+            monitor = RowMonitor([job.job_id for job in jobs], width, is_cancelled, first.stop, self.decode, beam_search=first.num_beams > 1)
         started = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), _seeded(first.seed, self.device):
             output = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
                 generation_config=config,
-                tokenizer=self.tokenizer if first.stop else None,
                 stopping_criteria=StoppingCriteriaList([monitor]) if monitor is not None else None,
                 # generate() expands every input to num_beams rows (beam search) or num_return_sequences.
                 **self.adapter_names([job.request.adapter for job in jobs for _ in range(first.num_beams if first.num_beams > 1 else first.num_return_sequences)]),
@@ -319,7 +332,6 @@ class Engine:
             min_new_tokens=request.min_new_tokens,
             repetition_penalty=request.repetition_penalty,
             no_repeat_ngram_size=request.no_repeat_ngram_size,
-            stop_strings=list(request.stop) or None,
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_id,
             bos_token_id=self.tokenizer.bos_token_id,

@@ -13,12 +13,13 @@ from typing import Any
 
 from celery.exceptions import Reject
 
+from producer import keys
 from producer.errors import ErrorCode, InvalidRequestError
 from producer.records import JobError
 from producer.schemas import parse_request
 from producer.settings import Settings
 from producer.store import JobStore, canonical_json
-from worker.batcher import Batcher, BatcherStopped
+from worker.batcher import BULK, INTERACTIVE, Batcher, BatcherStopped, JobCancelled
 from worker.cancellation import CancelWatcher
 from worker.engine import Engine
 from worker.errors import JobFailure
@@ -41,7 +42,7 @@ class JobHandler:
         self.profile = profile
         self.metrics = metrics or batcher.metrics
 
-    def handle(self, args: tuple, kwargs: dict[str, Any], *, worker: str) -> None:
+    def handle(self, args: tuple, kwargs: dict[str, Any], *, worker: str, queue: str | None = None) -> None:
         job_id = kwargs.get("job_id") if isinstance(kwargs, dict) else None
         if not isinstance(job_id, str) or not JOB_ID.match(job_id):
             log.error("dropped a message without a valid job_id (args=%.200r, kwargs keys=%.200r)", args, list(kwargs) if isinstance(kwargs, dict) else kwargs)
@@ -49,11 +50,11 @@ class JobHandler:
         # Registered before the record is started: see worker/cancellation.py.
         self.cancellations.register(job_id)
         try:
-            self._handle(job_id, args, kwargs, worker)
+            self._handle(job_id, args, kwargs, worker, BULK if queue == keys.QUEUE_BULK else INTERACTIVE)
         finally:
             self.cancellations.unregister(job_id)
 
-    def _handle(self, job_id: str, args: tuple, kwargs: dict[str, Any], worker: str) -> None:
+    def _handle(self, job_id: str, args: tuple, kwargs: dict[str, Any], worker: str, priority: int) -> None:
         raw = kwargs.get("request")
         streaming = isinstance(raw, dict) and raw.get("stream") is True
         try:
@@ -95,9 +96,14 @@ class JobHandler:
             self._fail(job_id, streaming, exc.error)
             return
         try:
-            generated = self.batcher.run(prepared)
+            generated = self.batcher.run(prepared, priority=priority)
         except JobFailure as exc:  # the batcher already isolated the failure to this job
             self._fail(job_id, streaming, exc.error)
+            return
+        except JobCancelled:
+            log.info("job %s was cancelled while it waited; it ends cancelled without running", job_id)
+            self.store.finish_cancelled(job_id, streaming=streaming)
+            self.metrics.jobs.labels("cancelled", ErrorCode.CANCELLED.value).inc()
             return
         except BatcherStopped:
             log.warning("job %s: the worker is stopping before it ran; its message goes back to the queue", job_id)
@@ -114,6 +120,11 @@ class JobHandler:
             self.metrics.jobs.labels("succeeded", "").inc()
 
     def _fail(self, job_id: str, streaming: bool, error: JobError) -> None:
+        if error.code is ErrorCode.EXPIRED:
+            log.info("job %s expired: %s", job_id, error.message)
+            self.store.expire(job_id, error, streaming=streaming)
+            self.metrics.jobs.labels("expired", error.code.value).inc()
+            return
         log.info("job %s failed: %s: %s", job_id, error.code, error.message)
         self.store.fail(job_id, error, streaming=streaming)
         self.metrics.jobs.labels("failed", error.code.value).inc()

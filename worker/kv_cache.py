@@ -43,14 +43,21 @@ class KVArena:
 
     def reserve(self, rows: int, columns: int, *, live: int, length: int, shift: int = 0) -> None:
         """Make room for ``rows`` slots of ``columns`` columns, keeping the ``live`` rows' first
-        ``length`` columns, moved ``shift`` columns right (negative: left, dropping those columns)."""
-        if rows <= self.row_capacity and columns <= self.column_capacity and shift == 0:
+        ``length`` columns, moved ``shift`` columns right (negative: left, dropping those columns).
+
+        Within the capacity, rows move in place (nothing is allocated); otherwise every new buffer
+        is built before any replaces the old ones, so running out of memory here changes nothing."""
+        if rows <= self.row_capacity and columns <= self.column_capacity and length + max(shift, 0) <= self.column_capacity:
+            if shift:
+                for t in self.keys + self.values:
+                    _shift_in_place(t, live, length, shift)
             return
         row_capacity = max(self.row_capacity, _round_up(rows, ROW_GRAIN))
-        column_capacity = max(self.column_capacity, _round_up(columns, COLUMN_GRAIN))
+        column_capacity = max(self.column_capacity, _round_up(max(columns, length + shift), COLUMN_GRAIN))
         if self.allocated:
-            self.keys = [_moved(t, row_capacity, column_capacity, live, length, shift) for t in self.keys]
-            self.values = [_moved(t, row_capacity, column_capacity, live, length, shift) for t in self.values]
+            keys = [_moved(t, row_capacity, column_capacity, live, length, shift) for t in self.keys]
+            values = [_moved(t, row_capacity, column_capacity, live, length, shift) for t in self.values]
+            self.keys, self.values = keys, values
         self.row_capacity, self.column_capacity = row_capacity, column_capacity
 
     def release(self) -> None:
@@ -118,6 +125,25 @@ class ArenaCache(Cache):
 
 def _round_up(value: int, grain: int) -> int:
     return -(-value // grain) * grain
+
+
+def _shift_in_place(t: torch.Tensor, live: int, length: int, shift: int) -> None:
+    """Move the live rows' first ``length`` columns ``shift`` columns over, in the same buffer, in
+    blocks that never overlap their source (so nothing is allocated); shifting right zeroes the
+    columns freed on the left."""
+    if shift > 0:
+        end = length
+        while end > 0:
+            start = max(0, end - shift)
+            t[:live, :, start + shift:end + shift] = t[:live, :, start:end]
+            end = start
+        t[:live, :, :shift] = 0
+    elif shift < 0:
+        step, start = -shift, 0
+        while start < length + shift:
+            stop = min(length + shift, start + step)
+            t[:live, :, start:stop] = t[:live, :, start + step:stop + step]
+            start = stop
 
 
 def _moved(old: torch.Tensor, rows: int, columns: int, live: int, length: int, shift: int) -> torch.Tensor:

@@ -48,10 +48,13 @@ class ChunkPublisher:
     def _run(self) -> None:
         while (item := self._queue.get()) is not _STOP:
             chunks, then = item
-            if chunks:
-                self.write(chunks)
-            if then is not None:
-                then()
+            try:
+                if chunks:
+                    self.write(chunks)
+                if then is not None:
+                    then()
+            except Exception:  # one bad item must not stop the queue behind it
+                log.exception("publishing failed")
 
     def write(self, chunks: list[StreamChunk]) -> None:
         """Append each chunk to its job's stream and publish it on its job's channel, in one pipeline.

@@ -93,27 +93,36 @@ class JobStream:
         return chunk
 
 
-class CancelMonitor(StoppingCriteria):
-    """Cancellation inside one generate() call (beam search): a stopping criterion that generate()
-    asks after every step, which ends the rows of cancelled jobs and lets the others go on."""
+class RowMonitor(StoppingCriteria):
+    """Cancellation and stop strings inside one generate() call (beam search): a stopping criterion
+    that generate() asks after every step, which ends the rows of cancelled jobs and the rows whose
+    generated text holds a stop string (never counting the prompt, as the decoding batch does); the
+    other rows go on."""
 
-    def __init__(self, job_ids: Sequence[str], prompt_width: int, is_cancelled: Callable[[str], bool], *, beam_search: bool = False):
+    def __init__(self, job_ids: Sequence[str], prompt_width: int, is_cancelled: Callable[[str], bool] | None, stop: Sequence[str],
+                 decode: Callable[[list[int]], str], *, beam_search: bool = False):
         self.job_ids = list(job_ids)
         # Beam search hands over its candidate rows, which are not the same sequences from one step to
         # the next: a cancelled job's beams all end, and beam search returns its best so far.
         self.beam_search = beam_search
         self.width = prompt_width
         self.is_cancelled = is_cancelled
+        self.stop = tuple(stop)
+        self.decode = decode
         self.cancelled_jobs: set[str] = set()
         self.cancelled_rows: dict[int, int] = {}  # row → generated tokens it keeps
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         rows, length = input_ids.shape
         per_job = rows // len(self.job_ids)
-        self.cancelled_jobs |= {j for j in self.job_ids if j not in self.cancelled_jobs and self.is_cancelled(j)}
+        if self.is_cancelled is not None:
+            self.cancelled_jobs |= {j for j in self.job_ids if j not in self.cancelled_jobs and self.is_cancelled(j)}
         done = [self.job_ids[row // per_job] in self.cancelled_jobs for row in range(rows)]
         if not self.beam_search:
             for row in range(rows):
                 if done[row]:
                     self.cancelled_rows.setdefault(row, length - self.width)
+        if self.stop:
+            for row, tokens in enumerate(input_ids[:, self.width:].tolist()):
+                done[row] = done[row] or cut_at_stop(self.decode(tokens), self.stop)[1]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
