@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from producer import keys
-from producer.client import RequestLike, new_job_id, prepare
+from producer.client import RequestLike, enqueue_item, prepare
 from producer.connection import async_redis_client
 from producer.errors import JobNotFoundError, JobTimeoutError
-from producer.queueing import job_message, make_sender
+from producer.enqueue import ENQUEUE_SCRIPT, check_outcome
 from producer.records import JobRecord, JobState, StreamEvent
 from producer.settings import Settings, get_settings
-from producer.store import CANCEL_SCRIPT, CREATE_SCRIPT, CancelOutcome, cancel_call, cancel_outcome, canonical_json, is_final_event, now, record_from_hash
+from producer.store import CANCEL_SCRIPT, CancelOutcome, cancel_call, cancel_outcome, is_final_event, now, record_from_hash
 from producer.streaming import READ_COUNT, StreamFollower
 from producer.workers import WORKERS_MATCH, WorkerInfo, check_against_workers, parse_workers
 
@@ -25,28 +24,21 @@ class AsyncJobClient:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or get_settings()
         self.redis = async_redis_client(self.settings.redis_url)
-        self._create = self.redis.register_script(CREATE_SCRIPT)
+        self._enqueue = self.redis.register_script(ENQUEUE_SCRIPT)
         self._cancel = self.redis.register_script(CANCEL_SCRIPT)
-        self._sender = None
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> AsyncJobClient:
         return cls(Settings(redis_url=url, **overrides))
 
     async def submit(self, request: RequestLike, *, queue: str = keys.QUEUE_INTERACTIVE, check_workers: bool = False) -> str:
+        """As ``JobClient.submit``."""
         validated = prepare(request, self.settings)
         if check_workers:
             check_against_workers(validated, await self.workers())
-        wire = validated.to_wire()
-        job_id = new_job_id()
-        await self._create(keys=[keys.job(job_id)], args=[canonical_json(wire), now(), self.settings.pending_ttl_s])
-        try:
-            # Celery's publisher is synchronous; keep it off the event loop.
-            await asyncio.to_thread(self._celery().send_task, keys.TASK_GENERATE, kwargs=job_message(job_id, wire), task_id=job_id, queue=queue)
-        except BaseException:
-            await self.redis.delete(keys.job(job_id))
-            raise
-        return job_id
+        item = enqueue_item(validated, queue)
+        check_outcome(await self._enqueue(**item.call(now(), self.settings.pending_ttl_s)), item)
+        return item.job_id
 
     async def get(self, job_id: str) -> JobRecord:
         record = record_from_hash(job_id, await self.redis.hgetall(keys.job(job_id)))
@@ -104,9 +96,6 @@ class AsyncJobClient:
         return cancel_outcome(job_id, await self._cancel(**cancel_call(job_id, self.settings.result_ttl_s)))
 
     async def close(self) -> None:
-        if self._sender is not None:
-            self._sender.close()
-            self._sender = None
         await self.redis.aclose()
 
     async def __aenter__(self) -> AsyncJobClient:
@@ -114,8 +103,3 @@ class AsyncJobClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    def _celery(self):
-        if self._sender is None:
-            self._sender = make_sender(self.settings)
-        return self._sender

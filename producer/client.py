@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from producer import keys
 from producer.connection import redis_client
 from producer.errors import JobNotFoundError, JobTimeoutError
-from producer.queueing import job_message, make_sender
+from producer.enqueue import ENQUEUE_SCRIPT, Enqueue, check_outcome, job_id_for
 from producer.records import JobRecord, JobState, StreamEvent
 from producer.schemas import GenerationRequest, parse_request
 from producer.settings import Settings, get_settings
-from producer.store import CancelOutcome, JobStore, canonical_json, is_final_event
+from producer.store import CancelOutcome, JobStore, canonical_json, is_final_event, now
 from producer.streaming import READ_COUNT, StreamFollower
 from producer.workers import WorkerInfo, check_against_workers, live_workers
 
 RequestLike = GenerationRequest | Mapping[str, Any]
-
-
-def new_job_id() -> str:
-    return uuid.uuid4().hex
 
 
 def prepare(request: RequestLike, settings: Settings) -> GenerationRequest:
@@ -30,6 +25,11 @@ def prepare(request: RequestLike, settings: Settings) -> GenerationRequest:
     if isinstance(request, GenerationRequest):
         request = request.to_wire()
     return parse_request(request, settings=settings)
+
+
+def enqueue_item(validated: GenerationRequest, queue: str) -> Enqueue:
+    wire = validated.to_wire()
+    return Enqueue(job_id_for(validated), wire, canonical_json(wire), queue)
 
 
 class JobClient:
@@ -44,7 +44,7 @@ class JobClient:
         self.settings = settings or get_settings()
         self.redis = redis_client(self.settings.redis_url)
         self.store = JobStore(self.redis, result_ttl_s=self.settings.result_ttl_s, pending_ttl_s=self.settings.pending_ttl_s)
-        self._sender = None
+        self._enqueue = self.redis.register_script(ENQUEUE_SCRIPT)
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> JobClient:
@@ -52,19 +52,15 @@ class JobClient:
 
     def submit(self, request: RequestLike, *, queue: str = keys.QUEUE_INTERACTIVE, check_workers: bool = False) -> str:
         """Validate and enqueue one job; returns its id. Raises InvalidRequestError on bad input, and
-        with ``check_workers`` when no live worker could run it (see ``workers()``)."""
+        with ``check_workers`` when no live worker could run it (see ``workers()``). With an
+        ``idempotency_key`` already used, returns that job's id and enqueues nothing (a different
+        request under the same key is refused)."""
         validated = prepare(request, self.settings)
         if check_workers:
             check_against_workers(validated, self.workers())
-        wire = validated.to_wire()
-        job_id = new_job_id()
-        self.store.create(job_id, canonical_json(wire))
-        try:
-            self._celery().send_task(keys.TASK_GENERATE, kwargs=job_message(job_id, wire), task_id=job_id, queue=queue)
-        except BaseException:
-            self.store.delete(job_id)
-            raise
-        return job_id
+        item = enqueue_item(validated, queue)
+        check_outcome(self._enqueue(**item.call(now(), self.settings.pending_ttl_s)), item)
+        return item.job_id
 
     def get(self, job_id: str) -> JobRecord:
         record = self.store.get(job_id)
@@ -128,9 +124,6 @@ class JobClient:
         return self.store.cancel(job_id)
 
     def close(self) -> None:
-        if self._sender is not None:
-            self._sender.close()
-            self._sender = None
         self.redis.close()
 
     def __enter__(self) -> JobClient:
@@ -138,8 +131,3 @@ class JobClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _celery(self):
-        if self._sender is None:
-            self._sender = make_sender(self.settings)
-        return self._sender

@@ -23,6 +23,16 @@ def job_chunks(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:chunks"
 
 
+def batch(batch_id: str) -> str:
+    """Hash of a batch: its counts by state (kept by the job transitions), total, times, state."""
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def batch_jobs(batch_id: str) -> str:
+    """List of a batch's job ids, in input order."""
+    return f"{PREFIX}:batch:{batch_id}:jobs"
+
+
 def worker(name: str) -> str:
     """A live worker's announcement (JSON WorkerInfo), renewed by its heartbeat; expires when it stops."""
     return f"{PREFIX}:worker:{name}"

@@ -1,6 +1,8 @@
-"""How jobs travel through Celery: the configuration both sides share, and the producer's sender.
+"""The Celery configuration the producer and the worker share.
 
-The producer never imports the worker: it sends by task name over a Celery app that has no tasks.
+The producer writes its messages itself (producer/enqueue.py: the same messages Celery would send,
+with the job's record, in one script); ``make_sender`` is a Celery app with this configuration and no
+tasks, for tools that talk Celery (an event receiver, a raw ``send_task``).
 """
 
 from __future__ import annotations
@@ -44,8 +46,3 @@ def make_sender(settings: Settings):
     app = Celery("belle-producer", set_as_current=False)
     app.conf.update(celery_config(settings))
     return app
-
-
-def job_message(job_id: str, request_wire: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of one generate task: the job id and its validated request."""
-    return {"job_id": job_id, "request": request_wire}

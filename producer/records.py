@@ -90,6 +90,9 @@ class JobRecord(_Frozen):
     attempts: int = 0
     worker: str | None = None
     cancel_requested_at: float | None = None  # set by cancel() while the job was running
+    batch_id: str | None = None  # the batch it came in, with its custom_id and input line
+    custom_id: str | None = None
+    line: int | None = None
     request: Any = None  # the validated request; for a malformed message, whatever JSON it carried
     result: JobResult | None = None
     error: JobError | None = None

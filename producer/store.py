@@ -22,6 +22,19 @@ from producer.records import FINAL_STATES, JobError, JobRecord, JobResult, JobSt
 
 _FINAL = "{" + ", ".join(f"['{s.value}']=true" for s in FINAL_STATES) + "}"
 
+# A batch job's record holds its batch's key ('batch'): each state change moves one count there, in
+# the same script, so the batch's counts are always those of its jobs.
+_BATCH_MOVE = """
+local function batch_move(from, to)
+  local batch = redis.call('HGET', KEYS[1], 'batch')
+  if batch and from and from ~= to then
+    redis.call('HINCRBY', batch, from, -1)
+    redis.call('HINCRBY', batch, to, 1)
+  end
+  return batch
+end
+"""
+
 # KEYS: record. ARGV: request JSON, now, pending ttl.
 CREATE_SCRIPT = """
 redis.call('HSET', KEYS[1], 'state', 'queued', 'created_at', ARGV[2], 'attempts', 0, 'request', ARGV[1])
@@ -32,7 +45,7 @@ return 1
 # KEYS: record, chunks. ARGV: worker, now, pending ttl, request JSON (canonical), channel, max attempts.
 # Returns {outcome, attempts, created_at}: outcome is 'run', 'final:<state>', 'mismatch', 'exhausted'
 # or 'cancel' (its cancellation was requested while an earlier attempt ran).
-START_SCRIPT = f"""
+START_SCRIPT = _BATCH_MOVE + f"""
 local final = {_FINAL}
 local state = redis.call('HGET', KEYS[1], 'state')
 if state and final[state] then
@@ -54,6 +67,10 @@ if done >= tonumber(ARGV[6]) then
   return {{'exhausted', done, ''}}
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local batch = batch_move(state, 'running')
+if batch then
+  redis.call('HSETNX', batch, 'first_started_at', ARGV[2])
+end
 redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2], 'worker', ARGV[1])
 redis.call('DEL', KEYS[2])  -- chunks of an earlier attempt: this one streams from the start
 redis.call('PUBLISH', ARGV[5], cjson.encode({{event='state', state='running', attempts=attempts}}))
@@ -62,10 +79,11 @@ return {{'run', attempts, redis.call('HGET', KEYS[1], 'created_at')}}
 
 # KEYS: record. ARGV: worker, channel. A job its worker took but did not start (the worker is
 # stopping): back to queued, the attempt not counted, unless it has ended or another worker took it.
-RELEASE_SCRIPT = """
+RELEASE_SCRIPT = _BATCH_MOVE + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
   return 0
 end
+batch_move('running', 'queued')
 redis.call('HSET', KEYS[1], 'state', 'queued')
 redis.call('HINCRBY', KEYS[1], 'attempts', -1)
 redis.call('HDEL', KEYS[1], 'started_at', 'worker')
@@ -75,8 +93,9 @@ return 1
 
 # Writes a final state: the record, its expiry, the end event on the chunks stream (when the job
 # streamed) and on the channel. The caller has checked that the record is not final yet.
-_FINALIZE = """
+_FINALIZE = _BATCH_MOVE + """
 local function finalize(state, now, ttl, field, payload, channel, end_event, streaming)
+  batch_move(redis.call('HGET', KEYS[1], 'state'), state)
   redis.call('HSET', KEYS[1], 'state', state, 'finished_at', now)
   if field ~= '' then
     redis.call('HSET', KEYS[1], field, payload)
@@ -172,6 +191,9 @@ def record_from_hash(job_id: str, data: dict[str, str]) -> JobRecord | None:
         worker=data.get("worker") or None,
         cancel_requested_at=number("cancel_requested_at"),
         request=json.loads(data["request"]) if data.get("request") else None,
+        batch_id=data.get("batch_id") or None,
+        custom_id=data.get("custom_id") or None,
+        line=int(data["line"]) if data.get("line") else None,
         result=JobResult.model_validate_json(data["result"]) if data.get("result") else None,
         error=JobError.model_validate_json(data["error"]) if data.get("error") else None,
     )

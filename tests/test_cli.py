@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from producer.client import new_job_id
+from producer.enqueue import new_job_id
 from producer.store import canonical_json
 
 # Run the CLI in a fresh interpreter where torch, transformers and the worker cannot be imported,

@@ -7,7 +7,7 @@ import time
 
 from producer import keys
 from producer.aio import AsyncJobClient
-from producer.client import new_job_id
+from producer.enqueue import new_job_id
 from producer.errors import ErrorCode
 from producer.queueing import make_sender
 from producer.records import FinishReason, JobState

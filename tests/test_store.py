@@ -8,7 +8,7 @@ import time
 import pytest
 
 from producer import keys
-from producer.client import new_job_id
+from producer.enqueue import new_job_id
 from producer.connection import redis_client
 from producer.errors import ErrorCode
 from producer.records import JobError, JobState

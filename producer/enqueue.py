@@ -1,0 +1,112 @@
+"""Enqueueing jobs: the job's record and its Celery message written by one Lua script, atomically.
+
+A job is either wholly enqueued (record, message on its queue, batch bookkeeping) or not at all,
+whatever happens to the submitting process; and submitting it again (same job id: see ``job_id_for``)
+finds its record and enqueues nothing. The message is the one Celery's ``send_task`` would publish
+(task protocol 2, JSON, kombu's Redis envelope), built here so that a whole chunk of jobs goes in one
+pipeline: one round trip per chunk instead of two per job.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from producer import keys
+from producer.errors import InvalidRequestError
+from producer.schemas import GenerationRequest
+
+# Job ids derived from an idempotency key (or a batch id and line) are UUID5s in this namespace.
+NAMESPACE = uuid.UUID("6c0f1e8a-2f5d-4f2b-9a4e-5b1d0c3e7a91")
+ORIGIN = f"belle-producer@{socket.gethostname()}:{os.getpid()}"
+
+# KEYS: record, queue, batch hash ('' key when none), batch job list. ARGV: request JSON, now,
+# pending ttl, message envelope, job id, batch key ('' when none), batch id, custom id, line.
+# Returns 'created', 'exists' (same request: nothing done) or 'conflict' (another request).
+ENQUEUE_SCRIPT = """
+local existing = redis.call('HGET', KEYS[1], 'request')
+if existing then
+  if existing == ARGV[1] then return 'exists' end
+  return 'conflict'
+end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'created_at', ARGV[2], 'attempts', 0, 'request', ARGV[1])
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[1], 'batch', ARGV[6], 'batch_id', ARGV[7], 'custom_id', ARGV[8], 'line', ARGV[9])
+  redis.call('HINCRBY', KEYS[3], 'queued', 1)
+  redis.call('RPUSH', KEYS[4], ARGV[5])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('LPUSH', KEYS[2], ARGV[4])
+return 'created'
+"""
+
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def derived_job_id(key: str) -> str:
+    return uuid.uuid5(NAMESPACE, key).hex
+
+
+def job_id_for(request: GenerationRequest) -> str:
+    """A fresh id, or with an idempotency key always the same one for that key."""
+    return derived_job_id(f"idempotency:{request.idempotency_key}") if request.idempotency_key is not None else new_job_id()
+
+
+def task_message(job_id: str, request_wire: dict[str, Any], queue: str) -> str:
+    """The message Celery's send_task would put on ``queue`` for ``belle.generate(job_id, request)``.
+    Its ``kwargsrepr`` (what Flower shows) names the job only, not the prompt."""
+    body = json.dumps([[], {"job_id": job_id, "request": request_wire}, _EMBED], ensure_ascii=False, separators=(",", ":"))
+    return json.dumps({
+        "body": base64.b64encode(body.encode("utf-8")).decode("ascii"),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py", "task": keys.TASK_GENERATE, "id": job_id, "shadow": None, "eta": None, "expires": None, "group": None,
+            "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": job_id, "parent_id": None, "argsrepr": "()",
+            "kwargsrepr": f"{{'job_id': '{job_id}'}}", "origin": ORIGIN, "ignore_result": True, "replaced_task_nesting": 0,
+            "stamped_headers": None, "stamps": {},
+        },
+        "properties": {
+            "correlation_id": job_id, "reply_to": "", "delivery_mode": 2, "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0, "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
+        },
+    }, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Enqueue:
+    """One job to enqueue: its id, validated request (wire form and canonical JSON) and queue, and
+    for a batch job, its batch and place in it."""
+
+    job_id: str
+    wire: dict[str, Any]
+    request_json: str
+    queue: str
+    batch_id: str = ""
+    custom_id: str = ""
+    line: int = 0
+
+    def call(self, now: float, pending_ttl_s: int) -> dict[str, list]:
+        """ENQUEUE_SCRIPT's keys and arguments."""
+        batch = keys.batch(self.batch_id) if self.batch_id else ""
+        return {
+            "keys": [keys.job(self.job_id), self.queue, batch or keys.job(self.job_id), keys.batch_jobs(self.batch_id) if self.batch_id else keys.job(self.job_id)],
+            "args": [self.request_json, now, pending_ttl_s, task_message(self.job_id, self.wire, self.queue), self.job_id, batch,
+                     self.batch_id, self.custom_id, self.line],
+        }
+
+
+def check_outcome(outcome: str, item: Enqueue) -> None:
+    if outcome == "conflict":
+        key = item.wire.get("idempotency_key")
+        raise InvalidRequestError.single("idempotency_key", key, f"idempotency_key {key!r} was already used for a different request (job {item.job_id}); "
+                                                                 "use a new key for a new request")
