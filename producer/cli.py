@@ -28,7 +28,7 @@ def _client(args: argparse.Namespace):
     return JobClient(_settings(args))
 
 
-def _parse_set(pairs: list[str]) -> dict:
+def parse_set(pairs: list[str]) -> dict:
     from producer.errors import InvalidRequestError
 
     out = {}
@@ -54,7 +54,7 @@ def _print_record(record, as_json: bool) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    request = _parse_set(args.set or [])
+    request = parse_set(args.set or [])
     if args.prompt is not None:
         request["prompt"] = args.prompt
     if args.messages is not None:
@@ -183,6 +183,16 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _with_client(command):
+    """A command that gets a JobClient made from the command line's Redis URL."""
+
+    def run(args: argparse.Namespace) -> int:
+        with _client(args) as client:
+            return command(args, client)
+
+    return run
+
+
 def cmd_redis(args: argparse.Namespace) -> int:
     import signal
 
@@ -247,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the named parameter sets")
     p.set_defaults(func=cmd_presets)
 
+    from producer import cli_batch
+
+    cli_batch.register(sub, _with_client)
+
     p = sub.add_parser("redis", help="run an embedded redis-server in the foreground and print its URL")
     p.add_argument("--port", type=int, help="port (default: a free one)")
     p.add_argument("--dir", help="data folder (default: a temporary one)")
@@ -283,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot reach redis ({exc}); start one (`belle-queue redis`) or set --redis-url / BELLE_REDIS_URL", file=sys.stderr)
         return EXIT_REDIS
     except BelleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from producer import keys
 from producer.connection import redis_client
 from producer.errors import JobNotFoundError, JobTimeoutError
 from producer.enqueue import ENQUEUE_SCRIPT, Enqueue, check_outcome, job_id_for
-from producer.records import JobRecord, JobState, StreamEvent
+from producer.batches import Batches, BatchResultLine, BatchStatus, BatchSubmission, ListSource
+from producer.records import JobError, JobRecord, JobResult, JobState, StreamEvent
 from producer.schemas import GenerationRequest, parse_request
 from producer.settings import Settings, get_settings
 from producer.store import CancelOutcome, JobStore, canonical_json, is_final_event, now
@@ -112,6 +114,43 @@ class JobClient:
                     if not follower.done:
                         events += follower.from_record(record)
             yield from events
+
+    # --- batches (see producer/batches.py) ---
+
+    def submit_batch(self, requests: Iterable[Mapping[str, Any] | str], *, preset: str | None = None, defaults: Mapping[str, Any] | None = None,
+                     batch_id: str | None = None, new: bool = False, completion_window_s: float | None = None, skip_invalid: bool = False,
+                     name: str | None = None, progress: bool | None = False) -> BatchSubmission:
+        """Validate every request (mappings, or JSONL lines as strings; plain or OpenAI batch lines),
+        then enqueue them all to the bulk queue as one batch, in input order. ``preset`` and
+        ``defaults`` apply to every line, whose own fields win. Raises InvalidRequestError listing the
+        bad lines unless ``skip_invalid`` (then they come back in ``refused``). The same requests
+        submitted again resume the same batch (nothing is enqueued twice) unless ``new``. The iterable
+        is read into memory; for large inputs use a file (``belle-queue batch submit``)."""
+        options = {**({"preset": preset} if preset else {}), **(defaults or {})}
+        return self.batches.submit(ListSource(requests), defaults=options, batch_id=batch_id, new=new, completion_window_s=completion_window_s,
+                                   skip_invalid=skip_invalid, name=name, progress=progress)
+
+    def batch_status(self, batch_id: str) -> BatchStatus:
+        """Counts by state (total, queued, running, succeeded, failed, cancelled, expired), rate and ETA."""
+        return self.batches.status(batch_id)
+
+    def iter_batch_results(self, batch_id: str) -> Iterator[BatchResultLine]:
+        """Every job of the batch in input order, finished or not (its ``state`` says)."""
+        for job_id, fields in self.batches.results(batch_id):
+            yield BatchResultLine(line=int(fields["line"] or 0), custom_id=fields["custom_id"] or "", job_id=job_id, state=JobState(fields["state"] or "expired"),
+                                  result=JobResult.model_validate_json(fields["result"]) if fields["result"] else None,
+                                  error=JobError.model_validate_json(fields["error"]) if fields["error"] else None)
+
+    def cancel_batch(self, batch_id: str) -> dict[str, int]:
+        """Cancel the batch's jobs not ended yet; returns how many ended 'cancelled' (queued ones), were
+        'requested' (running ones stop at their next step), or had 'ended' already."""
+        return self.batches.cancel(batch_id)
+
+    @functools.cached_property
+    def batches(self) -> Batches:
+        from producer.presets import load_presets
+
+        return Batches(self.redis, self.settings, lambda: load_presets(self.settings))
 
     def workers(self) -> list[WorkerInfo]:
         """The live workers: what each serves (model, adapters, hardware profile and caps, device)."""

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     max_stop_strings: int = Field(8, ge=0, description="Most `stop` strings per request.")
     max_stop_chars: int = Field(64, ge=1, description="Longest `stop` string.")
     max_metadata_bytes: int = Field(4_096, ge=0, description="Largest `metadata` object, as JSON bytes.")
+    max_batch_lines: int = Field(1_000_000, ge=1, description="Most lines in one batch.")
+    max_batch_line_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Longest line of a batch file, in bytes.")
 
     # --- delivery (Celery on Redis) ---
     max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails with worker_lost (poison limit).")

@@ -21,7 +21,8 @@ from producer.settings import Settings
 
 @pytest.fixture(scope="session")
 def redis_server():
-    with EmbeddedRedis() as server:
+    # Tests that need a quiet queue use a database of their own.
+    with EmbeddedRedis(args=["--databases", "64"]) as server:
         yield server
 
 

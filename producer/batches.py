@@ -1,0 +1,477 @@
+"""Batches: many jobs from a JSONL file (or any iterable), validated whole before anything is
+enqueued, then enqueued to the bulk queue in pipelined chunks; their counts, their results in input
+order, and their cancellation.
+
+An input line is either a plain object — ``custom_id`` (optional; unique in the batch), ``prompt`` or
+``messages``, and any request field — or an OpenAI batch line, ``{"custom_id", "method": "POST",
+"url": "/v1/chat/completions" | "/v1/completions", "body": {...}}``, whose body is mapped to a request
+(``max_tokens`` → ``max_new_tokens``, ``n`` → ``num_return_sequences``, ...) with OpenAI's defaults
+(sampling at temperature 1; 0 is greedy); what has no equivalent is refused, naming the field.
+
+A batch's jobs have ids derived from the batch id and their line, and the batch id defaults to a
+digest of the input and the options: submitting the same file again (after the submitting process
+crashed, say) resumes the same batch and enqueues only the lines that are not in yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from producer import keys
+from producer.enqueue import ENQUEUE_SCRIPT, Enqueue, derived_job_id
+from producer.errors import BelleError, InvalidRequestError
+from producer.progress import Progress
+from producer.records import JobError, JobResult, JobState
+from producer.schemas import parse_request
+from producer.settings import Settings
+from producer.store import CANCEL_SCRIPT, cancel_call, canonical_json, now
+
+CHUNK = 1_000  # jobs per pipeline (one round trip)
+BATCH_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+COUNTED = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
+
+# OpenAI batch lines: what maps, what is dropped, what only its neutral value passes.
+OPENAI_URLS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
+OPENAI_RENAMED = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "n": "num_return_sequences", "top_p": "top_p",
+                  "stop": "stop", "seed": "seed", "metadata": "metadata"}
+OPENAI_DROPPED = {"model", "user", "store", "service_tier"}  # the worker serves its own model
+OPENAI_NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "top_logprobs": 0, "stream": False, "echo": False, "best_of": 1}
+OPENAI_DEFAULTS = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "num_beams": 1}
+
+# KEYS: batch. ARGV: now. A batch whose lines are all in: submitted (unless cancelled meanwhile).
+SUBMITTED_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'state') == 'submitting' then
+  redis.call('HSET', KEYS[1], 'state', 'submitted', 'submitted_at', ARGV[1])
+end
+return 1
+"""
+
+
+class BatchError(BelleError):
+    """A batch that does not exist, or cannot be submitted as asked."""
+
+
+@dataclass(frozen=True)
+class LineError:
+    line: int
+    custom_id: str | None
+    message: str
+
+    def to_json(self) -> str:
+        return json.dumps({"line": self.line, "custom_id": self.custom_id, "error": self.message}, ensure_ascii=False)
+
+    def __str__(self) -> str:
+        return f"line {self.line}{f' ({self.custom_id})' if self.custom_id else ''}: {self.message}"
+
+
+@dataclass
+class BatchSubmission:
+    batch_id: str
+    total: int  # valid lines, all now in the batch
+    created: int  # jobs this call enqueued (the others were already in: a resumed batch)
+    refused: list[LineError] = field(default_factory=list)
+    deadline: float | None = None
+
+
+class BatchStatus(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    batch_id: str
+    state: str  # submitting | submitted | cancelled
+    total: int
+    queued: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    expired: int = 0
+    refused: int = 0  # invalid lines skipped at submission
+    created_at: float
+    first_started_at: float | None = None
+    deadline: float | None = None
+    source: str | None = None
+    rate: float | None = None  # jobs ended per second since the first started
+    eta_s: float | None = None  # at that rate, until every job has ended
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.failed + self.cancelled + self.expired
+
+    @property
+    def finished(self) -> bool:
+        return self.state != "submitting" and self.done >= self.total
+
+
+class BatchResultLine(BaseModel):
+    """One input line's outcome, as written to a results file."""
+
+    model_config = ConfigDict(frozen=True)
+
+    line: int
+    custom_id: str
+    job_id: str
+    state: JobState
+    result: JobResult | None = None
+    error: JobError | None = None
+
+
+# --- reading input lines ---
+
+
+def parse_line(raw: str | Mapping[str, Any], line: int, defaults: Mapping[str, Any], presets: Mapping[str, Mapping[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """(custom_id, request fields) of one input line; raises InvalidRequestError."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError as exc:
+            raise InvalidRequestError.single("line", None, f"not JSON: {exc}") from None
+    if not isinstance(raw, Mapping):
+        raise InvalidRequestError.single("line", None, f"a line must be a JSON object, got {type(raw).__name__}")
+    data = dict(raw)
+    custom_id = data.pop("custom_id", None)
+    if custom_id is not None and (not isinstance(custom_id, str) or not 1 <= len(custom_id) <= 256):
+        raise InvalidRequestError.single("custom_id", custom_id, "custom_id must be a string of 1 to 256 characters")
+    if "body" in data or "url" in data or "method" in data:
+        if custom_id is None:
+            raise InvalidRequestError.single("custom_id", None, "custom_id is required on an OpenAI batch line")
+        preset = {**presets.get(defaults.get("preset"), {})} if defaults.get("preset") in presets else {}
+        fields = {**OPENAI_DEFAULTS, **preset, **{k: v for k, v in defaults.items() if k != "preset"}, **openai_request(data)}
+        return custom_id, fields
+    return custom_id or f"line-{line}", {**defaults, **data}
+
+
+def openai_request(line: Mapping[str, Any]) -> dict[str, Any]:
+    """An OpenAI batch line's body as request fields; raises InvalidRequestError for what cannot map."""
+    extra = sorted(set(line) - {"method", "url", "body"})
+    if extra:
+        raise InvalidRequestError.single(extra[0], None, f"{extra[0]} is not a field of an OpenAI batch line (custom_id, method, url, body)")
+    if line.get("method", "POST") != "POST":
+        raise InvalidRequestError.single("method", line.get("method"), f"method must be POST, got {line.get('method')!r}")
+    url = line.get("url")
+    if url not in OPENAI_URLS:
+        raise InvalidRequestError.single("url", url, f"url must be one of {sorted(OPENAI_URLS)}, got {url!r}")
+    body = line.get("body")
+    if not isinstance(body, Mapping):
+        raise InvalidRequestError.single("body", None, "body must be a JSON object")
+    out: dict[str, Any] = {}
+    for name, value in body.items():
+        where = f"body.{name}"
+        if name in ("messages", "prompt"):
+            if OPENAI_URLS[url] != name:
+                raise InvalidRequestError.single(where, None, f"{where} does not go with url {url} (it takes {OPENAI_URLS[url]})")
+            out[name] = _openai_messages(value) if name == "messages" else _openai_prompt(value)
+        elif name == "temperature":
+            if value == 0:
+                out.update(do_sample=False)
+            else:
+                out.update(do_sample=True, temperature=value)
+        elif name == "logprobs":
+            out["output_scores"] = bool(value)
+        elif name in OPENAI_RENAMED:
+            out[OPENAI_RENAMED[name]] = value
+        elif name in OPENAI_DROPPED:
+            continue
+        elif name in OPENAI_NEUTRAL:
+            if value != OPENAI_NEUTRAL[name]:
+                hint = "; repetition_penalty is the nearest (set it with --set)" if name.endswith("_penalty") else ""
+                raise InvalidRequestError.single(where, value, f"{where} is not supported here (only {OPENAI_NEUTRAL[name]!r}), got {value!r}{hint}")
+        else:
+            raise InvalidRequestError.single(where, None, f"{where} is not supported here; remove it")
+    if out.get("do_sample") is False:
+        out.setdefault("num_beams", 1)
+    return out
+
+
+def _openai_messages(messages: Any) -> list[dict[str, str]]:
+    if not isinstance(messages, list):
+        raise InvalidRequestError.single("body.messages", None, "body.messages must be a list")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InvalidRequestError.single(f"body.messages[{i}]", None, f"body.messages[{i}] must be an object")
+        role = {"developer": "system"}.get(message.get("role"), message.get("role"))
+        if role not in ("system", "user", "assistant"):
+            raise InvalidRequestError.single(f"body.messages[{i}].role", role, f"body.messages[{i}].role must be system, developer, user or assistant, got {role!r}")
+        content = message.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise InvalidRequestError.single(f"body.messages[{i}].content", None, f"body.messages[{i}].content may hold text parts only")
+            content = "".join(p["text"] for p in content)
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _openai_prompt(prompt: Any) -> Any:
+    if isinstance(prompt, list):
+        raise InvalidRequestError.single("body.prompt", None, "body.prompt must be one string (one job per line)")
+    return prompt
+
+
+# --- sources: what a batch is read from, possibly twice (once to check it, once to enqueue it) ---
+
+
+class FileSource:
+    """A JSONL file's non-blank lines, numbered from 1 as in the file."""
+
+    def __init__(self, path: str | Path, max_line_bytes: int):
+        self.path = Path(path)
+        self.max_line_bytes = max_line_bytes
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        with open(self.path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                if len(raw) > self.max_line_bytes:
+                    yield number, _TooLong(len(raw), self.max_line_bytes)
+                    continue
+                text = raw.decode("utf-8", errors="replace").strip()
+                if text:
+                    yield number, text
+
+
+@dataclass(frozen=True)
+class _TooLong:
+    size: int
+    limit: int
+
+
+class ListSource:
+    def __init__(self, items: Iterable[str | Mapping[str, Any]]):
+        self.items = list(items)
+
+    def __iter__(self) -> Iterator[tuple[int, str | Mapping[str, Any]]]:
+        return iter(enumerate(self.items, 1))
+
+
+# --- the batch operations, against one Redis ---
+
+
+class Batches:
+    def __init__(self, redis, settings: Settings, presets_loader: Callable[[], Mapping[str, Mapping[str, Any]]]):
+        self.redis = redis
+        self.settings = settings
+        self._presets_loader = presets_loader
+        self._enqueue = redis.register_script(ENQUEUE_SCRIPT)
+        self._cancel = redis.register_script(CANCEL_SCRIPT)
+        self._submitted = redis.register_script(SUBMITTED_SCRIPT)
+
+    def submit(self, source, *, defaults: Mapping[str, Any] | None = None, batch_id: str | None = None, new: bool = False,
+               completion_window_s: float | None = None, skip_invalid: bool = False, queue: str = keys.QUEUE_BULK,
+               name: str | None = None, progress: bool | None = None) -> BatchSubmission:
+        """Check every line, then enqueue the valid ones (all of them, or with ``skip_invalid`` the
+        valid ones, the others returned as refused). Raises InvalidRequestError listing the bad lines
+        (the first 50) when any is bad and ``skip_invalid`` is off; nothing is enqueued then."""
+        defaults = dict(defaults or {})
+        presets = self._presets_loader()
+        valid, refused, digest = self._check(source, defaults, presets)
+        if refused and not skip_invalid:
+            shown = "; ".join(str(e) for e in refused[:50])
+            more = f"; and {len(refused) - 50} more" if len(refused) > 50 else ""
+            raise InvalidRequestError.single("file", None, f"{len(refused)} of {len(valid) + len(refused)} lines are invalid, nothing was submitted: {shown}{more}"
+                                                            " (fix them, or --skip-invalid to submit the valid lines)")
+        if not valid:
+            raise BatchError("no valid line to submit")
+        digest.update(json.dumps([defaults, completion_window_s, queue, skip_invalid], sort_keys=True).encode())
+        batch_id = batch_id or (uuid.uuid4().hex if new else digest.hexdigest()[:32])
+        if not BATCH_ID.match(batch_id):
+            raise InvalidRequestError.single("batch_id", batch_id, "batch_id must match [A-Za-z0-9_-]{1,64}")
+        deadline = self._open(batch_id, len(valid), len(refused), completion_window_s, queue, name)
+        created = self._enqueue_lines(source, valid, batch_id, defaults, presets, deadline, queue, progress)
+        self._submitted(keys=[keys.batch(batch_id)], args=[now()])
+        return BatchSubmission(batch_id, len(valid), created, refused, deadline)
+
+    def _check(self, source, defaults, presets) -> tuple[dict[int, Any], list[LineError], Any]:
+        """The valid lines (line → its request, kept for an in-memory source, else None), the refused
+        ones, and a digest of the input."""
+        keep = isinstance(source, ListSource)
+        valid: dict[int, Any] = {}
+        refused: list[LineError] = []
+        seen: dict[str, int] = {}
+        digest = hashlib.sha256()
+        limit = self.settings.max_batch_lines
+        for count, (line, raw) in enumerate(source, 1):
+            if count > limit:
+                raise InvalidRequestError.single("file", None, f"a batch may hold at most {limit} lines (BELLE_MAX_BATCH_LINES); split the file")
+            digest.update(f"{line}:".encode() + (raw.encode() if isinstance(raw, str) else canonical_json(raw).encode() if isinstance(raw, Mapping) else b"?") + b"\n")
+            custom_id, error, request = self._validate(raw, line, defaults, presets)
+            if error is None and custom_id in seen:
+                error = f"custom_id {custom_id!r} is also on line {seen[custom_id]}"
+            if error is not None:
+                refused.append(LineError(line, custom_id, error))
+                continue
+            seen[custom_id] = line
+            valid[line] = (custom_id, request) if keep else None
+        return valid, refused, digest
+
+    def _validate(self, raw, line: int, defaults, presets):
+        """(custom_id, error message or None, the validated request)."""
+        if isinstance(raw, _TooLong):
+            return None, f"the line is {raw.size} bytes, more than BELLE_MAX_BATCH_LINE_BYTES={raw.limit}", None
+        custom_id = None
+        try:
+            if isinstance(raw, str):
+                try:
+                    raw = json.loads(raw)
+                except ValueError as exc:
+                    raise InvalidRequestError.single("line", None, f"not JSON: {exc}") from None
+            if isinstance(raw, Mapping) and isinstance(raw.get("custom_id"), str):
+                custom_id = raw["custom_id"]
+            custom_id, fields = parse_line(raw, line, defaults, presets)
+            request = parse_request(fields, presets=presets, settings=self.settings)
+        except InvalidRequestError as exc:
+            return custom_id, str(exc), None
+        return custom_id, None, request
+
+    def _open(self, batch_id: str, total: int, refused: int, window_s: float | None, queue: str, name: str | None) -> float | None:
+        """Create the batch's hash (or find it: a resubmission); returns its deadline."""
+        key = keys.batch(batch_id)
+        created_at = now()
+        deadline = round(created_at + window_s, 3) if window_s else None
+        fields = {"batch_id": batch_id, "state": "submitting", "total": total, "refused": refused, "created_at": created_at, "queue": queue}
+        if deadline is not None:
+            fields["deadline"] = deadline
+        if name:
+            fields["source"] = name
+        pipe = self.redis.pipeline()
+        pipe.hsetnx(key, "created_at", created_at)
+        pipe.hget(key, "state")
+        fresh, state = pipe.execute()[:2]
+        if not fresh:
+            if state == "cancelled":
+                raise BatchError(f"batch {batch_id} was cancelled; submit with --new (or another batch id) to run these lines again")
+            stored = self.redis.hget(key, "deadline")
+            return float(stored) if stored else None
+        pipe = self.redis.pipeline()
+        pipe.hset(key, mapping=fields)
+        for name_ in COUNTED:
+            pipe.hsetnx(key, name_, 0)
+        pipe.expire(key, self.settings.pending_ttl_s)
+        pipe.execute()
+        return deadline
+
+    def _enqueue_lines(self, source, valid: dict[int, Any], batch_id: str, defaults, presets, deadline, queue, progress) -> int:
+        bar = Progress(len(valid), f"batch {batch_id[:12]}", enabled=progress)
+        created = 0
+        chunk: list[Enqueue] = []
+
+        def flush() -> int:
+            pipe = self.redis.pipeline(transaction=False)
+            stamp = now()
+            for item in chunk:
+                self._enqueue(**item.call(stamp, self.settings.pending_ttl_s), client=pipe)
+            pipe.expire(keys.batch(batch_id), self.settings.pending_ttl_s)
+            pipe.expire(keys.batch_jobs(batch_id), self.settings.pending_ttl_s)
+            pipe.hget(keys.batch(batch_id), "state")
+            outcomes = pipe.execute()
+            conflicts = [item.line for item, outcome in zip(chunk, outcomes, strict=False) if outcome == "conflict"]
+            if conflicts:
+                raise BatchError(f"batch {batch_id} already holds different jobs on lines {conflicts[:10]}: it was submitted from another file "
+                                 "under the same batch id; use --new or another batch id")
+            if outcomes[-1] == "cancelled":
+                raise BatchError(f"batch {batch_id} was cancelled while it was being submitted")
+            bar.update(len(chunk))
+            return sum(outcome == "created" for outcome in outcomes[: len(chunk)])
+
+        try:
+            for line, raw in source:
+                if line not in valid:
+                    continue
+                if valid[line] is not None:
+                    custom_id, request = valid[line]
+                else:
+                    custom_id, error, request = self._validate(raw, line, defaults, presets)
+                    if error is not None:  # the file changed between the two readings
+                        raise BatchError(f"line {line} changed while the batch was submitted: {error}")
+                wire = request.to_wire()
+                if deadline is not None and wire["deadline"] is None:  # the batch's completion window
+                    wire["deadline"] = deadline
+                chunk.append(Enqueue(derived_job_id(f"batch:{batch_id}:{line}"), wire, canonical_json(wire), queue, batch_id, custom_id, line))
+                if len(chunk) >= CHUNK:
+                    created += flush()
+                    chunk = []
+            if chunk:
+                created += flush()
+        finally:
+            bar.close()
+        return created
+
+    # --- after submission ---
+
+    def status(self, batch_id: str) -> BatchStatus:
+        data = self.redis.hgetall(keys.batch(batch_id))
+        if not data or "total" not in data:
+            raise BatchError(f"no batch {batch_id!r}: it never existed here or it expired")
+        counts = {name: max(0, int(data.get(name) or 0)) for name in COUNTED}
+        first = float(data["first_started_at"]) if data.get("first_started_at") else None
+        done = counts["succeeded"] + counts["failed"] + counts["cancelled"] + counts["expired"]
+        total = int(data["total"])
+        rate = eta = None
+        if first is not None and done:
+            rate = done / max(time.time() - first, 1e-9)
+            eta = max(0, total - done) / rate
+        return BatchStatus(batch_id=batch_id, state=data.get("state", "submitted"), total=total, refused=int(data.get("refused") or 0),
+                           created_at=float(data["created_at"]), first_started_at=first,
+                           deadline=float(data["deadline"]) if data.get("deadline") else None, source=data.get("source"),
+                           rate=round(rate, 3) if rate else None, eta_s=round(eta, 1) if eta is not None else None, **counts)
+
+    def results(self, batch_id: str) -> Iterator[tuple[str, dict[str, str]]]:
+        """(job id, record fields) of every job of the batch, in input order."""
+        self.status(batch_id)
+        start = 0
+        fields = ("state", "custom_id", "line", "result", "error")
+        while True:
+            job_ids = self.redis.lrange(keys.batch_jobs(batch_id), start, start + CHUNK - 1)
+            if not job_ids:
+                return
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in job_ids:
+                pipe.hmget(keys.job(job_id), fields)
+            for job_id, values in zip(job_ids, pipe.execute(), strict=True):
+                yield job_id, dict(zip(fields, values, strict=True))
+            start += len(job_ids)
+
+    def cancel(self, batch_id: str) -> dict[str, int]:
+        """Cancel every job of the batch not ended yet: queued ones end cancelled, running ones stop at
+        their next step. Returns how many of each outcome."""
+        self.status(batch_id)
+        self.redis.hset(keys.batch(batch_id), "state", "cancelled")
+        outcomes: dict[str, int] = {}
+        start = 0
+        while True:
+            job_ids = self.redis.lrange(keys.batch_jobs(batch_id), start, start + CHUNK - 1)
+            if not job_ids:
+                return outcomes
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in job_ids:
+                self._cancel(**cancel_call(job_id, self.settings.result_ttl_s), client=pipe)
+            for outcome in pipe.execute():
+                kind = "ended" if outcome.startswith("final:") else outcome
+                outcomes[kind] = outcomes.get(kind, 0) + 1
+            start += len(job_ids)
+
+
+def result_line(job_id: str, fields: Mapping[str, str | None]) -> dict[str, Any]:
+    """One results-file line (plain JSON, results passed through unparsed where they are JSON)."""
+    out: dict[str, Any] = {"line": int(fields["line"] or 0), "custom_id": fields["custom_id"], "job_id": job_id, "state": fields["state"] or "expired"}
+    if fields.get("result"):
+        out["result"] = json.loads(fields["result"])
+    if fields.get("error"):
+        out["error"] = json.loads(fields["error"])
+    return out
+
+
+def parse_duration(text: str) -> float:
+    """'24h', '90m', '3600s', '3600' → seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise InvalidRequestError.single("completion_window", text, f"completion window must be a number of seconds or like 90m, 24h, 2d, got {text!r}")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
