@@ -60,12 +60,17 @@ def machine() -> str:
 
 
 class WorkerSubprocess:
+    """A worker process whose log goes to a temporary file (a pipe nobody reads would fill up and
+    block it)."""
+
     def __init__(self, redis_url: str, model: Path, *, env_overrides: dict[str, str] | None = None, device: str = "cpu"):
         import os
+        import tempfile
 
+        self.log = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "worker", "--redis-url", redis_url, "worker", "--model", str(model), "--device", device, "--name", "bench@localhost"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env_overrides or {})},
+            stdout=subprocess.DEVNULL, stderr=self.log, env={**os.environ, **(env_overrides or {})},
         )
 
     def wait_ready(self, client, timeout: float = 180) -> None:
@@ -74,7 +79,7 @@ class WorkerSubprocess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited: {self.process.stderr.read()}")
+                raise RuntimeError(f"worker exited: {self.read_log()}")
             try:
                 client.wait(job_id, 1)
                 return
@@ -82,11 +87,18 @@ class WorkerSubprocess:
                 continue
         raise TimeoutError("worker did not serve the warm-up job")
 
+    def read_log(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
     def stop(self) -> str:
+        """Stop the worker (warm shutdown); returns its log."""
         self.process.terminate()
         try:
-            _, err = self.process.communicate(timeout=60)
+            self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            _, err = self.process.communicate()
-        return err
+            self.process.wait()
+        text = self.read_log()
+        self.log.close()
+        return text
