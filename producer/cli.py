@@ -290,11 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     except JobNotFoundError as exc:
         print(f"not found: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except redis.AuthenticationError as exc:
-        print(f"redis refused the credentials in the URL: {exc}", file=sys.stderr)
-        return EXIT_REDIS
-    except redis.ConnectionError as exc:
-        print(f"cannot reach redis ({exc}); start one (`belle-queue redis`) or set --redis-url / BELLE_REDIS_URL", file=sys.stderr)
+    except (redis.ConnectionError, redis.ResponseError) as exc:
+        from producer.connection import describe_error
+
+        if isinstance(exc, redis.ResponseError) and not any(word in str(exc) for word in ("WRONGPASS", "NOAUTH", "NOPERM")):
+            raise
+        print(describe_error(exc, _settings(args).redis_url), file=sys.stderr)
         return EXIT_REDIS
     except BelleError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -128,11 +128,15 @@ class GenerationRequest(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _check_combination(self) -> GenerationRequest:
+    def _check_combination(self, info: ValidationInfo) -> GenerationRequest:
         if (self.prompt is None) == (self.messages is None):
             detail = "got neither" if self.prompt is None else "got both"
             raise PydanticCustomError("belle", "exactly one of prompt or messages is required, {detail}", {"detail": detail, "parameter": "prompt", "value": None})
         n, beams = self.num_return_sequences, self.num_beams
+        most = _limits(info).max_return_sequences
+        for name, value in (("num_return_sequences", n), ("num_beams", beams)):
+            if value > most:
+                raise _cross(name, value, f"{name} must be in [1, {most}] (BELLE_MAX_RETURN_SEQUENCES), got {value}")
         if beams > 1 and n > beams:
             raise _cross("num_return_sequences", n, f"num_return_sequences must be in [1, {beams}] with num_beams={beams}, got {n}; raise num_beams or lower num_return_sequences")
         if beams == 1 and not self.do_sample and n != 1:

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     max_stop_strings: int = Field(8, ge=0, description="Most `stop` strings per request.")
     max_stop_chars: int = Field(64, ge=1, description="Longest `stop` string.")
     max_metadata_bytes: int = Field(4_096, ge=0, description="Largest `metadata` object, as JSON bytes.")
+    max_return_sequences: int = Field(10, ge=1, le=10, description="Most returned sequences (and beams) per job; at most the seed's 10.")
+    max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest job message a worker accepts (a bigger one fails its job unread and unstored).")
     max_batch_lines: int = Field(1_000_000, ge=1, description="Most lines in one batch.")
     max_batch_line_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Longest line of a batch file, in bytes.")
 
@@ -60,6 +62,7 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(20.0, ge=0, description="Waiting jobs are taken in once no new job has arrived for this long...")
     batch_max_delay_ms: float = Field(200.0, ge=0, description="...or once the oldest has waited this long, whichever comes first.")
     stream_interval_ms: float = Field(100.0, ge=0, description="Least time between two chunk sends of one streaming job (its first goes out at once); 0 sends every step.")
+    fault_crash_on: str | None = Field(None, description="Fault injection: a job whose prompt holds this text kills its worker process (tests poison jobs).")
     fault_memory_budget_tokens: int | None = Field(None, ge=1, description="Fault injection: a batch costing more tokens raises a real torch.OutOfMemoryError (tests OOM handling on CPU).")
 
     # --- worker ---

@@ -8,6 +8,7 @@ raises back into Celery except on purpose.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from typing import Any
 
@@ -61,6 +62,13 @@ class JobHandler:
             request_json = canonical_json(raw)
         except (TypeError, ValueError):
             request_json = ""
+        # An oversized message is neither stored nor read: its record (or a new one) gets a stand-in,
+        # which never matches a real job's request, so a forged one cannot touch another job.
+        oversized = len(request_json.encode("utf-8")) if len(request_json) > self.settings.max_message_bytes // 4 else 0
+        if oversized > self.settings.max_message_bytes:
+            request_json = canonical_json({"oversized_request_bytes": oversized})
+        else:
+            oversized = 0
         start = self.store.start(job_id, worker=worker, request_json=request_json, max_attempts=self.settings.max_attempts)
         if start.outcome == "mismatch":
             log.error("job %s: the message's request differs from the stored one; message dropped, record untouched", job_id)
@@ -85,6 +93,9 @@ class JobHandler:
             problems += [f"unexpected field {k!r:.60}" for k in kwargs if k not in ("job_id", "request")]
             if problems:
                 raise InvalidRequestError.single("message", None, f"malformed job message: {'; '.join(problems)}")
+            if oversized:
+                raise InvalidRequestError.single("request", None, f"the job's request is {oversized} bytes, more than BELLE_MAX_MESSAGE_BYTES="
+                                                                  f"{self.settings.max_message_bytes}; shorten the prompt or messages")
             request = parse_request(raw, settings=self.settings, resolved=True)
             if self.profile is not None:
                 self.profile.check(request)
@@ -95,6 +106,9 @@ class JobHandler:
         except JobFailure as exc:
             self._fail(job_id, streaming, exc.error)
             return
+        if self.settings.fault_crash_on and self.settings.fault_crash_on in (request.prompt or "".join(m.content for m in request.messages or [])):
+            log.critical("job %s: BELLE_FAULT_CRASH_ON: this worker process dies now (fault injection)", job_id)
+            os._exit(70)
         try:
             generated = self.batcher.run(prepared, priority=priority)
         except JobFailure as exc:  # the batcher already isolated the failure to this job

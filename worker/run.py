@@ -8,7 +8,7 @@ import socket
 import time
 from importlib.metadata import PackageNotFoundError, version
 
-from producer.connection import redis_client
+from producer.connection import WORKER_RETRIES, describe_error, redis_client
 from producer.settings import Settings
 from producer.store import JobStore
 from producer.workers import WorkerInfo
@@ -40,7 +40,10 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
 
     config = load_model_config(settings.model, settings)
     profile = load_profile(settings.hardware_profile, settings) if settings.hardware_profile else None
-    redis = redis_client(settings.redis_url)
+    if (problem := redis_problem(settings.redis_url)) is not None:  # before loading the model: fail in a second, in one line
+        log.error(problem)
+        return 4
+    redis = redis_client(settings.redis_url, retries=WORKER_RETRIES)
     store = JobStore(redis, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s)
     cancellations = CancelWatcher(redis).start()
     publisher = ChunkPublisher(redis, ttl_s=settings.pending_ttl_s).start()
@@ -75,6 +78,19 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
         publisher.stop()
         cancellations.stop()
     return 0
+
+
+def redis_problem(url: str) -> str | None:
+    import redis
+
+    client = redis_client(url)
+    try:
+        client.ping()
+    except (redis.ConnectionError, redis.ResponseError) as exc:
+        return describe_error(exc, url)
+    finally:
+        client.close()
+    return None
 
 
 def package_version() -> str:
