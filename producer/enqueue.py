@@ -25,9 +25,11 @@ from producer.schemas import GenerationRequest
 NAMESPACE = uuid.UUID("6c0f1e8a-2f5d-4f2b-9a4e-5b1d0c3e7a91")
 ORIGIN = f"belle-producer@{socket.gethostname()}:{os.getpid()}"
 
-# KEYS: record, queue, batch hash ('' key when none), batch job list. ARGV: request JSON, now,
-# pending ttl, message envelope, job id, batch key ('' when none), batch id, custom id, line.
-# Returns 'created', 'exists' (same request: nothing done) or 'conflict' (another request).
+# KEYS: record, queue, batch hash ('' key when none), batch job list, queue sequence, queue waiting
+# set. ARGV: request JSON, now, pending ttl, message envelope, job id, batch key ('' when none),
+# batch id, custom id, line, queue name. Returns 'created', 'exists' (same request: nothing done)
+# or 'conflict' (another request). The job's number on its queue lets a worker find a lost message
+# (worker/sweeper.py).
 ENQUEUE_SCRIPT = """
 local existing = redis.call('HGET', KEYS[1], 'request')
 if existing then
@@ -40,6 +42,9 @@ if ARGV[6] ~= '' then
   redis.call('HINCRBY', KEYS[3], 'queued', 1)
   redis.call('RPUSH', KEYS[4], ARGV[5])
 end
+local seq = redis.call('INCR', KEYS[5])
+redis.call('HSET', KEYS[1], 'queue', ARGV[10], 'seq', seq)
+redis.call('ZADD', KEYS[6], seq, ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('LPUSH', KEYS[2], ARGV[4])
 return 'created'
@@ -99,9 +104,10 @@ class Enqueue:
         """ENQUEUE_SCRIPT's keys and arguments."""
         batch = keys.batch(self.batch_id) if self.batch_id else ""
         return {
-            "keys": [keys.job(self.job_id), self.queue, batch or keys.job(self.job_id), keys.batch_jobs(self.batch_id) if self.batch_id else keys.job(self.job_id)],
+            "keys": [keys.job(self.job_id), self.queue, batch or keys.job(self.job_id), keys.batch_jobs(self.batch_id) if self.batch_id else keys.job(self.job_id),
+                     keys.queue_sequence(self.queue), keys.queue_waiting(self.queue)],
             "args": [self.request_json, now, pending_ttl_s, task_message(self.job_id, self.wire, self.queue), self.job_id, batch,
-                     self.batch_id, self.custom_id, self.line],
+                     self.batch_id, self.custom_id, self.line, self.queue],
         }
 
 

@@ -33,6 +33,25 @@ def batch_jobs(batch_id: str) -> str:
     return f"{PREFIX}:batch:{batch_id}:jobs"
 
 
+def queue_sequence(queue: str) -> str:
+    """Counter numbering the jobs enqueued on a queue, in the order a worker takes them."""
+    return f"{PREFIX}:queue:{queue}:seq"
+
+
+def queue_waiting(queue: str) -> str:
+    """Sorted set of a queue's jobs not started yet, by their number on the queue."""
+    return f"{PREFIX}:queue:{queue}:waiting"
+
+
+def queue_taken(queue: str) -> str:
+    """The highest number on a queue that a worker has started."""
+    return f"{PREFIX}:queue:{queue}:taken"
+
+
+# Held by the worker that looks for lost messages, so that one looks at a time.
+SWEEP_LOCK = f"{PREFIX}:sweep"
+
+
 def worker(name: str) -> str:
     """A live worker's announcement (JSON WorkerInfo), renewed by its heartbeat; expires when it stops."""
     return f"{PREFIX}:worker:{name}"

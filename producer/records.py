@@ -87,7 +87,7 @@ class JobRecord(_Frozen):
     created_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
-    attempts: int = 0
+    attempts: int = 0  # times a worker began generating it (a worker lost meanwhile: one more)
     worker: str | None = None
     cancel_requested_at: float | None = None  # set by cancel() while the job was running
     batch_id: str | None = None  # the batch it came in, with its custom_id and input line

@@ -48,10 +48,11 @@ class Settings(BaseSettings):
     max_batch_line_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Longest line of a batch file, in bytes.")
 
     # --- delivery (Celery on Redis) ---
-    max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails with worker_lost (poison limit).")
+    max_attempts: int = Field(3, ge=1, description="Times a worker may die while generating one job before it fails with worker_lost (its last attempt runs alone).")
     visibility_timeout_s: int = Field(3_600, ge=1, description="Seconds before an unacknowledged job is redelivered; longer than the longest job.")
     unacked_restore_interval_s: int = Field(10, ge=1, description="Seconds between a worker's sweeps for unacknowledged jobs past their visibility timeout...")
     unacked_restore_throttle: int = Field(10, ge=1, description="...of which only every this-many scans Redis: redelivery waits up to interval × throttle after the timeout.")
+    lost_message_sweep_s: float = Field(15.0, gt=0, description="How often a worker looks for jobs whose message was lost (see worker/sweeper.py).")
     worker_concurrency: int = Field(128, ge=1, description="Jobs one worker process holds at once; about 2 × batch_max_size keeps jobs ready to join as others finish.")
     prefetch_multiplier: int = Field(1, ge=1, description="Celery prefetch multiplier (messages reserved per held job slot).")
 
@@ -62,7 +63,7 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(20.0, ge=0, description="Waiting jobs are taken in once no new job has arrived for this long...")
     batch_max_delay_ms: float = Field(200.0, ge=0, description="...or once the oldest has waited this long, whichever comes first.")
     stream_interval_ms: float = Field(100.0, ge=0, description="Least time between two chunk sends of one streaming job (its first goes out at once); 0 sends every step.")
-    fault_crash_on: str | None = Field(None, description="Fault injection: a job whose prompt holds this text kills its worker process (tests poison jobs).")
+    fault_crash_on: str | None = Field(None, description="Fault injection: a job whose prompt holds this text kills its worker process as it starts generating (tests poison jobs).")
     fault_memory_budget_tokens: int | None = Field(None, ge=1, description="Fault injection: a batch costing more tokens raises a real torch.OutOfMemoryError (tests OOM handling on CPU).")
 
     # --- worker ---

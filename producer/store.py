@@ -42,7 +42,10 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
-# KEYS: record, chunks. ARGV: worker, now, pending ttl, request JSON (canonical), channel, max attempts.
+# KEYS: record, chunks, the queue's waiting set, the queue's taken mark. ARGV: worker, now, pending
+# ttl, request JSON (canonical), channel, max attempts, job id. The attempts are counted when the
+# job starts generating (GENERATING_SCRIPT), not here: a job a worker held when it died, but had not
+# started, is not charged for it.
 # Returns {outcome, attempts, created_at}: outcome is 'run', 'final:<state>', 'mismatch', 'exhausted'
 # or 'cancel' (its cancellation was requested while an earlier attempt ran).
 START_SCRIPT = _BATCH_MOVE + f"""
@@ -66,26 +69,46 @@ end
 if done >= tonumber(ARGV[6]) then
   return {{'exhausted', done, ''}}
 end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+-- A backstop for a job whose worker dies before it starts generating (so no attempt is counted).
+if redis.call('HINCRBY', KEYS[1], 'deliveries', 1) > 3 * tonumber(ARGV[6]) then
+  return {{'undeliverable', done, ''}}
+end
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '')
+if seq and state == 'queued' then
+  redis.call('ZREM', KEYS[3], ARGV[7])
+  if seq > tonumber(redis.call('GET', KEYS[4]) or '0') then
+    redis.call('SET', KEYS[4], seq)
+  end
+end
 local batch = batch_move(state, 'running')
 if batch then
   redis.call('HSETNX', batch, 'first_started_at', ARGV[2])
 end
 redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2], 'worker', ARGV[1])
 redis.call('DEL', KEYS[2])  -- chunks of an earlier attempt: this one streams from the start
-redis.call('PUBLISH', ARGV[5], cjson.encode({{event='state', state='running', attempts=attempts}}))
-return {{'run', attempts, redis.call('HGET', KEYS[1], 'created_at')}}
+redis.call('PUBLISH', ARGV[5], cjson.encode({{event='state', state='running', attempts=done}}))
+return {{'run', done, redis.call('HGET', KEYS[1], 'created_at')}}
+"""
+
+# KEYS: record. ARGV: worker. A running job that this worker starts to generate: one more attempt
+# (attempts count the times a worker began generating a job, not the times it held it).
+GENERATING_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'state') == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[1] then
+  return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+end
+return 0
 """
 
 # KEYS: record. ARGV: worker, channel. A job its worker took but did not start (the worker is
-# stopping): back to queued, the attempt not counted, unless it has ended or another worker took it.
+# stopping): back to queued (it was never charged an attempt), unless it has ended or another worker
+# took it.
 RELEASE_SCRIPT = _BATCH_MOVE + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
   return 0
 end
 batch_move('running', 'queued')
 redis.call('HSET', KEYS[1], 'state', 'queued')
-redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+redis.call('HINCRBY', KEYS[1], 'deliveries', -1)
 redis.call('HDEL', KEYS[1], 'started_at', 'worker')
 redis.call('PUBLISH', ARGV[2], cjson.encode({event='state', state='queued'}))
 return 1
@@ -149,6 +172,19 @@ redis.call('PUBLISH', ARGV[6], ARGV[7])
 return 'requested'
 """
 
+# KEYS: record. ARGV: now, ttl, error JSON, channel, end event JSON, stand-in request JSON. A job a
+# worker could not even read the message of: failed, if it has no record; an existing record (maybe
+# another job's, named by a forged message) is left alone. Returns 1 if it wrote.
+FAIL_IF_ABSENT_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', 'failed', 'created_at', ARGV[1], 'finished_at', ARGV[1], 'attempts', 0, 'request', ARGV[6], 'error', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"""
+
 # A streaming job holds at most one chunk per generated token per sequence, plus its end event; the
 # cap only guards against a runaway writer.
 STREAM_MAX_ENTRIES = 10 * 2048 + 1
@@ -165,8 +201,8 @@ def now() -> float:
 
 @dataclass(frozen=True)
 class StartOutcome:
-    outcome: str  # 'run' | 'final:<state>' | 'mismatch' | 'exhausted' | 'cancel'
-    attempts: int
+    outcome: str  # 'run' | 'final:<state>' | 'mismatch' | 'exhausted' | 'undeliverable' | 'cancel'
+    attempts: int  # times a worker began generating the job before this delivery
     queued_s: float = 0.0  # submission to this start
 
     @property
@@ -260,6 +296,8 @@ class JobStore:
         self._finish = redis.register_script(FINISH_SCRIPT)
         self._cancel = redis.register_script(CANCEL_SCRIPT)
         self._release = redis.register_script(RELEASE_SCRIPT)
+        self._fail_if_absent = redis.register_script(FAIL_IF_ABSENT_SCRIPT)
+        self._generating = redis.register_script(GENERATING_SCRIPT)
 
     def create(self, job_id: str, request_json: str) -> None:
         self._create(keys=[keys.job(job_id)], args=[request_json, now(), self.pending_ttl_s])
@@ -270,13 +308,26 @@ class JobStore:
     def get(self, job_id: str) -> JobRecord | None:
         return record_from_hash(job_id, self.redis.hgetall(keys.job(job_id)))
 
-    def start(self, job_id: str, *, worker: str, request_json: str, max_attempts: int) -> StartOutcome:
+    def start(self, job_id: str, *, worker: str, request_json: str, max_attempts: int, queue: str = keys.QUEUE_INTERACTIVE) -> StartOutcome:
         started = now()
         outcome, attempts, created_at = self._start(
-            keys=[keys.job(job_id), keys.job_chunks(job_id)],
-            args=[worker, started, self.pending_ttl_s, request_json, keys.job_channel(job_id), max_attempts],
+            keys=[keys.job(job_id), keys.job_chunks(job_id), keys.queue_waiting(queue), keys.queue_taken(queue)],
+            args=[worker, started, self.pending_ttl_s, request_json, keys.job_channel(job_id), max_attempts, job_id],
         )
         return StartOutcome(outcome, int(attempts), max(0.0, started - float(created_at)) if created_at else 0.0)
+
+    def generating(self, job_ids: list[str], *, worker: str) -> None:
+        """These jobs start generating on this worker: one more attempt each (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            self._generating(keys=[keys.job(job_id)], args=[worker], client=pipe)
+        pipe.execute()
+
+    def fail_if_absent(self, job_id: str, error: JobError) -> bool:
+        """Fail a job whose message could not be read, unless it has a record (which is left alone)."""
+        return bool(self._fail_if_absent(keys=[keys.job(job_id)], args=[
+            now(), self.result_ttl_s, error.model_dump_json(), keys.job_channel(job_id), end_event(job_id, JobState.FAILED, error=error),
+            canonical_json({"unreadable_message": True})]))
 
     def release(self, job_id: str, *, worker: str) -> bool:
         """Give back a job this worker took but will not run (it is stopping): queued again, its

@@ -128,8 +128,8 @@ def test_the_supervisor_restarts_a_killed_worker_and_no_job_is_lost(redis_server
             request = {"num_beams": 1, "max_new_tokens": 120, "min_new_tokens": 100}
             ids = [client.submit({"prompt": f"question number {i}", **request}) for i in range(12)]
             deadline = time.monotonic() + 60
-            while not (running := {client.get(j).worker for j in ids if client.get(j).state is JobState.RUNNING}) >= set(workers):
-                assert time.monotonic() < deadline, f"jobs did not start on both workers: {running}"
+            while not (running := {r.worker for j in ids if (r := client.get(j)).state is JobState.RUNNING and r.attempts}) >= set(workers):
+                assert time.monotonic() < deadline, f"jobs did not start generating on both workers: {running}"
                 time.sleep(0.02)
             os.kill(workers["sup-1@tests"].pid, signal.SIGKILL)
             records = [client.wait(job_id, 180) for job_id in ids]
@@ -162,7 +162,7 @@ def test_a_warm_shutdown_finishes_the_decoding_jobs_and_returns_the_others(redis
     with JobClient(Settings(redis_url=url)) as client:
         ids = [client.submit({"prompt": f"question {i}", "num_beams": 1, "max_new_tokens": 150, "min_new_tokens": 100}) for i in range(6)]
         deadline = time.monotonic() + 60
-        while sum(client.get(j).state is JobState.RUNNING for j in ids) < 6:
+        while sum(client.get(j).attempts for j in ids) < 3 or sum(client.get(j).state is JobState.RUNNING for j in ids) < 6:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         worker.process.send_signal(signal.SIGTERM)

@@ -34,11 +34,14 @@ def test_life_cycle_and_attempts(store):
     assert store.get(job).state is JobState.QUEUED and store.get(job).attempts == 0
     assert store.redis.ttl(keys.job(job)) > 900
     first = store.start(job, worker="w1", request_json=REQUEST, max_attempts=3)
-    assert first.should_run and first.attempts == 1 and first.queued_s >= 0
-    second = store.start(job, worker="w2", request_json=REQUEST, max_attempts=3)
-    assert second.attempts == 2
+    assert first.should_run and first.attempts == 0 and first.queued_s >= 0
+    store.generating([job], worker="w1")  # an attempt counts once the job starts generating
+    second = store.start(job, worker="w2", request_json=REQUEST, max_attempts=3)  # w1 was lost
+    assert second.attempts == 1
+    store.generating([job], worker="w1")  # no longer w1's job: not counted
+    store.generating([job], worker="w2")
     record = store.get(job)
-    assert record.state is JobState.RUNNING and record.worker == "w2" and record.started_at >= record.created_at
+    assert record.state is JobState.RUNNING and record.worker == "w2" and record.started_at >= record.created_at and record.attempts == 2
 
 
 def test_the_first_final_write_wins(store):
@@ -59,6 +62,7 @@ def test_attempts_stop_at_the_poison_limit(store):
     store.create(job, REQUEST)
     for _ in range(2):
         assert store.start(job, worker="w", request_json=REQUEST, max_attempts=2).should_run
+        store.generating([job], worker="w")
     exhausted = store.start(job, worker="w", request_json=REQUEST, max_attempts=2)
     assert exhausted.outcome == "exhausted" and exhausted.attempts == 2
 
@@ -77,7 +81,7 @@ def test_a_message_without_a_record_creates_one(store):
     assert store.start(job, worker="w", request_json="", max_attempts=3).should_run
     store.fail(job, error(ErrorCode.INVALID_REQUEST))
     record = store.get(job)
-    assert record.state is JobState.FAILED and record.attempts == 1 and record.request is None
+    assert record.state is JobState.FAILED and record.attempts == 0 and record.request is None
 
 
 def test_transitions_publish_events(store):

@@ -42,6 +42,7 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -99,8 +100,9 @@ class _Pending:
     order: int = 0  # arrival number, for a stable order within a priority
     future: Future = field(default_factory=Future)
     active: ActiveJob | None = None  # a stepwise job set aside after running out of memory: its progress
-    exclusive: bool = False  # a beam job that ran out of memory beside a decoding batch: it runs when the batch is empty
+    exclusive: bool = False  # runs alone, once the decoding batch is empty: a job on its last attempt, or a beam job out of memory beside a batch
     settled: bool = False  # its outcome is on its way to its task thread
+    counted: bool = False  # its attempt was counted (it started generating)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -145,10 +147,14 @@ class Batcher:
     carries streaming jobs' chunks to Redis, and ``cancellations`` (``.is_cancelled(job_id)``) says
     which jobs to stop; without them (in-process use) nothing streams and nothing is cancelled."""
 
-    def __init__(self, engine: Engine | None, settings: Settings, *, publisher=None, cancellations=None, metrics: Metrics | None = None):
+    def __init__(self, engine: Engine | None, settings: Settings, *, publisher=None, cancellations=None, metrics: Metrics | None = None,
+                 generating: Callable[[list[str]], None] | None = None):
         self.engine = engine
         self.publisher = publisher
         self.cancellations = cancellations
+        self.generating = generating  # told which jobs start generating, before they do (their attempts)
+        self.max_attempts = settings.max_attempts
+        self.crash_on = settings.fault_crash_on
         self.metrics = metrics or Metrics()
         self.max_size = settings.batch_max_size
         self.interactive_size = self.max_size + max(1, self.max_size // 4)
@@ -202,8 +208,9 @@ class Batcher:
         with self._cond:
             if self._stopping:
                 raise BatcherStopped("the batcher is stopping")
-            pending = _Pending(job, key, time.monotonic(), priority, next(self._arrivals))
-            at = next((i for i, p in enumerate(self._pending) if p.active is None and not p.exclusive and (p.priority, p.order) > (priority, pending.order)),
+            # A job on its last attempt runs alone: should its worker die again, it was the one running.
+            pending = _Pending(job, key, time.monotonic(), priority, next(self._arrivals), exclusive=job.attempt >= self.max_attempts > 1)
+            at = next((i for i, p in enumerate(self._pending) if p.active is None and (p.priority, p.order) > (priority, pending.order)),
                       len(self._pending))
             self._pending.insert(at, pending)
             self.metrics.waiting_jobs.set(len(self._pending))
@@ -307,11 +314,13 @@ class Batcher:
 
     def _select(self) -> tuple[str, list] | None:
         anchor = self._pending[0]
+        if any(p.exclusive for p in self._in_batch.values()):
+            return None  # a job runs alone
+        if anchor.exclusive and self._decoding:
+            return None  # no joins: the decoding batch drains, then the anchor runs alone
         if anchor.key is not None:
-            if anchor.exclusive and self._decoding:
-                return None  # no joins: the decoding batch drains, then the beam job runs alone
             return self._take("generate", self._select_generate(anchor))
-        joining = self._select_join()
+        joining = [anchor] if anchor.exclusive else self._select_join()
         return self._take("join", joining) if joining else None
 
     def _select_join(self) -> list[_Pending]:
@@ -322,6 +331,8 @@ class Batcher:
         for pending in self._pending:
             if pending.key is not None:
                 continue  # beam search waits for its turn as the first waiting job
+            if pending.exclusive:
+                break  # it runs alone once it is first
             if self._stopping and pending.active is None:
                 continue
             if jobs + len(joining) >= (self.interactive_size if pending.priority == INTERACTIVE else self.max_size):
@@ -388,8 +399,23 @@ class Batcher:
 
     # --- the decoding batch ---
 
+    def _count_attempts(self, items: list[_Pending]) -> None:
+        """Tell that these jobs start generating (their attempts), before they do."""
+        fresh = [p for p in items if not p.counted]
+        for pending in fresh:
+            pending.counted = True
+        if fresh and self.generating is not None:
+            try:
+                self.generating([p.job.job_id for p in fresh])
+            except Exception as exc:  # counting attempts must not stop the work
+                log.warning("could not count the attempts of %d jobs: %s", len(fresh), exc)
+        if self.crash_on is not None and any(self.crash_on in _prompt_text(p.job.request) for p in items):
+            log.critical("BELLE_FAULT_CRASH_ON: a job that kills its worker starts generating; this worker process dies now (fault injection)")
+            os._exit(70)
+
     def _join(self, items: list[_Pending]) -> None:
         engine, batch = self.engine, self._batch
+        self._count_attempts(items)
         for pending in items:
             if pending.active is None:
                 pending.active = ActiveJob.start(pending.job, engine.decode, engine.device, streaming=pending.job.request.stream and self.publisher is not None,
@@ -537,6 +563,7 @@ class Batcher:
     # --- generate() calls (beam search) ---
 
     def _generate(self, batch: list[_Pending]) -> None:
+        self._count_attempts(batch)
         if not self._decoding:
             self._batch.arena.release()  # all the memory for this call
         jobs = [p.job for p in batch]
@@ -597,6 +624,10 @@ class Batcher:
             "num_beams or num_return_sequences, shorten the prompt, or use a smaller (or quantised) model",
             parameter="max_new_tokens",
         )
+
+
+def _prompt_text(request) -> str:
+    return request.prompt or "".join(m.content for m in request.messages or [])
 
 
 def _padding_efficiency(jobs: list[PreparedJob]) -> float:

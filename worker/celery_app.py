@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from celery import Celery, Task
+import logging
+
+from celery import Celery, Task, signals
+from celery.worker.consumer import Consumer
 
 from producer import keys
 from producer.queueing import celery_config
@@ -25,6 +28,36 @@ class GenerateTask(Task):
     typing = False
 
 
+log = logging.getLogger("belle.worker")
+
+
+class JobConsumer(Consumer):
+    """Celery's consumer, for messages the task never sees: one whose body cannot be read (a pickle,
+    bytes that are not UTF-8 JSON) is acknowledged unread, as Celery does, and if it names one of our
+    jobs that has no record, that job is failed (``invalid_request``); one for a task name we do not
+    serve is logged and rejected (never redelivered). Neither changes an existing record."""
+
+    handler: JobHandler | None = None
+
+    def on_decode_error(self, message, exc):
+        super().on_decode_error(message, exc)
+        self._unreadable(message, f"the job's message could not be read ({type(exc).__name__}: {str(exc)[:200]}); messages must be JSON (UTF-8)")
+
+    def on_invalid_task(self, body, message, exc):
+        super().on_invalid_task(body, message, exc)
+        self._unreadable(message, f"the job's message could not be read as a task ({type(exc).__name__}: {str(exc)[:200]}); messages must be JSON (UTF-8)")
+
+    def on_unknown_task(self, body, message, exc):
+        log.error("rejected a message for a task this worker does not serve: %.100r (id %.80r)", message.headers.get("task"), message.headers.get("id"))
+        message.reject_log_error(log, self.connection_errors)
+        signals.task_rejected.send(sender=self, message=message, exc=exc)
+
+    def _unreadable(self, message, reason: str) -> None:
+        headers = message.headers or {}
+        if self.handler is not None and headers.get("task") == keys.TASK_GENERATE and isinstance(headers.get("id"), str):
+            self.handler.unreadable(headers["id"], reason)
+
+
 def create_app(settings: Settings, handler: JobHandler) -> Celery:
     app = Celery("belle-worker", set_as_current=False)
     app.conf.update(celery_config(settings))
@@ -40,6 +73,7 @@ def create_app(settings: Settings, handler: JobHandler) -> Celery:
         worker_redirect_stdouts=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_queues=None,
+        worker_consumer=type("BoundJobConsumer", (JobConsumer,), {"handler": handler}),
     )
 
     @app.task(base=GenerateTask, bind=True, name=keys.TASK_GENERATE)

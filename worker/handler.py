@@ -8,7 +8,6 @@ raises back into Celery except on purpose.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from typing import Any
 
@@ -51,11 +50,12 @@ class JobHandler:
         # Registered before the record is started: see worker/cancellation.py.
         self.cancellations.register(job_id)
         try:
-            self._handle(job_id, args, kwargs, worker, BULK if queue == keys.QUEUE_BULK else INTERACTIVE)
+            self._handle(job_id, args, kwargs, worker, queue or keys.QUEUE_INTERACTIVE)
         finally:
             self.cancellations.unregister(job_id)
 
-    def _handle(self, job_id: str, args: tuple, kwargs: dict[str, Any], worker: str, priority: int) -> None:
+    def _handle(self, job_id: str, args: tuple, kwargs: dict[str, Any], worker: str, queue: str) -> None:
+        priority = BULK if queue == keys.QUEUE_BULK else INTERACTIVE
         raw = kwargs.get("request")
         streaming = isinstance(raw, dict) and raw.get("stream") is True
         try:
@@ -69,7 +69,7 @@ class JobHandler:
             request_json = canonical_json({"oversized_request_bytes": oversized})
         else:
             oversized = 0
-        start = self.store.start(job_id, worker=worker, request_json=request_json, max_attempts=self.settings.max_attempts)
+        start = self.store.start(job_id, worker=worker, request_json=request_json, max_attempts=self.settings.max_attempts, queue=queue)
         if start.outcome == "mismatch":
             log.error("job %s: the message's request differs from the stored one; message dropped, record untouched", job_id)
             return
@@ -84,8 +84,15 @@ class JobHandler:
         if start.outcome == "exhausted":
             self._fail(job_id, streaming, JobError(
                 code=ErrorCode.WORKER_LOST,
-                message=f"the job was delivered {start.attempts} times (BELLE_MAX_ATTEMPTS) and its worker never finished it; "
-                        "it may crash the worker (check the worker logs), or the worker was restarted while running it",
+                message=f"the job's worker died while generating it {start.attempts} times (BELLE_MAX_ATTEMPTS), the last time with the job "
+                        "running alone: the job itself likely kills the worker (check the worker logs: out of host memory, a crash in a kernel)",
+            ))
+            return
+        if start.outcome == "undeliverable":
+            self._fail(job_id, streaming, JobError(
+                code=ErrorCode.WORKER_LOST,
+                message=f"the job was delivered {3 * self.settings.max_attempts} times (3 × BELLE_MAX_ATTEMPTS) and its worker died each time before "
+                        "it started generating: the job likely kills the worker while it is prepared (check the worker logs)",
             ))
             return
         try:
@@ -99,16 +106,13 @@ class JobHandler:
             request = parse_request(raw, settings=self.settings, resolved=True)
             if self.profile is not None:
                 self.profile.check(request)
-            prepared = self.engine.prepare(job_id, request, queued_s=start.queued_s, attempt=start.attempts)
+            prepared = self.engine.prepare(job_id, request, queued_s=start.queued_s, attempt=start.attempts + 1)
         except InvalidRequestError as exc:
             self._fail(job_id, streaming, JobError(code=ErrorCode.INVALID_REQUEST, message=str(exc), parameter=exc.parameter))
             return
         except JobFailure as exc:
             self._fail(job_id, streaming, exc.error)
             return
-        if self.settings.fault_crash_on and self.settings.fault_crash_on in (request.prompt or "".join(m.content for m in request.messages or [])):
-            log.critical("job %s: BELLE_FAULT_CRASH_ON: this worker process dies now (fault injection)", job_id)
-            os._exit(70)
         try:
             generated = self.batcher.run(prepared, priority=priority)
         except JobFailure as exc:  # the batcher already isolated the failure to this job
@@ -132,6 +136,16 @@ class JobHandler:
         else:
             self.store.succeed(job_id, generated.result, streaming=streaming)
             self.metrics.jobs.labels("succeeded", "").inc()
+
+    def unreadable(self, job_id: str, reason: str) -> None:
+        """A message for ``job_id`` that could not be read at all: fail the job if it has no record."""
+        if not JOB_ID.match(job_id):
+            return
+        if self.store.fail_if_absent(job_id, JobError(code=ErrorCode.INVALID_REQUEST, message=reason, parameter="message")):
+            log.warning("job %s failed: %s", job_id, reason)
+            self.metrics.jobs.labels("failed", ErrorCode.INVALID_REQUEST.value).inc()
+        else:
+            log.warning("a message naming job %s could not be read (%s); its record is left as it is", job_id, reason)
 
     def _fail(self, job_id: str, streaming: bool, error: JobError) -> None:
         if error.code is ErrorCode.EXPIRED:

@@ -37,6 +37,7 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
     from worker.metrics import Metrics
     from worker.model_config import load_model_config
     from worker.publisher import ChunkPublisher
+    from worker.sweeper import LostMessageSweeper
 
     config = load_model_config(settings.model, settings)
     profile = load_profile(settings.hardware_profile, settings) if settings.hardware_profile else None
@@ -50,12 +51,13 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
     metrics = Metrics()
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
-    batcher = Batcher(None, settings, publisher=publisher, cancellations=cancellations, metrics=metrics)
+    name = host_format(settings.worker_name or "belle@%h")  # %h: the host name, as Celery expands it
+    batcher = Batcher(None, settings, publisher=publisher, cancellations=cancellations, metrics=metrics,
+                      generating=lambda job_ids: store.generating(job_ids, worker=name))
     # The model is loaded on the batcher's thread, the one that runs it (see Batcher.start).
     batcher.start(load=lambda: Engine.load(config, settings.device, fault_memory_budget_tokens=settings.fault_memory_budget_tokens))
     engine = batcher.engine
     app = create_app(settings, JobHandler(settings, store, engine, batcher, cancellations, profile=profile))
-    name = host_format(settings.worker_name or "belle@%h")  # %h: the host name, as Celery expands it
     # A warm shutdown (SIGTERM) finishes the jobs being decoded; the jobs not started go back to the queue.
     worker_shutting_down.connect(lambda **_: batcher.drain(), weak=False)
     announcer = Announcer(redis, WorkerInfo(
@@ -64,6 +66,7 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
         num_beams=profile.num_beams if profile else None, queues=queues, batch_max_size=settings.batch_max_size,
         concurrency=settings.worker_concurrency, started_at=round(time.time(), 3), heartbeat_at=round(time.time(), 3),
     )).start()
+    sweeper = LostMessageSweeper(redis, worker=name, interval_s=settings.lost_message_sweep_s).start()
     log.info("worker %s serving %s on queues %s (profile %s); batches of ≤%d jobs, ≤%d tokens; %d jobs held at once; metrics %s",
              name, config.name, ",".join(queues), profile.name if profile else "none", settings.batch_max_size, settings.batch_max_tokens,
              settings.worker_concurrency, f"on port {settings.metrics_port}" if settings.metrics_port else "off")
@@ -73,6 +76,7 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
             "--without-gossip", "--without-mingle",
         ])
     finally:
+        sweeper.stop()
         announcer.stop()
         batcher.stop()
         publisher.stop()

@@ -1,13 +1,21 @@
-"""kombu's Redis transport, hardened: an entry on a queue that is not a valid message envelope is
-logged and dropped instead of stopping the consumer. (Stock kombu decodes the popped entry outside
-any guard, and one stray `LPUSH` of non-JSON ends the worker with "Unrecoverable error".) The entry
-was already popped, so dropping it cannot cause a redelivery loop."""
+"""kombu's Redis transport, hardened for two failures that stop a stock worker for good
+("Unrecoverable error"):
+
+- an entry on a queue that is not a valid message envelope is logged and dropped instead of
+  stopping the consumer (stock kombu decodes the popped entry outside any guard, so one stray
+  `LPUSH` of non-JSON ends the worker). The entry was already popped: no redelivery loop;
+- a channel closed after its connection is gone (Redis restarted or unreachable) raises a
+  connection error, which Celery ignores before it reconnects, instead of an AttributeError (kombu
+  reads ``self.connection.client.hostname`` of a connection already closed: kombu issue #582). The
+  channel's unacknowledged messages stay in Redis and are redelivered after the visibility timeout.
+"""
 
 from __future__ import annotations
 
 import logging
 from queue import Empty
 
+import redis
 from kombu.transport import redis as kombu_redis
 
 log = logging.getLogger("belle.transport")
@@ -33,6 +41,12 @@ class Channel(kombu_redis.Channel):
                 raise
             except Exception as exc:
                 log.error("dropped an entry of %s that is not a valid message envelope (%s: %.200s)", queue, type(exc).__name__, exc)
+
+
+    def _connparams(self, asynchronous=False):
+        if self.connection is None or getattr(self.connection, "client", None) is None:
+            raise redis.ConnectionError("the broker connection is already closed")
+        return super()._connparams(asynchronous)
 
 
 class Transport(kombu_redis.Transport):
