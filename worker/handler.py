@@ -81,19 +81,13 @@ class JobHandler:
             self.store.finish_cancelled(job_id, streaming=streaming)
             self.metrics.jobs.labels("cancelled", ErrorCode.CANCELLED.value).inc()
             return
-        if start.outcome == "exhausted":
-            self._fail(job_id, streaming, JobError(
-                code=ErrorCode.WORKER_LOST,
-                message=f"the job's worker died while generating it {start.attempts} times (BELLE_MAX_ATTEMPTS), the last time with the job "
-                        "running alone: the job itself likely kills the worker (check the worker logs: out of host memory, a crash in a kernel)",
-            ))
-            return
-        if start.outcome == "undeliverable":
-            self._fail(job_id, streaming, JobError(
-                code=ErrorCode.WORKER_LOST,
-                message=f"the job was delivered {3 * self.settings.max_attempts} times (3 × BELLE_MAX_ATTEMPTS) and its worker died each time before "
-                        "it started generating: the job likely kills the worker while it is prepared (check the worker logs)",
-            ))
+        if start.outcome in ("exhausted", "undeliverable"):
+            why = (f"the job's worker died while generating it {start.attempts} times (BELLE_MAX_ATTEMPTS), the last time with the job running alone"
+                   if start.outcome == "exhausted" else
+                   f"the job was delivered {3 * self.settings.max_attempts} times (3 × BELLE_MAX_ATTEMPTS) and its worker died each time before it "
+                   "started generating")
+            self._fail(job_id, streaming, JobError(code=ErrorCode.WORKER_LOST, message=f"{why}: the job itself likely kills the worker "
+                                                                                    "(check the worker logs: out of host memory, a crash in a kernel)"))
             return
         try:
             problems = [f"unexpected positional arguments {args!r:.100}"] if args else []
