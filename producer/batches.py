@@ -164,8 +164,12 @@ def openai_request(line: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(body, Mapping):
         raise InvalidRequestError.single("body", None, "body must be a JSON object")
     out: dict[str, Any] = {}
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+        raise InvalidRequestError.single("body.max_completion_tokens", None, "body has both max_tokens and max_completion_tokens; keep one")
     for name, value in body.items():
         where = f"body.{name}"
+        if value is None and name not in ("messages", "prompt"):
+            continue  # OpenAI reads null as "the default"
         if name in ("messages", "prompt"):
             if OPENAI_URLS[url] != name:
                 raise InvalidRequestError.single(where, None, f"{where} does not go with url {url} (it takes {OPENAI_URLS[url]})")

@@ -27,7 +27,8 @@ ORIGIN = f"belle-producer@{socket.gethostname()}:{os.getpid()}"
 
 # KEYS: record, queue, batch hash ('' key when none), batch job list, queue sequence, queue waiting
 # set. ARGV: request JSON, now, pending ttl, message envelope, job id, batch key ('' when none),
-# batch id, custom id, line, queue name. Returns 'created', 'exists' (same request: nothing done)
+# batch id, custom id, line, queue name, the queue's taken-mark key. The record keeps the names of its
+# queue's keys, for the scripts that move it on. Returns 'created', 'exists' (same request: nothing done)
 # or 'conflict' (another request). The job's number on its queue lets a worker find a lost message
 # (worker/sweeper.py).
 ENQUEUE_SCRIPT = """
@@ -43,7 +44,7 @@ if ARGV[6] ~= '' then
   redis.call('RPUSH', KEYS[4], ARGV[5])
 end
 local seq = redis.call('INCR', KEYS[5])
-redis.call('HSET', KEYS[1], 'queue', ARGV[10], 'seq', seq)
+redis.call('HSET', KEYS[1], 'job_id', ARGV[5], 'queue', ARGV[10], 'seq', seq, 'k_sequence', KEYS[5], 'k_waiting', KEYS[6], 'k_taken', ARGV[11])
 redis.call('ZADD', KEYS[6], seq, ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('LPUSH', KEYS[2], ARGV[4])
@@ -107,7 +108,7 @@ class Enqueue:
             "keys": [keys.job(self.job_id), self.queue, batch or keys.job(self.job_id), keys.batch_jobs(self.batch_id) if self.batch_id else keys.job(self.job_id),
                      keys.queue_sequence(self.queue), keys.queue_waiting(self.queue)],
             "args": [self.request_json, now, pending_ttl_s, task_message(self.job_id, self.wire, self.queue), self.job_id, batch,
-                     self.batch_id, self.custom_id, self.line, self.queue],
+                     self.batch_id, self.custom_id, self.line, self.queue, keys.queue_taken(self.queue)],
         }
 
 

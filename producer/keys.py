@@ -48,6 +48,11 @@ def queue_taken(queue: str) -> str:
     return f"{PREFIX}:queue:{queue}:taken"
 
 
+def worker_alive(incarnation: str) -> str:
+    """Present while a worker process lives (renewed by its heartbeat): a job it holds is not taken over."""
+    return f"{PREFIX}:alive:{incarnation}"
+
+
 # Held by the worker that looks for lost messages, so that one looks at a time.
 SWEEP_LOCK = f"{PREFIX}:sweep"
 

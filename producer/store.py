@@ -42,8 +42,11 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
-# KEYS: record, chunks, the queue's waiting set, the queue's taken mark. ARGV: worker, now, pending
-# ttl, request JSON (canonical), channel, max attempts, job id. The attempts are counted when the
+# KEYS: record, chunks. (The queue's waiting set and taken mark are named in the record.) ARGV: worker, now, pending
+# ttl, request JSON (canonical), channel, max attempts, job id, liveness key prefix, this worker
+# process's incarnation (its liveness key's suffix).
+# Outcomes: 'run', 'final:<state>', 'mismatch', 'held' (running on another live worker), 'held_here'
+# (running on this one), 'cancel', 'exhausted', 'undeliverable'. The attempts are counted when the
 # job starts generating (GENERATING_SCRIPT), not here: a job a worker held when it died, but had not
 # started, is not charged for it.
 # Returns {outcome, attempts, created_at}: outcome is 'run', 'final:<state>', 'mismatch', 'exhausted'
@@ -52,11 +55,25 @@ START_SCRIPT = _BATCH_MOVE + f"""
 local final = {_FINAL}
 local state = redis.call('HGET', KEYS[1], 'state')
 if state and final[state] then
+  local waiting = redis.call('HGET', KEYS[1], 'k_waiting')
+  if waiting then
+    redis.call('ZREM', waiting, ARGV[7])
+  end
   return {{'final:' .. state, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), ''}}
 end
 if state then
   if redis.call('HGET', KEYS[1], 'request') ~= ARGV[4] then
     return {{'mismatch', 0, ''}}
+  end
+  -- Running on a worker that is alive (announced): this is not a redelivery after its death.
+  if state == 'running' then
+    local holder = redis.call('HGET', KEYS[1], 'holder')
+    if holder == ARGV[9] then
+      return {{'held_here', 0, ''}}
+    end
+    if holder and redis.call('EXISTS', ARGV[8] .. holder) == 1 then
+      return {{'held', 0, ''}}
+    end
   end
 else
   redis.call('HSET', KEYS[1], 'created_at', ARGV[2], 'request', ARGV[4])
@@ -75,41 +92,49 @@ if redis.call('HINCRBY', KEYS[1], 'deliveries', 1) > 3 * tonumber(ARGV[6]) then
 end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '')
 if seq and state == 'queued' then
-  redis.call('ZREM', KEYS[3], ARGV[7])
-  if seq > tonumber(redis.call('GET', KEYS[4]) or '0') then
-    redis.call('SET', KEYS[4], seq)
+  local waiting, taken = redis.call('HGET', KEYS[1], 'k_waiting'), redis.call('HGET', KEYS[1], 'k_taken')
+  redis.call('ZREM', waiting, ARGV[7])
+  if seq > tonumber(redis.call('GET', taken) or '0') then
+    redis.call('SET', taken, seq)
   end
 end
 local batch = batch_move(state, 'running')
 if batch then
   redis.call('HSETNX', batch, 'first_started_at', ARGV[2])
 end
-redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2], 'worker', ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2], 'worker', ARGV[1], 'holder', ARGV[9])
 redis.call('DEL', KEYS[2])  -- chunks of an earlier attempt: this one streams from the start
 redis.call('PUBLISH', ARGV[5], cjson.encode({{event='state', state='running', attempts=done}}))
 return {{'run', done, redis.call('HGET', KEYS[1], 'created_at')}}
 """
 
-# KEYS: record. ARGV: worker. A running job that this worker starts to generate: one more attempt
+# KEYS: record. ARGV: holder. A running job that this worker process starts to generate: one more attempt
 # (attempts count the times a worker began generating a job, not the times it held it).
 GENERATING_SCRIPT = """
-if redis.call('HGET', KEYS[1], 'state') == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[1] then
+if redis.call('HGET', KEYS[1], 'state') == 'running' and redis.call('HGET', KEYS[1], 'holder') == ARGV[1] then
   return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 end
 return 0
 """
 
-# KEYS: record. ARGV: worker, channel. A job its worker took but did not start (the worker is
+# KEYS: record. ARGV: holder, channel. A job its worker took but did not start (the worker is
 # stopping): back to queued (it was never charged an attempt), unless it has ended or another worker
 # took it.
 RELEASE_SCRIPT = _BATCH_MOVE + """
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'holder') ~= ARGV[1] then
   return 0
 end
 batch_move('running', 'queued')
 redis.call('HSET', KEYS[1], 'state', 'queued')
 redis.call('HINCRBY', KEYS[1], 'deliveries', -1)
-redis.call('HDEL', KEYS[1], 'started_at', 'worker')
+-- Its message goes back to the far end of its queue: it waits there, numbered as the last.
+local waiting, sequence = redis.call('HGET', KEYS[1], 'k_waiting'), redis.call('HGET', KEYS[1], 'k_sequence')
+if waiting and sequence then
+  local seq = redis.call('INCR', sequence)
+  redis.call('HSET', KEYS[1], 'seq', seq)
+  redis.call('ZADD', waiting, seq, redis.call('HGET', KEYS[1], 'job_id'))
+end
+redis.call('HDEL', KEYS[1], 'started_at', 'worker', 'holder')
 redis.call('PUBLISH', ARGV[2], cjson.encode({event='state', state='queued'}))
 return 1
 """
@@ -119,6 +144,10 @@ return 1
 _FINALIZE = _BATCH_MOVE + """
 local function finalize(state, now, ttl, field, payload, channel, end_event, streaming)
   batch_move(redis.call('HGET', KEYS[1], 'state'), state)
+  local waiting = redis.call('HGET', KEYS[1], 'k_waiting')
+  if waiting then
+    redis.call('ZREM', waiting, redis.call('HGET', KEYS[1], 'job_id') or '')
+  end
   redis.call('HSET', KEYS[1], 'state', state, 'finished_at', now)
   if field ~= '' then
     redis.call('HSET', KEYS[1], field, payload)
@@ -182,6 +211,26 @@ end
 redis.call('HSET', KEYS[1], 'state', 'failed', 'created_at', ARGV[1], 'finished_at', ARGV[1], 'attempts', 0, 'request', ARGV[6], 'error', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"""
+
+# KEYS: record, queue. ARGV: message, now, least seconds between two resends. The sweeper's resend of
+# a job whose message was lost: only if it still waits, behind a started job or on an empty queue
+# (checked by the caller), and was not resent within the gap. Returns 1 if sent.
+RESEND_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then
+  return 0
+end
+local waiting = redis.call('HGET', KEYS[1], 'k_waiting')
+if not waiting or not redis.call('ZSCORE', waiting, redis.call('HGET', KEYS[1], 'job_id')) then
+  return 0
+end
+local last = tonumber(redis.call('HGET', KEYS[1], 'resent_at') or '0')
+if tonumber(ARGV[2]) - last < tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'resent_at', ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[1])
 return 1
 """
 
@@ -308,19 +357,22 @@ class JobStore:
     def get(self, job_id: str) -> JobRecord | None:
         return record_from_hash(job_id, self.redis.hgetall(keys.job(job_id)))
 
-    def start(self, job_id: str, *, worker: str, request_json: str, max_attempts: int, queue: str = keys.QUEUE_INTERACTIVE) -> StartOutcome:
+    def start(self, job_id: str, *, worker: str, request_json: str, max_attempts: int, holder: str | None = None) -> StartOutcome:
+        """``worker``: the node name shown in the record; ``holder``: this process's incarnation
+        (default: the node name), whose liveness key says whether a job it holds may be taken over."""
         started = now()
         outcome, attempts, created_at = self._start(
-            keys=[keys.job(job_id), keys.job_chunks(job_id), keys.queue_waiting(queue), keys.queue_taken(queue)],
-            args=[worker, started, self.pending_ttl_s, request_json, keys.job_channel(job_id), max_attempts, job_id],
+            keys=[keys.job(job_id), keys.job_chunks(job_id)],
+            args=[worker, started, self.pending_ttl_s, request_json, keys.job_channel(job_id), max_attempts, job_id, keys.worker_alive(""),
+                  holder or worker],
         )
         return StartOutcome(outcome, int(attempts), max(0.0, started - float(created_at)) if created_at else 0.0)
 
-    def generating(self, job_ids: list[str], *, worker: str) -> None:
+    def generating(self, job_ids: list[str], *, holder: str) -> None:
         """These jobs start generating on this worker: one more attempt each (one round trip)."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
-            self._generating(keys=[keys.job(job_id)], args=[worker], client=pipe)
+            self._generating(keys=[keys.job(job_id)], args=[holder], client=pipe)
         pipe.execute()
 
     def fail_if_absent(self, job_id: str, error: JobError) -> bool:
@@ -329,10 +381,10 @@ class JobStore:
             now(), self.result_ttl_s, error.model_dump_json(), keys.job_channel(job_id), end_event(job_id, JobState.FAILED, error=error),
             canonical_json({"unreadable_message": True})]))
 
-    def release(self, job_id: str, *, worker: str) -> bool:
+    def release(self, job_id: str, *, holder: str) -> bool:
         """Give back a job this worker took but will not run (it is stopping): queued again, its
         attempt not counted. False when the record is no longer this worker's running job."""
-        return bool(self._release(keys=[keys.job(job_id)], args=[worker, keys.job_channel(job_id)]))
+        return bool(self._release(keys=[keys.job(job_id)], args=[holder, keys.job_channel(job_id)]))
 
     # ``streaming``: the job asked for stream=true, so its stream gets the end event even if it sent no chunk.
 

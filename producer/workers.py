@@ -12,14 +12,15 @@ from producer import keys
 from producer.errors import InvalidRequestError
 from producer.schemas import GenerationRequest
 
-HEARTBEAT_S = 5.0  # how often a worker renews its announcement
-EXPIRES_S = 15  # an announcement not renewed for this long is gone (the worker is taken for dead)
+HEARTBEAT_S = 2.0  # how often a worker renews its announcement and its liveness
+EXPIRES_S = 6  # an announcement not renewed for this long is gone (the worker is taken for dead)
 
 
 class WorkerInfo(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     name: str  # Celery node name
+    incarnation: str = ""  # this process of it (a restarted worker keeps its name, not this)
     host: str
     pid: int
     version: str

@@ -578,3 +578,26 @@ def test_beam_search_stop_strings_count_only_generated_text_and_leave_the_global
     seeded = prepare(engine, "seeded", prompt=prompt, num_beams=2, do_sample=True, seed=3, max_new_tokens=4)
     engine.generate_batch([seeded])
     assert torch.equal(torch.get_rng_state(), state), "a seeded job does not reseed other jobs' draws"
+
+
+def test_a_job_on_its_last_attempt_runs_alone_even_behind_a_trickle_of_interactive_jobs(tiny_bloom):
+    from worker.batcher import BULK
+
+    engine = load(tiny_bloom)
+    batcher = batcher_for(engine, batch_wait_ms=1, batch_max_delay_ms=5, max_attempts=3)
+    trickle = []
+    try:
+        trickle.append(batcher.submit(prepare(engine, "first", prompt="Hello there", num_beams=1, max_new_tokens=24, min_new_tokens=24)))
+        while not batcher._decoding:
+            time.sleep(0.001)
+        last = dataclasses.replace(prepare(engine, "last", prompt="Hello", num_beams=1, max_new_tokens=4), attempt=3)
+        future = batcher.submit(last, priority=BULK)
+        deadline = time.monotonic() + 60
+        while not future.done():  # interactive jobs keep arriving, each would join the decoding batch
+            assert time.monotonic() < deadline, "the last-attempt job never ran"
+            trickle.append(batcher.submit(prepare(engine, f"t{len(trickle)}", prompt="Hi", num_beams=1, max_new_tokens=24, min_new_tokens=24)))
+            time.sleep(0.05)
+        assert future.result().result.timings.batch_size == 1
+        assert all(f.result(timeout=60).result.sequences for f in trickle)
+    finally:
+        batcher.stop()

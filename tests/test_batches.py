@@ -59,10 +59,13 @@ def test_openai_batch_lines_map_to_requests_and_what_cannot_map_is_refused():
                       "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "你好"}]}
     greedy = openai_request({"method": "POST", "url": "/v1/completions", "body": {"prompt": "hi", "temperature": 0}})
     assert greedy == {"prompt": "hi", "do_sample": False, "num_beams": 1}
+    nulls = openai_request({"method": "POST", "url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": None, "temperature": None, "logit_bias": None}})
+    assert nulls == {"prompt": "hi"}, "null is OpenAI's 'the default', as if the field were absent"
     for body, message in [({"prompt": "x", "logit_bias": {}}, "body.logit_bias is not supported here"),
                           ({"prompt": "x", "frequency_penalty": 0.5}, "repetition_penalty is the nearest"),
                           ({"prompt": ["a", "b"]}, "one job per line"), ({"messages": []}, "does not go with url /v1/completions"),
-                          ({"prompt": "x", "stream": True}, "body.stream is not supported here")]:
+                          ({"prompt": "x", "stream": True}, "body.stream is not supported here"),
+                          ({"prompt": "x", "max_tokens": 5, "max_completion_tokens": 6}, "both max_tokens and max_completion_tokens; keep one")]:
         with pytest.raises(InvalidRequestError, match=message):
             openai_request({"method": "POST", "url": "/v1/completions", "body": body})
     with pytest.raises(InvalidRequestError, match="url must be one of"):

@@ -204,11 +204,11 @@ def test_a_job_released_by_a_stopping_worker_is_queued_again_without_counting_th
     store = JobStore(redis_client(database(redis_server, 10)), result_ttl_s=60, pending_ttl_s=60)
     store.create("r1", canonical := json.dumps({"prompt": "x"}))
     assert store.start("r1", worker="w1", request_json=canonical, max_attempts=3).should_run
-    assert not store.release("r1", worker="someone-else")
-    assert store.release("r1", worker="w1")
+    assert not store.release("r1", holder="someone-else")
+    assert store.release("r1", holder="w1")
     record = store.get("r1")
     assert (record.state, record.attempts, record.worker, record.started_at) == (JobState.QUEUED, 0, None, None)
-    assert not store.release("r1", worker="w1"), "only a running job is released"
+    assert not store.release("r1", holder="w1"), "only a running job is released"
 
 
 def test_task_events_flow_for_flower(redis_server, worker):

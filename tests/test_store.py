@@ -35,11 +35,11 @@ def test_life_cycle_and_attempts(store):
     assert store.redis.ttl(keys.job(job)) > 900
     first = store.start(job, worker="w1", request_json=REQUEST, max_attempts=3)
     assert first.should_run and first.attempts == 0 and first.queued_s >= 0
-    store.generating([job], worker="w1")  # an attempt counts once the job starts generating
-    second = store.start(job, worker="w2", request_json=REQUEST, max_attempts=3)  # w1 was lost
+    store.generating([job], holder="w1")  # an attempt counts once the job starts generating
+    second = store.start(job, worker="w2", request_json=REQUEST, max_attempts=3)  # w1 was lost (it has no liveness key)
     assert second.attempts == 1
-    store.generating([job], worker="w1")  # no longer w1's job: not counted
-    store.generating([job], worker="w2")
+    store.generating([job], holder="w1")  # no longer w1's job: not counted
+    store.generating([job], holder="w2")
     record = store.get(job)
     assert record.state is JobState.RUNNING and record.worker == "w2" and record.started_at >= record.created_at and record.attempts == 2
 
@@ -60,10 +60,10 @@ def test_the_first_final_write_wins(store):
 def test_attempts_stop_at_the_poison_limit(store):
     job = new_job_id()
     store.create(job, REQUEST)
-    for _ in range(2):
-        assert store.start(job, worker="w", request_json=REQUEST, max_attempts=2).should_run
-        store.generating([job], worker="w")
-    exhausted = store.start(job, worker="w", request_json=REQUEST, max_attempts=2)
+    for attempt in range(2):
+        assert store.start(job, worker=f"w{attempt}", request_json=REQUEST, max_attempts=2).should_run
+        store.generating([job], holder=f"w{attempt}")
+    exhausted = store.start(job, worker="w2", request_json=REQUEST, max_attempts=2)
     assert exhausted.outcome == "exhausted" and exhausted.attempts == 2
 
 
@@ -99,3 +99,16 @@ def test_transitions_publish_events(store):
             events.append(json.loads(message["data"]))
     pubsub.close()
     assert [e["state"] for e in events] == ["running", "failed"]
+
+
+def test_a_job_running_on_a_live_worker_is_not_taken_over_by_a_duplicate_message(store):
+    job = new_job_id()
+    store.create(job, REQUEST)
+    store.redis.set(keys.worker_alive("alive-1"), 1, ex=60)
+    assert store.start(job, worker="a", holder="alive-1", request_json=REQUEST, max_attempts=3).should_run
+    assert store.start(job, worker="a", holder="alive-1", request_json=REQUEST, max_attempts=3).outcome == "held_here"
+    assert store.start(job, worker="b", holder="b-1", request_json=REQUEST, max_attempts=3).outcome == "held"
+    assert store.get(job).worker == "a"
+    store.redis.delete(keys.worker_alive("alive-1"))  # the holder died: its job is taken over
+    assert store.start(job, worker="b", holder="b-1", request_json=REQUEST, max_attempts=3).should_run
+    assert store.get(job).worker == "b"

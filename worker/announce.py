@@ -32,7 +32,7 @@ class Announcer:
         self._stopping.set()
         self._thread.join(5)
         try:
-            self.redis.delete(keys.worker(self.info.name))
+            self.redis.delete(keys.worker(self.info.name), keys.worker_alive(self.info.incarnation))
         except redis.RedisError as exc:
             log.warning("could not withdraw the announcement of %s: %s", self.info.name, exc)
 
@@ -43,6 +43,9 @@ class Announcer:
     def _beat(self) -> None:
         info = self.info.model_copy(update={"heartbeat_at": round(time.time(), 3)})
         try:
-            self.redis.set(keys.worker(info.name), info.model_dump_json(), ex=EXPIRES_S)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(keys.worker(info.name), info.model_dump_json(), ex=EXPIRES_S)
+            pipe.set(keys.worker_alive(info.incarnation), 1, ex=EXPIRES_S)
+            pipe.execute()
         except redis.RedisError as exc:
             log.warning("heartbeat of %s failed: %s", info.name, exc)

@@ -35,18 +35,24 @@ Out of memory
 
 Every outcome goes back to its task thread through the publisher's queue, after the chunks published
 before it, so a job's stream always ends after its last chunk.
+
+A job on its last attempt (its worker died while generating it before) runs alone, once the decoding
+batch is empty and the outcomes before it are recorded (``Batcher.handover``): should the worker die
+again, it is the one charged.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import gc
 import itertools
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +78,10 @@ class BatcherStopped(RuntimeError):
 
 class JobCancelled(RuntimeError):
     """The job was cancelled before it started to run."""
+
+
+class DuplicateJob(RuntimeError):
+    """This job is already waiting or running here (a duplicate message)."""
 
 
 @dataclass
@@ -170,6 +180,9 @@ class Batcher:
         self._in_batch: dict[str, _Pending] = {}  # the decoding batch's jobs, by id
         self._stats = DecodeStats()
         self._cond = threading.Condition()
+        self._tracked: collections.Counter[str] = collections.Counter()  # jobs whose task records their outcome inside Batcher.handover
+        self._handovers: set[str] = set()  # of those, the ones settled whose outcome is not yet recorded
+        self._handover_lock = threading.Lock()
         self._stopping = False
         self._load: Callable[[], Engine] | None = None
         self._loaded = threading.Event()
@@ -208,6 +221,8 @@ class Batcher:
         with self._cond:
             if self._stopping:
                 raise BatcherStopped("the batcher is stopping")
+            if job.job_id in self._in_batch or any(p.job.job_id == job.job_id for p in self._pending):
+                raise DuplicateJob(job.job_id)
             # A job on its last attempt runs alone: should its worker die again, it was the one running.
             pending = _Pending(job, key, time.monotonic(), priority, next(self._arrivals), exclusive=job.attempt >= self.max_attempts > 1)
             at = next((i for i, p in enumerate(self._pending) if p.active is None and (p.priority, p.order) > (priority, pending.order)),
@@ -219,6 +234,23 @@ class Batcher:
 
     def run(self, job: PreparedJob, *, priority: int = INTERACTIVE) -> Generated:
         return self.submit(job, priority=priority).result()
+
+    @contextlib.contextmanager
+    def handover(self, job_id: str) -> Iterator[None]:
+        """The block that runs the job and records its outcome: until it exits, a job on its last
+        attempt does not start (a crash then would lose this outcome and charge this job)."""
+        with self._handover_lock:
+            self._tracked[job_id] += 1
+        try:
+            yield
+        finally:
+            with self._handover_lock:
+                self._tracked[job_id] -= 1
+                if self._tracked[job_id] <= 0:
+                    del self._tracked[job_id]
+                    self._handovers.discard(job_id)
+            with self._cond:
+                self._cond.notify_all()
 
     # --- the batcher thread ---
 
@@ -308,7 +340,7 @@ class Batcher:
         """Seconds until the waiting jobs should be taken in (≤ 0: now)."""
         first, last = self._pending[0], self._pending[-1]
         room = self.max_size - len(self._batch.jobs)
-        if first.active is not None or first.exclusive or len(self._pending) >= room:
+        if first.active is not None or len(self._pending) >= room or any(p.exclusive for p in self._pending):
             return 0.0
         return min(first.arrived + self.max_delay_s, last.arrived + self.wait_s) - time.monotonic()
 
@@ -316,8 +348,11 @@ class Batcher:
         anchor = self._pending[0]
         if any(p.exclusive for p in self._in_batch.values()):
             return None  # a job runs alone
-        if anchor.exclusive and self._decoding:
-            return None  # no joins: the decoding batch drains, then the anchor runs alone
+        # A job that must run alone goes first, wherever it waits, so that a trickle of interactive
+        # jobs cannot keep the decoding batch from draining: no joins until it has run.
+        anchor = next((p for p in self._pending if p.exclusive), anchor)
+        if anchor.exclusive and (self._decoding or self._handovers):
+            return None  # the decoding batch drains and its outcomes are recorded, then the anchor runs alone
         if anchor.key is not None:
             return self._take("generate", self._select_generate(anchor))
         joining = [anchor] if anchor.exclusive else self._select_join()
@@ -328,11 +363,11 @@ class Batcher:
         jobs, rows, width = len(batch.jobs), len(batch), batch.length
         remaining = max((r.remaining for r in batch.rows), default=0)
         joining: list[_Pending] = []
+        if any(p.exclusive for p in self._pending):
+            return joining  # see _select: the decoding batch drains first
         for pending in self._pending:
             if pending.key is not None:
                 continue  # beam search waits for its turn as the first waiting job
-            if pending.exclusive:
-                break  # it runs alone once it is first
             if self._stopping and pending.active is None:
                 continue
             if jobs + len(joining) >= (self.interactive_size if pending.priority == INTERACTIVE else self.max_size):
@@ -381,16 +416,24 @@ class Batcher:
     def _settle(self, chunks: list[StreamChunk], outcomes: list[tuple[_Pending, Generated | BaseException]]) -> None:
         """Publish a step's chunks, then hand these jobs their outcomes: through the publisher's queue,
         so that a job's record ends (its task thread writes the end event) after all its chunks."""
-        for pending, _ in outcomes:
-            pending.settled = True
-            self._in_batch.pop(pending.job.job_id, None)
+        with self._handover_lock:
+            for pending, _ in outcomes:
+                pending.settled = True
+                self._in_batch.pop(pending.job.job_id, None)
+                if pending.job.job_id in self._tracked:
+                    self._handovers.add(pending.job.job_id)
 
         def resolve() -> None:
             for pending, outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    pending.future.set_exception(outcome)
-                else:
-                    pending.future.set_result(outcome)
+                if pending.future.done():
+                    continue
+                try:
+                    if isinstance(outcome, BaseException):
+                        pending.future.set_exception(outcome)
+                    else:
+                        pending.future.set_result(outcome)
+                except InvalidStateError:  # resolved meanwhile: the first outcome stands
+                    pass
 
         if self.publisher is None:
             resolve()

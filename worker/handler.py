@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from typing import Any
 
 from celery.exceptions import Reject
@@ -19,7 +20,7 @@ from producer.records import JobError
 from producer.schemas import parse_request
 from producer.settings import Settings
 from producer.store import JobStore, canonical_json
-from worker.batcher import BULK, INTERACTIVE, Batcher, BatcherStopped, JobCancelled
+from worker.batcher import BULK, INTERACTIVE, Batcher, BatcherStopped, DuplicateJob, JobCancelled
 from worker.cancellation import CancelWatcher
 from worker.engine import Engine
 from worker.errors import JobFailure
@@ -33,7 +34,7 @@ JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 class JobHandler:
     def __init__(self, settings: Settings, store: JobStore, engine: Engine, batcher: Batcher, cancellations: CancelWatcher,
-                 *, profile: HardwareProfile | None = None, metrics: Metrics | None = None):
+                 *, profile: HardwareProfile | None = None, metrics: Metrics | None = None, holder: str | None = None):
         self.settings = settings
         self.store = store
         self.engine = engine
@@ -41,8 +42,9 @@ class JobHandler:
         self.cancellations = cancellations
         self.profile = profile
         self.metrics = metrics or batcher.metrics
+        self.holder = holder  # this worker process's incarnation (see JobStore.start)
 
-    def handle(self, args: tuple, kwargs: dict[str, Any], *, worker: str, queue: str | None = None) -> None:
+    def handle(self, args: tuple, kwargs: dict[str, Any], *, worker: str, queue: str | None = None, redelivered: bool = False) -> None:
         job_id = kwargs.get("job_id") if isinstance(kwargs, dict) else None
         if not isinstance(job_id, str) or not JOB_ID.match(job_id):
             log.error("dropped a message without a valid job_id (args=%.200r, kwargs keys=%.200r)", args, list(kwargs) if isinstance(kwargs, dict) else kwargs)
@@ -50,11 +52,11 @@ class JobHandler:
         # Registered before the record is started: see worker/cancellation.py.
         self.cancellations.register(job_id)
         try:
-            self._handle(job_id, args, kwargs, worker, queue or keys.QUEUE_INTERACTIVE)
+            self._handle(job_id, args, kwargs, worker, queue or keys.QUEUE_INTERACTIVE, redelivered)
         finally:
             self.cancellations.unregister(job_id)
 
-    def _handle(self, job_id: str, args: tuple, kwargs: dict[str, Any], worker: str, queue: str) -> None:
+    def _handle(self, job_id: str, args: tuple, kwargs: dict[str, Any], worker: str, queue: str, redelivered: bool) -> None:
         priority = BULK if queue == keys.QUEUE_BULK else INTERACTIVE
         raw = kwargs.get("request")
         streaming = isinstance(raw, dict) and raw.get("stream") is True
@@ -69,9 +71,18 @@ class JobHandler:
             request_json = canonical_json({"oversized_request_bytes": oversized})
         else:
             oversized = 0
-        start = self.store.start(job_id, worker=worker, request_json=request_json, max_attempts=self.settings.max_attempts, queue=queue)
+        start = self.store.start(job_id, worker=worker, request_json=request_json, max_attempts=self.settings.max_attempts, holder=self.holder)
         if start.outcome == "mismatch":
             log.error("job %s: the message's request differs from the stored one; message dropped, record untouched", job_id)
+            return
+        if start.outcome in ("held", "held_here"):
+            if redelivered:
+                # Its holder's own message, back after the visibility timeout while the job still runs
+                # (a job longer than BELLE_VISIBILITY_TIMEOUT_S): keep it queued, it covers the holder's death.
+                log.warning("job %s still runs on a live worker past the visibility timeout; its message goes back to the queue", job_id)
+                time.sleep(1.0)
+                raise Reject("held by a live worker", requeue=True)
+            log.info("job %s already runs on %s; this duplicate message is acknowledged", job_id, "this worker" if start.outcome == "held_here" else "a live worker")
             return
         if start.outcome.startswith("final:"):
             log.info("job %s is already %s; duplicate delivery acknowledged", job_id, start.outcome.removeprefix("final:"))
@@ -107,29 +118,33 @@ class JobHandler:
         except JobFailure as exc:
             self._fail(job_id, streaming, exc.error)
             return
-        try:
-            generated = self.batcher.run(prepared, priority=priority)
-        except JobFailure as exc:  # the batcher already isolated the failure to this job
-            self._fail(job_id, streaming, exc.error)
-            return
-        except JobCancelled:
-            log.info("job %s was cancelled while it waited; it ends cancelled without running", job_id)
-            self.store.finish_cancelled(job_id, streaming=streaming)
-            self.metrics.jobs.labels("cancelled", ErrorCode.CANCELLED.value).inc()
-            return
-        except BatcherStopped:
-            log.warning("job %s: the worker is stopping before it ran; its message goes back to the queue", job_id)
-            self.store.release(job_id, worker=worker)
-            raise Reject("worker stopping", requeue=True) from None
-        self.metrics.queue_wait.observe(start.queued_s)
-        self.metrics.generation.observe(generated.result.timings.generation_s)
-        if generated.cancelled:
-            log.info("job %s cancelled while running; its partial result is kept", job_id)
-            self.store.finish_cancelled(job_id, generated.result, streaming=streaming)
-            self.metrics.jobs.labels("cancelled", "").inc()
-        else:
-            self.store.succeed(job_id, generated.result, streaming=streaming)
-            self.metrics.jobs.labels("succeeded", "").inc()
+        with self.batcher.handover(job_id):
+            try:
+                generated = self.batcher.run(prepared, priority=priority)
+            except DuplicateJob:
+                log.info("job %s is already in this worker's batcher; this duplicate message is acknowledged", job_id)
+                return
+            except JobFailure as exc:  # the batcher already isolated the failure to this job
+                self._fail(job_id, streaming, exc.error)
+                return
+            except JobCancelled:
+                log.info("job %s was cancelled while it waited; it ends cancelled without running", job_id)
+                self.store.finish_cancelled(job_id, streaming=streaming)
+                self.metrics.jobs.labels("cancelled", ErrorCode.CANCELLED.value).inc()
+                return
+            except BatcherStopped:
+                log.warning("job %s: the worker is stopping before it ran; its message goes back to the queue", job_id)
+                self.store.release(job_id, holder=self.holder or worker)
+                raise Reject("worker stopping", requeue=True) from None
+            self.metrics.queue_wait.observe(start.queued_s)
+            self.metrics.generation.observe(generated.result.timings.generation_s)
+            if generated.cancelled:
+                log.info("job %s cancelled while running; its partial result is kept", job_id)
+                self.store.finish_cancelled(job_id, generated.result, streaming=streaming)
+                self.metrics.jobs.labels("cancelled", "").inc()
+            else:
+                self.store.succeed(job_id, generated.result, streaming=streaming)
+                self.metrics.jobs.labels("succeeded", "").inc()
 
     def unreadable(self, job_id: str, reason: str) -> None:
         """A message for ``job_id`` that could not be read at all: fail the job if it has no record."""

@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from importlib.metadata import PackageNotFoundError, version
 
 from producer.connection import WORKER_RETRIES, describe_error, redis_client
@@ -52,21 +53,22 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
     name = host_format(settings.worker_name or "belle@%h")  # %h: the host name, as Celery expands it
+    incarnation = f"{name}/{os.getpid()}/{uuid.uuid4().hex[:8]}"  # this process: a restarted worker keeps its name, not this
     batcher = Batcher(None, settings, publisher=publisher, cancellations=cancellations, metrics=metrics,
-                      generating=lambda job_ids: store.generating(job_ids, worker=name))
+                      generating=lambda job_ids: store.generating(job_ids, holder=incarnation))
     # The model is loaded on the batcher's thread, the one that runs it (see Batcher.start).
     batcher.start(load=lambda: Engine.load(config, settings.device, fault_memory_budget_tokens=settings.fault_memory_budget_tokens))
     engine = batcher.engine
-    app = create_app(settings, JobHandler(settings, store, engine, batcher, cancellations, profile=profile))
+    app = create_app(settings, JobHandler(settings, store, engine, batcher, cancellations, profile=profile, holder=incarnation))
     # A warm shutdown (SIGTERM) finishes the jobs being decoded; the jobs not started go back to the queue.
     worker_shutting_down.connect(lambda **_: batcher.drain(), weak=False)
     announcer = Announcer(redis, WorkerInfo(
-        name=name, host=socket.gethostname(), pid=os.getpid(), version=package_version(), model=config.name, adapters=engine.adapters,
+        name=name, incarnation=incarnation, host=socket.gethostname(), pid=os.getpid(), version=package_version(), model=config.name, adapters=engine.adapters,
         device=str(engine.device), profile=profile.name if profile else None, max_new_tokens=profile.max_new_tokens if profile else None,
         num_beams=profile.num_beams if profile else None, queues=queues, batch_max_size=settings.batch_max_size,
         concurrency=settings.worker_concurrency, started_at=round(time.time(), 3), heartbeat_at=round(time.time(), 3),
     )).start()
-    sweeper = LostMessageSweeper(redis, worker=name, interval_s=settings.lost_message_sweep_s).start()
+    sweeper = LostMessageSweeper(redis, worker=name, interval_s=settings.lost_message_sweep_s, resend_gap_s=settings.visibility_timeout_s).start()
     log.info("worker %s serving %s on queues %s (profile %s); batches of ≤%d jobs, ≤%d tokens; %d jobs held at once; metrics %s",
              name, config.name, ",".join(queues), profile.name if profile else "none", settings.batch_max_size, settings.batch_max_tokens,
              settings.worker_concurrency, f"on port {settings.metrics_port}" if settings.metrics_port else "off")

@@ -2,14 +2,19 @@
 
 kombu's Redis transport takes a message off its queue (BRPOP) and only then records it as
 unacknowledged: a worker that dies between the two (killed, a crashing job, the machine lost) loses
-that message, and its job would stay queued for good. The queues are first-in first-out, and every
-job has its number on its queue (producer/enqueue.py); starting a job takes it out of the queue's
-waiting set and raises the queue's highest-started number. So a job still waiting behind a started
-one was taken off the queue and never started: its message is lost. Such a job, found behind a
-started one in two looks ``interval`` apart, gets its message again (at the head of its queue).
+that message, and its job would stay queued for good. Queues are first-in first-out, and every job
+has its number on its queue (producer/enqueue.py; a job returned by a stopping worker is numbered
+again, as the last): starting a job takes it out of the queue's waiting set and raises the queue's
+highest-started number, and ending it takes it out too. So a job still waiting
+  - behind a started one (a lower number than the highest started), or
+  - on an empty queue, with no worker holding its message (none of the unacknowledged messages),
+was taken off its queue and never started: its message is lost. A job found so in two looks
+``interval`` apart gets its message again, at the head of its queue; not twice within the
+visibility timeout.
 
-Sending a message twice is harmless: a job's first final state is its only one, and a message whose
-job has ended is acknowledged without running. One worker looks at a time (a lock in Redis).
+A second copy of a message is harmless: a job's first final state is its only one, a message whose
+job has ended is acknowledged without running, and one whose job runs on a live worker is
+acknowledged too (producer/store.py, START_SCRIPT). One worker looks at a time (a lock in Redis).
 """
 
 from __future__ import annotations
@@ -23,19 +28,23 @@ import redis
 
 from producer import keys
 from producer.enqueue import task_message
+from producer.store import RESEND_SCRIPT
+from producer.workers import live_workers
 
 log = logging.getLogger("belle.sweeper")
 
-LOOK_AT = 1_000  # jobs per queue per look
+LOOK_AT = 1_000  # waiting jobs looked at per queue per look
+UNACKED = "unacked"  # kombu's hash of the messages workers hold
 
 
 class LostMessageSweeper:
-    def __init__(self, client: redis.Redis, *, worker: str, interval_s: float, queues: tuple[str, ...] = keys.QUEUES):
+    def __init__(self, client: redis.Redis, *, worker: str, interval_s: float, resend_gap_s: float):
         self.redis = client
         self.worker = worker
         self.interval_s = interval_s
-        self.queues = queues
-        self._suspects: dict[str, float] = {}  # job id → when first seen behind a started job
+        self.resend_gap_s = max(resend_gap_s, 2 * interval_s)
+        self._resend = client.register_script(RESEND_SCRIPT)
+        self._suspects: dict[str, float] = {}  # job id → when first found lost
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="belle-sweeper", daemon=True)
 
@@ -55,26 +64,39 @@ class LostMessageSweeper:
             except redis.RedisError as exc:
                 log.warning("looking for lost messages failed: %s", exc)
 
+    def queues(self) -> list[str]:
+        """The queues to look at: ours, and any a live worker consumes."""
+        return sorted(set(keys.QUEUES) | {q for w in live_workers(self.redis) for q in w.queues})
+
     def sweep(self) -> list[str]:
         """One look; returns the jobs whose message was sent again."""
-        resent = []
-        now = time.monotonic()
-        suspects = {}
-        for queue in self.queues:
+        resent, suspects, now = [], {}, time.monotonic()
+        held: str | None = None  # the messages workers hold, read once if needed
+        for queue in self.queues():
             taken = int(self.redis.get(keys.queue_taken(queue)) or 0)
-            if not taken:
+            empty = self.redis.llen(queue) == 0
+            top = "+inf" if empty else taken - 1
+            waiting = self.redis.zrangebyscore(keys.queue_waiting(queue), 0, top, start=0, num=LOOK_AT, withscores=True)
+            if not waiting:
                 continue
-            for job_id in self.redis.zrangebyscore(keys.queue_waiting(queue), 0, taken - 1, start=0, num=LOOK_AT):
-                state, request = self.redis.hmget(keys.job(job_id), "state", "request")
-                if state != "queued" or request is None:  # started meanwhile, cancelled, or expired: not waiting any more
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id, _ in waiting:
+                pipe.hmget(keys.job(job_id), "state", "request")
+            for (job_id, seq), (state, request) in zip(waiting, pipe.execute(), strict=True):
+                if state != "queued" or request is None:  # started, ended or expired meanwhile: it does not wait any more
                     self.redis.zrem(keys.queue_waiting(queue), job_id)
                     continue
+                if seq >= taken:  # nothing later has started: lost only if no worker holds it
+                    held = held if held is not None else "\n".join(self.redis.hvals(UNACKED))
+                    if job_id in held:
+                        continue
                 first_seen = self._suspects.get(job_id, now)
                 suspects[job_id] = first_seen
-                if now - first_seen >= self.interval_s:
-                    self.redis.rpush(queue, task_message(job_id, json.loads(request), queue))
-                    suspects[job_id] = now  # if this one is lost too, look again later
+                if now - first_seen < self.interval_s:
+                    continue
+                if self._resend(keys=[keys.job(job_id), queue], args=[task_message(job_id, json.loads(request), queue), time.time(), self.resend_gap_s]):
                     resent.append(job_id)
-                    log.warning("job %s: its message was lost (a later job on %s has started); sent it again", job_id, queue)
+                    log.warning("job %s: its message was lost (%s); sent it again", job_id,
+                                f"a later job on {queue} has started" if seq < taken else f"{queue} is empty and no worker holds it")
         self._suspects = suspects
         return resent

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import logging
-from queue import Empty
 
 import redis
 from kombu.transport import redis as kombu_redis
@@ -23,13 +22,17 @@ log = logging.getLogger("belle.transport")
 TRANSPORT = "worker.transport:Transport"
 
 
+# What a queue entry that is not a message envelope raises while it is decoded (JSON, UTF-8 and
+# base64 errors are ValueErrors). Redis's own errors (out of memory, ...) are none of these: they go
+# on up, as in stock kombu, and no further entry is taken off the queue meanwhile.
+_NOT_AN_ENVELOPE = (ValueError, TypeError, KeyError, AttributeError)
+
+
 class Channel(kombu_redis.Channel):
     def _brpop_read(self, **options):
         try:
             return super()._brpop_read(**options)
-        except (Empty, *self.connection_errors):
-            raise
-        except Exception as exc:
+        except _NOT_AN_ENVELOPE as exc:
             log.error("dropped an entry that is not a valid message envelope (%s: %.200s)", type(exc).__name__, exc)
             return True
 
@@ -37,9 +40,7 @@ class Channel(kombu_redis.Channel):
         while True:
             try:
                 return super()._get(queue)
-            except (Empty, *self.connection_errors):
-                raise
-            except Exception as exc:
+            except _NOT_AN_ENVELOPE as exc:
                 log.error("dropped an entry of %s that is not a valid message envelope (%s: %.200s)", queue, type(exc).__name__, exc)
 
 
