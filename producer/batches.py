@@ -16,6 +16,7 @@ crashed, say) resumes the same batch and enqueues only the lines that are not in
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import time
@@ -47,6 +48,17 @@ OPENAI_RENAMED = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_
 OPENAI_DROPPED = {"model", "user", "store", "service_tier"}  # the worker serves its own model
 OPENAI_NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "top_logprobs": 0, "stream": False, "echo": False, "best_of": 1}
 OPENAI_DEFAULTS = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "num_beams": 1}
+
+# KEYS: batch. ARGV: ttl, then field, value pairs. Creates the batch's hash unless it exists; returns
+# {state ('new' when created), deadline, digest}.
+OPEN_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {redis.call('HGET', KEYS[1], 'state') or '', redis.call('HGET', KEYS[1], 'deadline') or '', redis.call('HGET', KEYS[1], 'digest') or ''}
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return {'new', '', ''}
+"""
 
 # KEYS: batch. ARGV: now. A batch whose lines are all in: submitted (unless cancelled meanwhile).
 SUBMITTED_SCRIPT = """
@@ -109,7 +121,12 @@ class BatchStatus(BaseModel):
 
     @property
     def finished(self) -> bool:
+        if self.state == "cancelled" and self.queued == 0 and self.running == 0:
+            return True  # cancelled while being submitted: some lines never got a job
         return self.state != "submitting" and self.done >= self.total
+
+
+RECORD_GONE = "the job's record has expired (BELLE_RESULT_TTL_S after it ended, BELLE_PENDING_TTL_S before): its result is gone"
 
 
 class BatchResultLine(BaseModel):
@@ -117,10 +134,10 @@ class BatchResultLine(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    line: int
-    custom_id: str
+    line: int | None  # None (and state None): the job's record is gone (RECORD_GONE)
+    custom_id: str | None
     job_id: str
-    state: JobState
+    state: JobState | None
     result: JobResult | None = None
     error: JobError | None = None
 
@@ -267,6 +284,7 @@ class Batches:
         self._enqueue = redis.register_script(ENQUEUE_SCRIPT)
         self._cancel = redis.register_script(CANCEL_SCRIPT)
         self._submitted = redis.register_script(SUBMITTED_SCRIPT)
+        self._open_script = redis.register_script(OPEN_SCRIPT)
 
     def submit(self, source, *, defaults: Mapping[str, Any] | None = None, batch_id: str | None = None, new: bool = False,
                completion_window_s: float | None = None, skip_invalid: bool = False, queue: str = keys.QUEUE_BULK,
@@ -288,8 +306,11 @@ class Batches:
         batch_id = batch_id or (uuid.uuid4().hex if new else digest.hexdigest()[:32])
         if not BATCH_ID.match(batch_id):
             raise InvalidRequestError.single("batch_id", batch_id, "batch_id must match [A-Za-z0-9_-]{1,64}")
-        deadline = self._open(batch_id, len(valid), len(refused), completion_window_s, queue, name)
-        created = self._enqueue_lines(source, valid, batch_id, defaults, presets, deadline, queue, progress)
+        state, deadline = self._open(batch_id, len(valid), len(refused), completion_window_s, queue, name, digest.hexdigest())
+        if state in ("new", "submitting"):
+            created = self._enqueue_lines(source, valid, batch_id, defaults, presets, deadline, queue, progress)
+        else:  # submitted whole before: nothing is enqueued again, even if its jobs' records have expired
+            created = 0
         self._submitted(keys=[keys.batch(batch_id)], args=[now()])
         return BatchSubmission(batch_id, len(valid), created, refused, deadline)
 
@@ -335,32 +356,27 @@ class Batches:
             return custom_id, str(exc), None
         return custom_id, None, request
 
-    def _open(self, batch_id: str, total: int, refused: int, window_s: float | None, queue: str, name: str | None) -> float | None:
-        """Create the batch's hash (or find it: a resubmission); returns its deadline."""
-        key = keys.batch(batch_id)
+    def _open(self, batch_id: str, total: int, refused: int, window_s: float | None, queue: str, name: str | None,
+              digest: str) -> tuple[str, float | None]:
+        """Create the batch's hash, or find it (a resubmission of the same lines); returns the state it
+        had ('new' when created) and its deadline."""
         created_at = now()
         deadline = round(created_at + window_s, 3) if window_s else None
-        fields = {"batch_id": batch_id, "state": "submitting", "total": total, "refused": refused, "created_at": created_at, "queue": queue}
+        fields = {"batch_id": batch_id, "state": "submitting", "total": total, "refused": refused, "created_at": created_at, "queue": queue,
+                  "digest": digest, **{counted: 0 for counted in COUNTED}}
         if deadline is not None:
             fields["deadline"] = deadline
         if name:
             fields["source"] = name
-        pipe = self.redis.pipeline()
-        pipe.hsetnx(key, "created_at", created_at)
-        pipe.hget(key, "state")
-        fresh, state = pipe.execute()[:2]
-        if not fresh:
-            if state == "cancelled":
-                raise BatchError(f"batch {batch_id} was cancelled; submit with --new (or another batch id) to run these lines again")
-            stored = self.redis.hget(key, "deadline")
-            return float(stored) if stored else None
-        pipe = self.redis.pipeline()
-        pipe.hset(key, mapping=fields)
-        for name_ in COUNTED:
-            pipe.hsetnx(key, name_, 0)
-        pipe.expire(key, self.settings.pending_ttl_s)
-        pipe.execute()
-        return deadline
+        state, stored_deadline, stored_digest = self._open_script(
+            keys=[keys.batch(batch_id)], args=[self.settings.pending_ttl_s, *itertools.chain.from_iterable(fields.items())])
+        if state == "new":
+            return state, deadline
+        if stored_digest and stored_digest != digest:
+            raise BatchError(f"batch {batch_id} was submitted from other lines or settings; use --new or another batch id for these")
+        if state == "cancelled":
+            raise BatchError(f"batch {batch_id} was cancelled; submit with --new (or another batch id) to run these lines again")
+        return state, float(stored_deadline) if stored_deadline else None
 
     def _enqueue_lines(self, source, valid: dict[int, Any], batch_id: str, defaults, presets, deadline, queue, progress) -> int:
         bar = Progress(len(valid), f"batch {batch_id[:12]}", enabled=progress)
@@ -465,7 +481,9 @@ class Batches:
 
 def result_line(job_id: str, fields: Mapping[str, str | None]) -> dict[str, Any]:
     """One results-file line (plain JSON, results passed through unparsed where they are JSON)."""
-    out: dict[str, Any] = {"line": int(fields["line"] or 0), "custom_id": fields["custom_id"], "job_id": job_id, "state": fields["state"] or "expired"}
+    if fields["state"] is None:
+        return {"line": None, "custom_id": None, "job_id": job_id, "state": "unavailable", "note": RECORD_GONE}
+    out: dict[str, Any] = {"line": int(fields["line"] or 0), "custom_id": fields["custom_id"], "job_id": job_id, "state": fields["state"]}
     if fields.get("result"):
         out["result"] = json.loads(fields["result"])
     if fields.get("error"):

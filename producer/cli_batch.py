@@ -29,7 +29,7 @@ def cmd_submit(args: argparse.Namespace, client) -> int:
             f.writelines(e.to_json() + "\n" for e in submission.refused)
         print(f"{len(submission.refused)} invalid lines skipped; their errors are in {refusals}", file=sys.stderr)
     resumed = submission.total - submission.created
-    note = f" ({resumed} were already in: batch resumed)" if resumed else ""
+    note = (" (all were already in: nothing enqueued)" if not submission.created else f" ({resumed} were already in: batch resumed)") if resumed else ""
     print(f"batch {submission.batch_id}: {submission.total} jobs submitted{note}", file=sys.stderr)
     if args.json:
         print(json.dumps({"batch_id": submission.batch_id, "total": submission.total, "created": submission.created,
@@ -62,12 +62,14 @@ def cmd_results(args: argparse.Namespace, client) -> int:
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     bar = Progress(status.total, f"results {args.batch_id[:12]}", enabled=None if args.output != "-" else False)
     unfinished: dict[str, int] = {}
+    gone_count = [0]
     written = 0
     try:
         for job_id, fields in client.batches.results(args.batch_id):
             line = result_line(job_id, fields)
             if line["state"] in ("queued", "running"):
                 unfinished[line["state"]] = unfinished.get(line["state"], 0) + 1
+            gone_count[0] += line["state"] == "unavailable"
             out.write(json.dumps(line, ensure_ascii=False) + "\n")
             written += 1
             bar.update()
@@ -80,7 +82,8 @@ def cmd_results(args: argparse.Namespace, client) -> int:
         print(f"wrote {written} lines{where}; {sum(unfinished.values())} jobs not finished yet ("
               + ", ".join(f"{n} {s}" for s, n in unfinished.items()) + "): their lines say so; run this again later for their results", file=sys.stderr)
         return EXIT_NOT_FINISHED
-    print(f"wrote {written} lines{where}; every job has ended", file=sys.stderr)
+    gone = f" ({unavailable} of them 'unavailable': their records expired with their results)" if (unavailable := gone_count[0]) else ""
+    print(f"wrote {written} lines{where}; every job has ended{gone}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -11,7 +12,7 @@ from producer import keys
 from producer.connection import redis_client
 from producer.errors import JobNotFoundError, JobTimeoutError
 from producer.enqueue import ENQUEUE_SCRIPT, Enqueue, check_outcome, job_id_for
-from producer.batches import Batches, BatchResultLine, BatchStatus, BatchSubmission, ListSource
+from producer.batches import Batches, BatchResultLine, BatchStatus, BatchSubmission, FileSource, ListSource
 from producer.records import JobError, JobRecord, JobResult, JobState, StreamEvent
 from producer.schemas import GenerationRequest, parse_request
 from producer.settings import Settings, get_settings
@@ -117,7 +118,7 @@ class JobClient:
 
     # --- batches (see producer/batches.py) ---
 
-    def submit_batch(self, requests: Iterable[Mapping[str, Any] | str], *, preset: str | None = None, defaults: Mapping[str, Any] | None = None,
+    def submit_batch(self, requests: Iterable[Mapping[str, Any] | str] | os.PathLike, *, preset: str | None = None, defaults: Mapping[str, Any] | None = None,
                      batch_id: str | None = None, new: bool = False, completion_window_s: float | None = None, skip_invalid: bool = False,
                      name: str | None = None, progress: bool | None = False) -> BatchSubmission:
         """Validate every request (mappings, or JSONL lines as strings; plain or OpenAI batch lines),
@@ -125,9 +126,16 @@ class JobClient:
         ``defaults`` apply to every line, whose own fields win. Raises InvalidRequestError listing the
         bad lines unless ``skip_invalid`` (then they come back in ``refused``). The same requests
         submitted again resume the same batch (nothing is enqueued twice) unless ``new``. The iterable
-        is read into memory; for large inputs use a file (``belle-queue batch submit``)."""
+        is read into memory; a large input is better given as a file path (``pathlib.Path``: read as a
+        JSONL file, twice, never whole), as ``belle-queue batch submit`` does."""
+        if isinstance(requests, str | bytes):
+            raise TypeError("submit_batch takes an iterable of requests or lines, or a pathlib.Path to a JSONL file, not a str")
+        if isinstance(requests, os.PathLike):
+            source, name = FileSource(requests, self.settings.max_batch_line_bytes), name or os.path.basename(requests)
+        else:
+            source = ListSource(requests)
         options = {**({"preset": preset} if preset else {}), **(defaults or {})}
-        return self.batches.submit(ListSource(requests), defaults=options, batch_id=batch_id, new=new, completion_window_s=completion_window_s,
+        return self.batches.submit(source, defaults=options, batch_id=batch_id, new=new, completion_window_s=completion_window_s,
                                    skip_invalid=skip_invalid, name=name, progress=progress)
 
     def batch_status(self, batch_id: str) -> BatchStatus:
@@ -137,7 +145,10 @@ class JobClient:
     def iter_batch_results(self, batch_id: str) -> Iterator[BatchResultLine]:
         """Every job of the batch in input order, finished or not (its ``state`` says)."""
         for job_id, fields in self.batches.results(batch_id):
-            yield BatchResultLine(line=int(fields["line"] or 0), custom_id=fields["custom_id"] or "", job_id=job_id, state=JobState(fields["state"] or "expired"),
+            if fields["state"] is None:
+                yield BatchResultLine(line=None, custom_id=None, job_id=job_id, state=None)
+                continue
+            yield BatchResultLine(line=int(fields["line"] or 0), custom_id=fields["custom_id"] or "", job_id=job_id, state=JobState(fields["state"]),
                                   result=JobResult.model_validate_json(fields["result"]) if fields["result"] else None,
                                   error=JobError.model_validate_json(fields["error"]) if fields["error"] else None)
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from producer import keys
-from producer.errors import InvalidRequestError
+from producer.errors import ErrorCode, InvalidRequestError
+from producer.records import JobError
 from producer.schemas import GenerationRequest
 
 # Job ids derived from an idempotency key (or a batch id and line) are UUID5s in this namespace.
@@ -27,15 +28,24 @@ ORIGIN = f"belle-producer@{socket.gethostname()}:{os.getpid()}"
 
 # KEYS: record, queue, batch hash ('' key when none), batch job list, queue sequence, queue waiting
 # set. ARGV: request JSON, now, pending ttl, message envelope, job id, batch key ('' when none),
-# batch id, custom id, line, queue name, the queue's taken-mark key. The record keeps the names of its
-# queue's keys, for the scripts that move it on. Returns 'created', 'exists' (same request: nothing done)
-# or 'conflict' (another request). The job's number on its queue lets a worker find a lost message
-# (worker/sweeper.py).
+# batch id, custom id, line, queue name, the queue's taken-mark key, the error JSON of a job whose batch
+# was cancelled. The record keeps the names of its queue's keys, for the scripts that move it on.
+# Returns 'created', 'exists' (same request: nothing done), 'conflict' (another request) or 'cancelled'
+# (its batch was cancelled while being submitted: the job's record ends cancelled, no message is sent).
+# The job's number on its queue lets a worker find a lost message (worker/sweeper.py).
 ENQUEUE_SCRIPT = """
 local existing = redis.call('HGET', KEYS[1], 'request')
 if existing then
   if existing == ARGV[1] then return 'exists' end
   return 'conflict'
+end
+if ARGV[6] ~= '' and redis.call('HGET', KEYS[3], 'state') == 'cancelled' then
+  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'created_at', ARGV[2], 'finished_at', ARGV[2], 'attempts', 0, 'request', ARGV[1],
+             'error', ARGV[12], 'job_id', ARGV[5], 'batch', ARGV[6], 'batch_id', ARGV[7], 'custom_id', ARGV[8], 'line', ARGV[9])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('HINCRBY', KEYS[3], 'cancelled', 1)
+  redis.call('RPUSH', KEYS[4], ARGV[5])
+  return 'cancelled'
 end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'created_at', ARGV[2], 'attempts', 0, 'request', ARGV[1])
 if ARGV[6] ~= '' then
@@ -50,6 +60,8 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('LPUSH', KEYS[2], ARGV[4])
 return 'created'
 """
+
+BATCH_CANCELLED_JSON = JobError(code=ErrorCode.CANCELLED, message="the batch was cancelled while it was being submitted; this job never ran").model_dump_json()
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
@@ -108,7 +120,8 @@ class Enqueue:
             "keys": [keys.job(self.job_id), self.queue, batch or keys.job(self.job_id), keys.batch_jobs(self.batch_id) if self.batch_id else keys.job(self.job_id),
                      keys.queue_sequence(self.queue), keys.queue_waiting(self.queue)],
             "args": [self.request_json, now, pending_ttl_s, task_message(self.job_id, self.wire, self.queue), self.job_id, batch,
-                     self.batch_id, self.custom_id, self.line, self.queue, keys.queue_taken(self.queue)],
+                     self.batch_id, self.custom_id, self.line, self.queue, keys.queue_taken(self.queue),
+                     BATCH_CANCELLED_JSON if self.batch_id else ""],
         }
 
 

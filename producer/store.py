@@ -44,7 +44,8 @@ return 1
 
 # KEYS: record, chunks. (The queue's waiting set and taken mark are named in the record.) ARGV: worker, now, pending
 # ttl, request JSON (canonical), channel, max attempts, job id, liveness key prefix, this worker
-# process's incarnation (its liveness key's suffix).
+# process's incarnation (its liveness key's suffix), '1' to take over a job this process's record
+# says it holds but does not (its first start's reply was lost, the call retried).
 # Outcomes: 'run', 'final:<state>', 'mismatch', 'held' (running on another live worker), 'held_here'
 # (running on this one), 'cancel', 'exhausted', 'undeliverable'. The attempts are counted when the
 # job starts generating (GENERATING_SCRIPT), not here: a job a worker held when it died, but had not
@@ -69,9 +70,10 @@ if state then
   if state == 'running' then
     local holder = redis.call('HGET', KEYS[1], 'holder')
     if holder == ARGV[9] then
-      return {{'held_here', 0, ''}}
-    end
-    if holder and redis.call('EXISTS', ARGV[8] .. holder) == 1 then
+      if ARGV[10] ~= '1' then
+        return {{'held_here', 0, ''}}
+      end
+    elseif holder and redis.call('EXISTS', ARGV[8] .. holder) == 1 then
       return {{'held', 0, ''}}
     end
   end
@@ -357,14 +359,15 @@ class JobStore:
     def get(self, job_id: str) -> JobRecord | None:
         return record_from_hash(job_id, self.redis.hgetall(keys.job(job_id)))
 
-    def start(self, job_id: str, *, worker: str, request_json: str, max_attempts: int, holder: str | None = None) -> StartOutcome:
+    def start(self, job_id: str, *, worker: str, request_json: str, max_attempts: int, holder: str | None = None,
+              take_over: bool = False) -> StartOutcome:
         """``worker``: the node name shown in the record; ``holder``: this process's incarnation
         (default: the node name), whose liveness key says whether a job it holds may be taken over."""
         started = now()
         outcome, attempts, created_at = self._start(
             keys=[keys.job(job_id), keys.job_chunks(job_id)],
             args=[worker, started, self.pending_ttl_s, request_json, keys.job_channel(job_id), max_attempts, job_id, keys.worker_alive(""),
-                  holder or worker],
+                  holder or worker, "1" if take_over else ""],
         )
         return StartOutcome(outcome, int(attempts), max(0.0, started - float(created_at)) if created_at else 0.0)
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -205,3 +206,45 @@ def test_a_batch_resubmitted_after_the_submitter_crashed_enqueues_every_line_onc
         assert client.redis.llen(keys.QUEUE_BULK) == 20_000 and client.redis.llen(keys.batch_jobs(info["batch_id"])) == 20_000
         assert client.batch_status(info["batch_id"]).queued == 20_000
         assert [r.custom_id for r in client.iter_batch_results(info["batch_id"])] == [line["custom_id"] for line in lines]
+
+
+def test_a_batch_cancelled_while_it_is_being_submitted_leaves_no_job_to_run(redis_server, tmp_path):
+    url = database(redis_server, 21)
+    path = write_lines(tmp_path / "cancel-me.jsonl", [{"custom_id": f"c{i}", "prompt": f"cancel {i}", **QUICK} for i in range(20_000)])
+    command = [sys.executable, "-m", "producer.cli", "--redis-url", url, "batch", "submit", path, "--batch-id", "cancel-race", "--json"]
+    submitter = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with JobClient(Settings(redis_url=url)) as client:
+        deadline = time.monotonic() + 120
+        while int(client.redis.hget(keys.batch("cancel-race"), "queued") or 0) < 1_000:
+            assert time.monotonic() < deadline and submitter.poll() is None, "the submitter ended before the cancel"
+            time.sleep(0.001)
+        client.cancel_batch("cancel-race")
+        _, stderr = submitter.communicate(timeout=120)
+        assert submitter.returncode != 0 and "was cancelled while it was being submitted" in stderr, stderr
+        job_ids = client.redis.lrange(keys.batch_jobs("cancel-race"), 0, -1)
+        assert 1_000 <= len(job_ids) < 20_000
+        states = [client.get(job_id).state for job_id in job_ids]
+        assert set(states) == {JobState.CANCELLED}, "a job enqueued after the cancel walked the list was cancelled too"
+        status = client.batch_status("cancel-race")
+        assert status.cancelled == len(job_ids) and status.queued == 0 and status.finished
+
+
+def test_a_submitted_batch_is_never_enqueued_again_and_its_id_refuses_other_lines(redis_server, tmp_path):
+    url = database(redis_server, 22)
+    lines = [{"custom_id": f"o{i}", "prompt": f"once {i}", **QUICK} for i in range(50)]
+    path = write_lines(tmp_path / "once.jsonl", lines)
+    with JobClient(Settings(redis_url=url)) as client:
+        with pytest.raises(TypeError, match="not a str"):
+            client.submit_batch(path)
+        first = client.submit_batch(Path(path), batch_id="nightly")
+        assert first.created == 50 and client.redis.llen(keys.QUEUE_BULK) == 50
+        for job_id in client.redis.lrange(keys.batch_jobs("nightly"), 0, -1):
+            client.redis.delete(keys.job(job_id))  # as when the results have expired
+        again = cli(url, "batch", "submit", path, "--batch-id", "nightly", "--json")
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["created"] == 0 and "all were already in: nothing enqueued" in again.stderr
+        assert client.redis.llen(keys.QUEUE_BULK) == 50, "the expired records did not make the lines run again"
+        longer = write_lines(tmp_path / "longer.jsonl", [*lines, {"custom_id": "o50", "prompt": "one more", **QUICK}])
+        refused = cli(url, "batch", "submit", longer, "--batch-id", "nightly")
+        assert refused.returncode != 0 and "batch nightly was submitted from other lines or settings; use --new" in refused.stderr
+        assert client.redis.llen(keys.QUEUE_BULK) == 50

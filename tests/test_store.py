@@ -112,3 +112,6 @@ def test_a_job_running_on_a_live_worker_is_not_taken_over_by_a_duplicate_message
     store.redis.delete(keys.worker_alive("alive-1"))  # the holder died: its job is taken over
     assert store.start(job, worker="b", holder="b-1", request_json=REQUEST, max_attempts=3).should_run
     assert store.get(job).worker == "b"
+    # Its holder's own start, retried after a lost reply: the holder takes it (it is not handling it twice).
+    assert store.start(job, worker="b", holder="b-1", request_json=REQUEST, max_attempts=3).outcome == "held_here"
+    assert store.start(job, worker="b", holder="b-1", request_json=REQUEST, max_attempts=3, take_over=True).should_run

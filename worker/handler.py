@@ -7,8 +7,10 @@ raises back into Celery except on purpose.
 
 from __future__ import annotations
 
+import collections
 import logging
 import re
+import threading
 import time
 from typing import Any
 
@@ -43,6 +45,8 @@ class JobHandler:
         self.profile = profile
         self.metrics = metrics or batcher.metrics
         self.holder = holder  # this worker process's incarnation (see JobStore.start)
+        self._in_flight: collections.Counter[str] = collections.Counter()  # the messages being handled here, by job
+        self._in_flight_lock = threading.Lock()
 
     def handle(self, args: tuple, kwargs: dict[str, Any], *, worker: str, queue: str | None = None, redelivered: bool = False) -> None:
         job_id = kwargs.get("job_id") if isinstance(kwargs, dict) else None
@@ -51,10 +55,16 @@ class JobHandler:
             return
         # Registered before the record is started: see worker/cancellation.py.
         self.cancellations.register(job_id)
+        with self._in_flight_lock:
+            self._in_flight[job_id] += 1
         try:
             self._handle(job_id, args, kwargs, worker, queue or keys.QUEUE_INTERACTIVE, redelivered)
         finally:
             self.cancellations.unregister(job_id)
+            with self._in_flight_lock:
+                self._in_flight[job_id] -= 1
+                if self._in_flight[job_id] <= 0:
+                    del self._in_flight[job_id]
 
     def _handle(self, job_id: str, args: tuple, kwargs: dict[str, Any], worker: str, queue: str, redelivered: bool) -> None:
         priority = BULK if queue == keys.QUEUE_BULK else INTERACTIVE
@@ -72,6 +82,11 @@ class JobHandler:
         else:
             oversized = 0
         start = self.store.start(job_id, worker=worker, request_json=request_json, max_attempts=self.settings.max_attempts, holder=self.holder)
+        if start.outcome == "held_here" and self._in_flight[job_id] <= 1:
+            # The record says this process holds the job, yet no other message of it is handled here: the
+            # first start's reply was lost (Redis restarted) and the call retried, or the job was dropped.
+            start = self.store.start(job_id, worker=worker, request_json=request_json, max_attempts=self.settings.max_attempts,
+                                     holder=self.holder, take_over=True)
         if start.outcome == "mismatch":
             log.error("job %s: the message's request differs from the stored one; message dropped, record untouched", job_id)
             return
