@@ -168,6 +168,25 @@ def test_a_job_whose_message_was_lost_is_sent_again(redis_server, start_worker, 
     assert f"job {lost}: its message was lost (a later job on belle.interactive has started); sent it again" in worker.log
 
 
+def test_a_second_copy_of_a_running_jobs_message_waits_in_the_queue_until_the_job_ends(live_client, worker):
+    client = live_client
+    job = client.submit({"prompt": "one copy runs", "num_beams": 1, "max_new_tokens": 400, "min_new_tokens": 100})
+    deadline = time.monotonic() + 60
+    while client.get(job).state is JobState.QUEUED:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    stored = json.loads(client.redis.hget(keys.job(job), "request"))
+    client.redis.lpush(keys.QUEUE_INTERACTIVE, task_message(job, stored, keys.QUEUE_INTERACTIVE))  # as a resend would
+    record = client.wait(job, 120)
+    assert record.state is JobState.SUCCEEDED and record.attempts == 1 and len(record.result.sequences[0].token_ids) >= 100
+    deadline = time.monotonic() + 15
+    while any(client.redis.llen(queue) for queue in keys.QUEUES) or client.redis.hlen("unacked"):
+        assert time.monotonic() < deadline, "the copy was acknowledged once the job had ended"
+        time.sleep(0.1)
+    assert f"job {job} runs on this worker; this copy of its message goes back to the queue until it ends" in worker.log
+    assert client.get(job).attempts == 1, "the copy never ran the job again"
+
+
 def test_hostile_messages_on_the_queue_hurt_nothing(live_client, worker, tmp_path):
     client = live_client
     victim = client.submit({"prompt": "a real job, queued", "num_beams": 1, "max_new_tokens": 4})

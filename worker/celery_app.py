@@ -78,7 +78,6 @@ def create_app(settings: Settings, handler: JobHandler) -> Celery:
 
     @app.task(base=GenerateTask, bind=True, name=keys.TASK_GENERATE)
     def generate(self, *args, **kwargs):
-        delivery = self.request.delivery_info or {}
-        handler.handle(args, kwargs, worker=self.request.hostname or "unknown", queue=delivery.get("routing_key"), redelivered=bool(delivery.get("redelivered")))
+        handler.handle(args, kwargs, worker=self.request.hostname or "unknown", queue=(self.request.delivery_info or {}).get("routing_key"))
 
     return app

@@ -48,7 +48,7 @@ class JobHandler:
         self._in_flight: collections.Counter[str] = collections.Counter()  # the messages being handled here, by job
         self._in_flight_lock = threading.Lock()
 
-    def handle(self, args: tuple, kwargs: dict[str, Any], *, worker: str, queue: str | None = None, redelivered: bool = False) -> None:
+    def handle(self, args: tuple, kwargs: dict[str, Any], *, worker: str, queue: str | None = None) -> None:
         job_id = kwargs.get("job_id") if isinstance(kwargs, dict) else None
         if not isinstance(job_id, str) or not JOB_ID.match(job_id):
             log.error("dropped a message without a valid job_id (args=%.200r, kwargs keys=%.200r)", args, list(kwargs) if isinstance(kwargs, dict) else kwargs)
@@ -58,7 +58,7 @@ class JobHandler:
         with self._in_flight_lock:
             self._in_flight[job_id] += 1
         try:
-            self._handle(job_id, args, kwargs, worker, queue or keys.QUEUE_INTERACTIVE, redelivered)
+            self._handle(job_id, args, kwargs, worker, queue or keys.QUEUE_INTERACTIVE)
         finally:
             self.cancellations.unregister(job_id)
             with self._in_flight_lock:
@@ -66,7 +66,7 @@ class JobHandler:
                 if self._in_flight[job_id] <= 0:
                     del self._in_flight[job_id]
 
-    def _handle(self, job_id: str, args: tuple, kwargs: dict[str, Any], worker: str, queue: str, redelivered: bool) -> None:
+    def _handle(self, job_id: str, args: tuple, kwargs: dict[str, Any], worker: str, queue: str) -> None:
         priority = BULK if queue == keys.QUEUE_BULK else INTERACTIVE
         raw = kwargs.get("request")
         streaming = isinstance(raw, dict) and raw.get("stream") is True
@@ -91,14 +91,13 @@ class JobHandler:
             log.error("job %s: the message's request differs from the stored one; message dropped, record untouched", job_id)
             return
         if start.outcome in ("held", "held_here"):
-            if redelivered:
-                # Its holder's own message, back after the visibility timeout while the job still runs
-                # (a job longer than BELLE_VISIBILITY_TIMEOUT_S): keep it queued, it covers the holder's death.
-                log.warning("job %s still runs on a live worker past the visibility timeout; its message goes back to the queue", job_id)
-                time.sleep(1.0)
-                raise Reject("held by a live worker", requeue=True)
-            log.info("job %s already runs on %s; this duplicate message is acknowledged", job_id, "this worker" if start.outcome == "held_here" else "a live worker")
-            return
+            # A second copy (a resend, or its holder's own message back after the visibility timeout while
+            # the job still runs): it goes back to the queue, never dropped, so that some copy of the
+            # message outlives the job should its holder die; it is acknowledged once the job has ended.
+            log.warning("job %s runs on %s; this copy of its message goes back to the queue until it ends", job_id,
+                        "this worker" if start.outcome == "held_here" else "a live worker")
+            time.sleep(1.0)
+            raise Reject("held by a live worker", requeue=True)
         if start.outcome.startswith("final:"):
             log.info("job %s is already %s; duplicate delivery acknowledged", job_id, start.outcome.removeprefix("final:"))
             return
@@ -136,9 +135,10 @@ class JobHandler:
         with self.batcher.handover(job_id):
             try:
                 generated = self.batcher.run(prepared, priority=priority)
-            except DuplicateJob:
-                log.info("job %s is already in this worker's batcher; this duplicate message is acknowledged", job_id)
-                return
+            except DuplicateJob:  # as for a held job: this copy waits in the queue until the job has ended
+                log.warning("job %s is already in this worker's batcher; this copy of its message goes back to the queue", job_id)
+                time.sleep(1.0)
+                raise Reject("already in the batcher", requeue=True) from None
             except JobFailure as exc:  # the batcher already isolated the failure to this job
                 self._fail(job_id, streaming, exc.error)
                 return
