@@ -27,7 +27,10 @@ _FINAL = "{" + ", ".join(f"['{s.value}']=true" for s in FINAL_STATES) + "}"
 _BATCH_MOVE = """
 local function batch_move(from, to)
   local batch = redis.call('HGET', KEYS[1], 'batch')
-  if batch and from and from ~= to then
+  if not batch or redis.call('EXISTS', batch) == 0 then
+    return nil  -- no batch, or it has expired: it is not recreated
+  end
+  if from and from ~= to then
     redis.call('HINCRBY', batch, from, -1)
     redis.call('HINCRBY', batch, to, 1)
   end
@@ -95,9 +98,11 @@ end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '')
 if seq and state == 'queued' then
   local waiting, taken = redis.call('HGET', KEYS[1], 'k_waiting'), redis.call('HGET', KEYS[1], 'k_taken')
-  redis.call('ZREM', waiting, ARGV[7])
-  if seq > tonumber(redis.call('GET', taken) or '0') then
-    redis.call('SET', taken, seq)
+  if waiting and taken then  -- (a record enqueued before the record named its queue's keys has neither)
+    redis.call('ZREM', waiting, ARGV[7])
+    if seq > tonumber(redis.call('GET', taken) or '0') then
+      redis.call('SET', taken, seq)
+    end
   end
 end
 local batch = batch_move(state, 'running')

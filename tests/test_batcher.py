@@ -601,3 +601,23 @@ def test_a_job_on_its_last_attempt_runs_alone_even_behind_a_trickle_of_interacti
         assert all(f.result(timeout=60).result.sequences for f in trickle)
     finally:
         batcher.stop()
+
+
+def test_a_batcher_says_it_is_unhealthy_when_stuck_with_work_or_dead(tiny_bloom, monkeypatch):
+    import threading
+
+    engine = load(tiny_bloom)
+    batcher = batcher_for(engine, batch_wait_ms=1, batch_max_delay_ms=5)
+    assert batcher.healthy(stall_s=0.2)
+    time.sleep(0.3)
+    assert batcher.healthy(stall_s=0.2), "an idle batcher is healthy however long it waits"
+    release = threading.Event()
+    step = batcher._step
+    monkeypatch.setattr(batcher, "_step", lambda: (release.wait(30), step()))  # a device that hangs
+    future = batcher.submit(prepare(engine, "hangs", prompt="Hello", num_beams=1, max_new_tokens=4))
+    time.sleep(0.5)
+    assert not batcher.healthy(stall_s=0.2) and batcher.healthy(stall_s=60)
+    release.set()
+    assert future.result(timeout=60).result.sequences
+    batcher.stop()
+    assert not batcher.healthy(), "a stopped batcher is not"

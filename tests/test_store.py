@@ -115,3 +115,18 @@ def test_a_job_running_on_a_live_worker_is_not_taken_over_by_a_duplicate_message
     # Its holder's own start, retried after a lost reply: the holder takes it (it is not handling it twice).
     assert store.start(job, worker="b", holder="b-1", request_json=REQUEST, max_attempts=3).outcome == "held_here"
     assert store.start(job, worker="b", holder="b-1", request_json=REQUEST, max_attempts=3, take_over=True).should_run
+
+
+def test_a_record_from_before_the_queue_keys_were_stored_still_starts(store):
+    job = new_job_id()
+    store.create(job, REQUEST)
+    store.redis.hset(keys.job(job), "seq", 7)  # numbered on its queue, but without the names of the queue's keys
+    assert store.start(job, worker="a", holder="a-1", request_json=REQUEST, max_attempts=3).should_run
+
+
+def test_a_job_ending_after_its_batch_expired_does_not_recreate_the_batch(store):
+    job = new_job_id()
+    store.create(job, REQUEST)
+    store.redis.hset(keys.job(job), mapping={"batch": keys.batch("gone"), "batch_id": "gone"})
+    assert store.start(job, worker="a", holder="a-1", request_json=REQUEST, max_attempts=3).should_run
+    assert not store.redis.exists(keys.batch("gone"))

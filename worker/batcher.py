@@ -80,6 +80,10 @@ class JobCancelled(RuntimeError):
     """The job was cancelled before it started to run."""
 
 
+# A batcher that holds work and has not gone round its loop for this long is stuck (see Batcher.healthy).
+STALL_S = 600.0
+
+
 class DuplicateJob(RuntimeError):
     """This job is already waiting or running here (a duplicate message)."""
 
@@ -180,6 +184,7 @@ class Batcher:
         self._in_batch: dict[str, _Pending] = {}  # the decoding batch's jobs, by id
         self._stats = DecodeStats()
         self._cond = threading.Condition()
+        self._progress_at = time.monotonic()  # when the batcher thread last went round its loop
         self._tracked: collections.Counter[str] = collections.Counter()  # jobs whose task records their outcome inside Batcher.handover
         self._handovers: set[str] = set()  # of those, the ones settled whose outcome is not yet recorded
         self._handover_lock = threading.Lock()
@@ -252,6 +257,14 @@ class Batcher:
             with self._cond:
                 self._cond.notify_all()
 
+    def healthy(self, stall_s: float = STALL_S) -> bool:
+        """Whether the batcher thread lives and moves on: False once it has died, or has held work
+        without finishing a step (or a generate() call) for ``stall_s`` seconds (a wedged device)."""
+        if not self._thread.is_alive():
+            return False
+        busy = bool(self._pending) or self._decoding
+        return not busy or time.monotonic() - self._progress_at < stall_s
+
     # --- the batcher thread ---
 
     def _main(self) -> None:
@@ -269,8 +282,10 @@ class Batcher:
 
     def _loop(self) -> None:
         while True:
+            self._progress_at = time.monotonic()
             with self._cond:
                 work = self._next_work()
+            self._progress_at = time.monotonic()
             if work is None:
                 return
             kind, items = work
@@ -363,8 +378,8 @@ class Batcher:
         jobs, rows, width = len(batch.jobs), len(batch), batch.length
         remaining = max((r.remaining for r in batch.rows), default=0)
         joining: list[_Pending] = []
-        if any(p.exclusive for p in self._pending):
-            return joining  # see _select: the decoding batch drains first
+        if any(p.exclusive for p in self._pending) or any(p.exclusive for p in self._in_batch.values()):
+            return joining  # see _select: a job that runs alone, or waits to, is not joined
         for pending in self._pending:
             if pending.key is not None:
                 continue  # beam search waits for its turn as the first waiting job

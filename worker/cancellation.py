@@ -9,6 +9,7 @@ reconnection the listener re-reads the flags of all registered jobs, in case a m
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -23,7 +24,7 @@ log = logging.getLogger("belle.cancel")
 class CancelWatcher:
     def __init__(self, client: redis.Redis):
         self.redis = client
-        self._registered: set[str] = set()
+        self._registered: collections.Counter[str] = collections.Counter()  # a job may have two copies of its message in hand
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -41,12 +42,14 @@ class CancelWatcher:
 
     def register(self, job_id: str) -> None:
         with self._lock:
-            self._registered.add(job_id)
+            self._registered[job_id] += 1
 
     def unregister(self, job_id: str) -> None:
         with self._lock:
-            self._registered.discard(job_id)
-            self._cancelled.discard(job_id)
+            self._registered[job_id] -= 1
+            if self._registered[job_id] <= 0:
+                del self._registered[job_id]
+                self._cancelled.discard(job_id)
 
     def is_cancelled(self, job_id: str) -> bool:
         return job_id in self._cancelled

@@ -45,8 +45,8 @@ class JobHandler:
         self.profile = profile
         self.metrics = metrics or batcher.metrics
         self.holder = holder  # this worker process's incarnation (see JobStore.start)
-        self._in_flight: collections.Counter[str] = collections.Counter()  # the messages being handled here, by job
-        self._in_flight_lock = threading.Lock()
+        self._running_here: collections.Counter[str] = collections.Counter()  # jobs this process started (START said 'run'), still handled
+        self._running_lock = threading.Lock()
 
     def handle(self, args: tuple, kwargs: dict[str, Any], *, worker: str, queue: str | None = None) -> None:
         job_id = kwargs.get("job_id") if isinstance(kwargs, dict) else None
@@ -55,16 +55,10 @@ class JobHandler:
             return
         # Registered before the record is started: see worker/cancellation.py.
         self.cancellations.register(job_id)
-        with self._in_flight_lock:
-            self._in_flight[job_id] += 1
         try:
             self._handle(job_id, args, kwargs, worker, queue or keys.QUEUE_INTERACTIVE)
         finally:
             self.cancellations.unregister(job_id)
-            with self._in_flight_lock:
-                self._in_flight[job_id] -= 1
-                if self._in_flight[job_id] <= 0:
-                    del self._in_flight[job_id]
 
     def _handle(self, job_id: str, args: tuple, kwargs: dict[str, Any], worker: str, queue: str) -> None:
         priority = BULK if queue == keys.QUEUE_BULK else INTERACTIVE
@@ -82,9 +76,9 @@ class JobHandler:
         else:
             oversized = 0
         start = self.store.start(job_id, worker=worker, request_json=request_json, max_attempts=self.settings.max_attempts, holder=self.holder)
-        if start.outcome == "held_here" and self._in_flight[job_id] <= 1:
-            # The record says this process holds the job, yet no other message of it is handled here: the
-            # first start's reply was lost (Redis restarted) and the call retried, or the job was dropped.
+        if start.outcome == "held_here" and job_id not in self._running_here:
+            # The record says this process holds the job, yet it runs no such job: the first start's reply
+            # was lost (Redis restarted) and the call retried, or its handling ended without a final record.
             start = self.store.start(job_id, worker=worker, request_json=request_json, max_attempts=self.settings.max_attempts,
                                      holder=self.holder, take_over=True)
         if start.outcome == "mismatch":
@@ -114,6 +108,22 @@ class JobHandler:
             self._fail(job_id, streaming, JobError(code=ErrorCode.WORKER_LOST, message=f"{why}: the job itself likely kills the worker "
                                                                                     "(check the worker logs: out of host memory, a crash in a kernel)"))
             return
+        with self._running_lock:
+            self._running_here[job_id] += 1
+        try:
+            self._run(job_id, args, kwargs, worker, start, raw, streaming, oversized, priority)
+        except Reject:
+            raise
+        except Exception as exc:  # a bug here must not leave the job running with its message acknowledged
+            log.exception("job %s: the worker failed while handling it", job_id)
+            self._fail(job_id, streaming, JobError(code=ErrorCode.GENERATION_ERROR, message=f"the worker failed while handling the job: {type(exc).__name__}: {exc}"[:2000]))
+        finally:
+            with self._running_lock:
+                self._running_here[job_id] -= 1
+                if self._running_here[job_id] <= 0:
+                    del self._running_here[job_id]
+
+    def _run(self, job_id: str, args: tuple, kwargs: dict[str, Any], worker: str, start, raw, streaming: bool, oversized: int, priority: int) -> None:
         try:
             problems = [f"unexpected positional arguments {args!r:.100}"] if args else []
             problems += [f"unexpected field {k!r:.60}" for k in kwargs if k not in ("job_id", "request")]

@@ -51,10 +51,13 @@ class ChunkPublisher:
             try:
                 if chunks:
                     self.write(chunks)
+            except Exception:  # one bad item must not stop the queue behind it, nor keep its jobs from their outcomes
+                log.exception("publishing failed")
+            try:
                 if then is not None:
                     then()
-            except Exception:  # one bad item must not stop the queue behind it
-                log.exception("publishing failed")
+            except Exception:
+                log.exception("handing jobs their outcomes failed")
 
     def write(self, chunks: list[StreamChunk]) -> None:
         """Append each chunk to its job's stream and publish it on its job's channel, in one pipeline.

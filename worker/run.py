@@ -67,7 +67,7 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
         device=str(engine.device), profile=profile.name if profile else None, max_new_tokens=profile.max_new_tokens if profile else None,
         num_beams=profile.num_beams if profile else None, queues=queues, batch_max_size=settings.batch_max_size,
         concurrency=settings.worker_concurrency, started_at=round(time.time(), 3), heartbeat_at=round(time.time(), 3),
-    )).start()
+    ), healthy=batcher.healthy).start()
     sweeper = LostMessageSweeper(redis, worker=name, interval_s=settings.lost_message_sweep_s, resend_gap_s=settings.visibility_timeout_s).start()
     log.info("worker %s serving %s on queues %s (profile %s); batches of ≤%d jobs, ≤%d tokens; %d jobs held at once; metrics %s",
              name, config.name, ",".join(queues), profile.name if profile else "none", settings.batch_max_size, settings.batch_max_tokens,

@@ -13,8 +13,9 @@ was taken off its queue and never started: its message is lost. A job found so i
 visibility timeout.
 
 A second copy of a message is harmless: a job's first final state is its only one, a message whose
-job has ended is acknowledged without running, and one whose job runs on a live worker is
-acknowledged too (producer/store.py, START_SCRIPT). One worker looks at a time (a lock in Redis).
+job has ended is acknowledged without running, and one whose job runs on a live worker goes back to
+the queue until the job has ended (producer/store.py, START_SCRIPT; worker/handler.py). One worker
+looks at a time (a lock in Redis).
 """
 
 from __future__ import annotations
