@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from producer import keys
-from producer.client import RequestLike, enqueue_item, prepare
+from producer.client import RequestLike, prepare
 from producer.connection import async_redis_client
 from producer.errors import JobNotFoundError, JobTimeoutError
-from producer.enqueue import ENQUEUE_SCRIPT, check_outcome
+from producer.enqueue import ENQUEUE_SCRIPT, check_outcome, enqueue_item
 from producer.records import JobRecord, JobState, StreamEvent
 from producer.settings import Settings, get_settings
 from producer.store import CANCEL_SCRIPT, CancelOutcome, cancel_call, cancel_outcome, is_final_event, now, record_from_hash

@@ -145,13 +145,8 @@ class BatchResultLine(BaseModel):
 # --- reading input lines ---
 
 
-def parse_line(raw: str | Mapping[str, Any], line: int, defaults: Mapping[str, Any], presets: Mapping[str, Mapping[str, Any]]) -> tuple[str, dict[str, Any]]:
-    """(custom_id, request fields) of one input line; raises InvalidRequestError."""
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except ValueError as exc:
-            raise InvalidRequestError.single("line", None, f"not JSON: {exc}") from None
+def parse_line(raw: Any, line: int, defaults: Mapping[str, Any], presets: Mapping[str, Mapping[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """(custom_id, request fields) of one input line, parsed from JSON; raises InvalidRequestError."""
     if not isinstance(raw, Mapping):
         raise InvalidRequestError.single("line", None, f"a line must be a JSON object, got {type(raw).__name__}")
     data = dict(raw)
@@ -161,7 +156,7 @@ def parse_line(raw: str | Mapping[str, Any], line: int, defaults: Mapping[str, A
     if "body" in data or "url" in data or "method" in data:
         if custom_id is None:
             raise InvalidRequestError.single("custom_id", None, "custom_id is required on an OpenAI batch line")
-        preset = {**presets.get(defaults.get("preset"), {})} if defaults.get("preset") in presets else {}
+        preset = presets.get(defaults.get("preset"), {})
         fields = {**OPENAI_DEFAULTS, **preset, **{k: v for k, v in defaults.items() if k != "preset"}, **openai_request(data)}
         return custom_id, fields
     return custom_id or f"line-{line}", {**defaults, **data}
@@ -414,7 +409,7 @@ class Batches:
                 wire = request.to_wire()
                 if deadline is not None and wire["deadline"] is None:  # the batch's completion window
                     wire["deadline"] = deadline
-                chunk.append(Enqueue(derived_job_id(f"batch:{batch_id}:{line}"), wire, canonical_json(wire), queue, batch_id, custom_id, line))
+                chunk.append(Enqueue(derived_job_id(f"batch:{batch_id}:{line}"), wire, queue, batch_id, custom_id, line))
                 if len(chunk) >= CHUNK:
                     created += flush()
                     chunk = []
@@ -432,50 +427,48 @@ class Batches:
             raise BatchError(f"no batch {batch_id!r}: it never existed here or it expired")
         counts = {name: max(0, int(data.get(name) or 0)) for name in COUNTED}
         first = float(data["first_started_at"]) if data.get("first_started_at") else None
-        done = counts["succeeded"] + counts["failed"] + counts["cancelled"] + counts["expired"]
-        total = int(data["total"])
-        rate = eta = None
-        if first is not None and done:
-            rate = done / max(time.time() - first, 1e-9)
-            eta = max(0, total - done) / rate
-        return BatchStatus(batch_id=batch_id, state=data.get("state", "submitted"), total=total, refused=int(data.get("refused") or 0),
-                           created_at=float(data["created_at"]), first_started_at=first,
-                           deadline=float(data["deadline"]) if data.get("deadline") else None, source=data.get("source"),
-                           rate=round(rate, 3) if rate else None, eta_s=round(eta, 1) if eta is not None else None, **counts)
+        status = BatchStatus(batch_id=batch_id, state=data.get("state", "submitted"), total=int(data["total"]), refused=int(data.get("refused") or 0),
+                             created_at=float(data["created_at"]), first_started_at=first,
+                             deadline=float(data["deadline"]) if data.get("deadline") else None, source=data.get("source"), **counts)
+        if first is None or not status.done:
+            return status
+        rate = status.done / max(time.time() - first, 1e-9)
+        return status.model_copy(update={"rate": round(rate, 3), "eta_s": round(max(0, status.total - status.done) / rate, 1)})
 
     def results(self, batch_id: str) -> Iterator[tuple[str, dict[str, str]]]:
         """(job id, record fields) of every job of the batch, in input order."""
-        self.status(batch_id)
-        start = 0
         fields = ("state", "custom_id", "line", "result", "error")
-        while True:
-            job_ids = self.redis.lrange(keys.batch_jobs(batch_id), start, start + CHUNK - 1)
-            if not job_ids:
-                return
+        for job_ids in self._job_id_pages(batch_id):
             pipe = self.redis.pipeline(transaction=False)
             for job_id in job_ids:
                 pipe.hmget(keys.job(job_id), fields)
             for job_id, values in zip(job_ids, pipe.execute(), strict=True):
                 yield job_id, dict(zip(fields, values, strict=True))
-            start += len(job_ids)
 
     def cancel(self, batch_id: str) -> dict[str, int]:
         """Cancel every job of the batch not ended yet: queued ones end cancelled, running ones stop at
         their next step. Returns how many of each outcome."""
-        self.status(batch_id)
+        pages = self._job_id_pages(batch_id)  # (checks that the batch exists before it is marked)
         self.redis.hset(keys.batch(batch_id), "state", "cancelled")
         outcomes: dict[str, int] = {}
-        start = 0
-        while True:
-            job_ids = self.redis.lrange(keys.batch_jobs(batch_id), start, start + CHUNK - 1)
-            if not job_ids:
-                return outcomes
+        for job_ids in pages:
             pipe = self.redis.pipeline(transaction=False)
             for job_id in job_ids:
                 self._cancel(**cancel_call(job_id, self.settings.result_ttl_s), client=pipe)
             for outcome in pipe.execute():
                 kind = "ended" if outcome.startswith("final:") else outcome
                 outcomes[kind] = outcomes.get(kind, 0) + 1
+        return outcomes
+
+    def _job_id_pages(self, batch_id: str) -> Iterator[list[str]]:
+        """The batch's job ids in input order, CHUNK at a time; BatchError at once if there is no such batch."""
+        self.status(batch_id)
+        return self._pages(keys.batch_jobs(batch_id))
+
+    def _pages(self, key: str) -> Iterator[list[str]]:
+        start = 0
+        while job_ids := self.redis.lrange(key, start, start + CHUNK - 1):
+            yield job_ids
             start += len(job_ids)
 
 

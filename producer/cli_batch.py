@@ -7,22 +7,22 @@ import json
 import sys
 import time
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_NOT_FINISHED = 0, 1, 2, 3
+from producer.cli import EXIT_OK
+from producer.cli import EXIT_TIMEOUT as EXIT_NOT_FINISHED
 
 
 def cmd_submit(args: argparse.Namespace, client) -> int:
     from pathlib import Path
 
-    from producer.batches import FileSource, parse_duration
+    from producer.batches import parse_duration
     from producer.cli import parse_set
 
     defaults = parse_set(args.set or [])
     if args.preset:
         defaults["preset"] = args.preset
     window = parse_duration(args.completion_window) if args.completion_window else None
-    source = FileSource(args.file, client.settings.max_batch_line_bytes)
-    submission = client.batches.submit(source, defaults=defaults, batch_id=args.batch_id, new=args.new, completion_window_s=window,
-                                       skip_invalid=args.skip_invalid, name=Path(args.file).name, progress=args.progress)
+    submission = client.submit_batch(Path(args.file), defaults=defaults, batch_id=args.batch_id, new=args.new, completion_window_s=window,
+                                     skip_invalid=args.skip_invalid, progress=args.progress)
     if submission.refused:
         refusals = args.refusals or f"{args.file}.refused.jsonl"
         with open(refusals, "w", encoding="utf-8") as f:
@@ -40,6 +40,8 @@ def cmd_submit(args: argparse.Namespace, client) -> int:
 
 
 def cmd_status(args: argparse.Namespace, client) -> int:
+    from producer.batches import COUNTED
+
     status = client.batch_status(args.batch_id)
     if args.json:
         print(status.model_dump_json())
@@ -47,7 +49,7 @@ def cmd_status(args: argparse.Namespace, client) -> int:
     eta = f", ETA {status.eta_s:,.0f} s" if status.eta_s is not None and not status.finished else ""
     rate = f"; {status.rate:,.2f} jobs/s" if status.rate else ""
     print(f"batch {status.batch_id} ({status.source or '-'}): {status.state}, {status.done}/{status.total} done{rate}{eta}")
-    print("  " + ", ".join(f"{name} {getattr(status, name)}" for name in ("queued", "running", "succeeded", "failed", "cancelled", "expired"))
+    print("  " + ", ".join(f"{name} {getattr(status, name)}" for name in COUNTED)
           + (f"; {status.refused} lines refused at submission" if status.refused else ""))
     if status.deadline:
         print(f"  deadline {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(status.deadline))}: jobs not started by then expire")
@@ -62,14 +64,14 @@ def cmd_results(args: argparse.Namespace, client) -> int:
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     bar = Progress(status.total, f"results {args.batch_id[:12]}", enabled=None if args.output != "-" else False)
     unfinished: dict[str, int] = {}
-    gone_count = [0]
+    unavailable = 0
     written = 0
     try:
         for job_id, fields in client.batches.results(args.batch_id):
             line = result_line(job_id, fields)
             if line["state"] in ("queued", "running"):
                 unfinished[line["state"]] = unfinished.get(line["state"], 0) + 1
-            gone_count[0] += line["state"] == "unavailable"
+            unavailable += line["state"] == "unavailable"
             out.write(json.dumps(line, ensure_ascii=False) + "\n")
             written += 1
             bar.update()
@@ -82,7 +84,7 @@ def cmd_results(args: argparse.Namespace, client) -> int:
         print(f"wrote {written} lines{where}; {sum(unfinished.values())} jobs not finished yet ("
               + ", ".join(f"{n} {s}" for s, n in unfinished.items()) + "): their lines say so; run this again later for their results", file=sys.stderr)
         return EXIT_NOT_FINISHED
-    gone = f" ({unavailable} of them 'unavailable': their records expired with their results)" if (unavailable := gone_count[0]) else ""
+    gone = f" ({unavailable} of them 'unavailable': their records expired with their results)" if unavailable else ""
     print(f"wrote {written} lines{where}; every job has ended{gone}", file=sys.stderr)
     return EXIT_OK
 

@@ -11,12 +11,12 @@ from typing import Any
 from producer import keys
 from producer.connection import redis_client
 from producer.errors import JobNotFoundError, JobTimeoutError
-from producer.enqueue import ENQUEUE_SCRIPT, Enqueue, check_outcome, job_id_for
+from producer.enqueue import ENQUEUE_SCRIPT, check_outcome, enqueue_item
 from producer.batches import Batches, BatchResultLine, BatchStatus, BatchSubmission, FileSource, ListSource
 from producer.records import JobError, JobRecord, JobResult, JobState, StreamEvent
 from producer.schemas import GenerationRequest, parse_request
 from producer.settings import Settings, get_settings
-from producer.store import CancelOutcome, JobStore, canonical_json, is_final_event, now
+from producer.store import CancelOutcome, JobStore, is_final_event, now
 from producer.streaming import READ_COUNT, StreamFollower
 from producer.workers import WorkerInfo, check_against_workers, live_workers
 
@@ -28,11 +28,6 @@ def prepare(request: RequestLike, settings: Settings) -> GenerationRequest:
     if isinstance(request, GenerationRequest):
         request = request.to_wire()
     return parse_request(request, settings=settings)
-
-
-def enqueue_item(validated: GenerationRequest, queue: str) -> Enqueue:
-    wire = validated.to_wire()
-    return Enqueue(job_id_for(validated), wire, canonical_json(wire), queue)
 
 
 class JobClient:

@@ -21,12 +21,13 @@ from producer import keys
 from producer.errors import ErrorCode, InvalidRequestError
 from producer.records import JobError
 from producer.schemas import GenerationRequest
+from producer.store import canonical_json
 
 # Job ids derived from an idempotency key (or a batch id and line) are UUID5s in this namespace.
 NAMESPACE = uuid.UUID("6c0f1e8a-2f5d-4f2b-9a4e-5b1d0c3e7a91")
 ORIGIN = f"belle-producer@{socket.gethostname()}:{os.getpid()}"
 
-# KEYS: record, queue, batch hash ('' key when none), batch job list, queue sequence, queue waiting
+# KEYS: record, queue, batch hash and batch job list (the record's key, unused, when none), queue sequence, queue waiting
 # set. ARGV: request JSON, now, pending ttl, message envelope, job id, batch key ('' when none),
 # batch id, custom id, line, queue name, the queue's taken-mark key, the error JSON of a job whose batch
 # was cancelled. The record keeps the names of its queue's keys, for the scripts that move it on.
@@ -79,6 +80,11 @@ def job_id_for(request: GenerationRequest) -> str:
     return derived_job_id(f"idempotency:{request.idempotency_key}") if request.idempotency_key is not None else new_job_id()
 
 
+def enqueue_item(validated: GenerationRequest, queue: str) -> Enqueue:
+    """A single (not batch) job to enqueue: a fresh id, or the idempotency key's."""
+    return Enqueue(job_id_for(validated), validated.to_wire(), queue)
+
+
 def task_message(job_id: str, request_wire: dict[str, Any], queue: str) -> str:
     """The message Celery's send_task would put on ``queue`` for ``belle.generate(job_id, request)``.
     Its ``kwargsrepr`` (what Flower shows) names the job only, not the prompt."""
@@ -102,12 +108,11 @@ def task_message(job_id: str, request_wire: dict[str, Any], queue: str) -> str:
 
 @dataclass(frozen=True)
 class Enqueue:
-    """One job to enqueue: its id, validated request (wire form and canonical JSON) and queue, and
-    for a batch job, its batch and place in it."""
+    """One job to enqueue: its id, validated request (wire form) and queue, and for a batch job, its
+    batch and place in it."""
 
     job_id: str
     wire: dict[str, Any]
-    request_json: str
     queue: str
     batch_id: str = ""
     custom_id: str = ""
@@ -119,7 +124,7 @@ class Enqueue:
         return {
             "keys": [keys.job(self.job_id), self.queue, batch or keys.job(self.job_id), keys.batch_jobs(self.batch_id) if self.batch_id else keys.job(self.job_id),
                      keys.queue_sequence(self.queue), keys.queue_waiting(self.queue)],
-            "args": [self.request_json, now, pending_ttl_s, task_message(self.job_id, self.wire, self.queue), self.job_id, batch,
+            "args": [canonical_json(self.wire), now, pending_ttl_s, task_message(self.job_id, self.wire, self.queue), self.job_id, batch,
                      self.batch_id, self.custom_id, self.line, self.queue, keys.queue_taken(self.queue),
                      BATCH_CANCELLED_JSON if self.batch_id else ""],
         }

@@ -23,8 +23,16 @@ from producer.records import FINAL_STATES, JobError, JobRecord, JobResult, JobSt
 _FINAL = "{" + ", ".join(f"['{s.value}']=true" for s in FINAL_STATES) + "}"
 
 # A batch job's record holds its batch's key ('batch'): each state change moves one count there, in
-# the same script, so the batch's counts are always those of its jobs.
+# the same script, so the batch's counts are always those of its jobs. A job leaves its queue's
+# waiting set (named in its record: 'k_waiting') when it starts or ends.
 _BATCH_MOVE = """
+local function stop_waiting()
+  local waiting = redis.call('HGET', KEYS[1], 'k_waiting')
+  if waiting then
+    redis.call('ZREM', waiting, redis.call('HGET', KEYS[1], 'job_id') or '')
+  end
+end
+
 local function batch_move(from, to)
   local batch = redis.call('HGET', KEYS[1], 'batch')
   if not batch or redis.call('EXISTS', batch) == 0 then
@@ -49,20 +57,16 @@ return 1
 # ttl, request JSON (canonical), channel, max attempts, job id, liveness key prefix, this worker
 # process's incarnation (its liveness key's suffix), '1' to take over a job this process's record
 # says it holds but does not (its first start's reply was lost, the call retried).
-# Outcomes: 'run', 'final:<state>', 'mismatch', 'held' (running on another live worker), 'held_here'
-# (running on this one), 'cancel', 'exhausted', 'undeliverable'. The attempts are counted when the
-# job starts generating (GENERATING_SCRIPT), not here: a job a worker held when it died, but had not
+# Returns {outcome, attempts, created_at}; outcome: 'run', 'final:<state>', 'mismatch', 'held' (running
+# on another live worker), 'held_here' (running on this one), 'cancel' (its cancellation was requested
+# while an earlier attempt ran), 'exhausted', 'undeliverable'. The attempts are counted when the job
+# starts generating (GENERATING_SCRIPT), not here: a job a worker held when it died, but had not
 # started, is not charged for it.
-# Returns {outcome, attempts, created_at}: outcome is 'run', 'final:<state>', 'mismatch', 'exhausted'
-# or 'cancel' (its cancellation was requested while an earlier attempt ran).
 START_SCRIPT = _BATCH_MOVE + f"""
 local final = {_FINAL}
 local state = redis.call('HGET', KEYS[1], 'state')
 if state and final[state] then
-  local waiting = redis.call('HGET', KEYS[1], 'k_waiting')
-  if waiting then
-    redis.call('ZREM', waiting, ARGV[7])
-  end
+  stop_waiting()
   return {{'final:' .. state, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), ''}}
 end
 if state then
@@ -97,12 +101,10 @@ if redis.call('HINCRBY', KEYS[1], 'deliveries', 1) > 3 * tonumber(ARGV[6]) then
 end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '')
 if seq and state == 'queued' then
-  local waiting, taken = redis.call('HGET', KEYS[1], 'k_waiting'), redis.call('HGET', KEYS[1], 'k_taken')
-  if waiting and taken then  -- (a record enqueued before the record named its queue's keys has neither)
-    redis.call('ZREM', waiting, ARGV[7])
-    if seq > tonumber(redis.call('GET', taken) or '0') then
-      redis.call('SET', taken, seq)
-    end
+  stop_waiting()
+  local taken = redis.call('HGET', KEYS[1], 'k_taken')  -- (absent from a record enqueued before it was kept)
+  if taken and seq > tonumber(redis.call('GET', taken) or '0') then
+    redis.call('SET', taken, seq)
   end
 end
 local batch = batch_move(state, 'running')
@@ -151,10 +153,7 @@ return 1
 _FINALIZE = _BATCH_MOVE + """
 local function finalize(state, now, ttl, field, payload, channel, end_event, streaming)
   batch_move(redis.call('HGET', KEYS[1], 'state'), state)
-  local waiting = redis.call('HGET', KEYS[1], 'k_waiting')
-  if waiting then
-    redis.call('ZREM', waiting, redis.call('HGET', KEYS[1], 'job_id') or '')
-  end
+  stop_waiting()
   redis.call('HSET', KEYS[1], 'state', state, 'finished_at', now)
   if field ~= '' then
     redis.call('HSET', KEYS[1], field, payload)
@@ -357,9 +356,6 @@ class JobStore:
 
     def create(self, job_id: str, request_json: str) -> None:
         self._create(keys=[keys.job(job_id)], args=[request_json, now(), self.pending_ttl_s])
-
-    def delete(self, job_id: str) -> None:
-        self.redis.delete(keys.job(job_id))
 
     def get(self, job_id: str) -> JobRecord | None:
         return record_from_hash(job_id, self.redis.hgetall(keys.job(job_id)))
