@@ -56,6 +56,9 @@ def worker_alive(incarnation: str) -> str:
 # Held by the worker that looks for lost messages, so that one looks at a time.
 SWEEP_LOCK = f"{PREFIX}:sweep"
 
+# kombu's Redis transport's hash of the messages workers hold (unacknowledged), by delivery tag.
+UNACKED = "unacked"
+
 
 def worker(name: str) -> str:
     """A live worker's announcement (JSON WorkerInfo), renewed by its heartbeat; expires when it stops."""

@@ -43,7 +43,6 @@ again, it is the one charged.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import gc
 import itertools
@@ -63,6 +62,7 @@ from producer.settings import Settings
 from worker.decoding import ActiveJob, DecodeBatch, prefill_groups
 from worker.engine import Engine, Generated, PreparedJob, RawSequence, batch_cost
 from worker.errors import JobFailure
+from worker.holds import Holds
 from worker.metrics import Metrics
 
 log = logging.getLogger("belle.batcher")
@@ -185,7 +185,7 @@ class Batcher:
         self._stats = DecodeStats()
         self._cond = threading.Condition()
         self._progress_at = time.monotonic()  # when the batcher thread last went round its loop
-        self._tracked: collections.Counter[str] = collections.Counter()  # jobs whose task records their outcome inside Batcher.handover
+        self._tracked = Holds()  # jobs whose task records their outcome inside Batcher.handover
         self._handovers: set[str] = set()  # of those, the ones settled whose outcome is not yet recorded
         self._handover_lock = threading.Lock()
         self._stopping = False
@@ -245,14 +245,12 @@ class Batcher:
         """The block that runs the job and records its outcome: until it exits, a job on its last
         attempt does not start (a crash then would lose this outcome and charge this job)."""
         with self._handover_lock:
-            self._tracked[job_id] += 1
+            self._tracked.add(job_id)
         try:
             yield
         finally:
             with self._handover_lock:
-                self._tracked[job_id] -= 1
-                if self._tracked[job_id] <= 0:
-                    del self._tracked[job_id]
+                if self._tracked.release(job_id):
                     self._handovers.discard(job_id)
             with self._cond:
                 self._cond.notify_all()
@@ -295,7 +293,7 @@ class Batcher:
                 elif kind == "join":
                     self._join(items)
                 elif kind == "end":
-                    self._settle([], [(p, outcome) for p, outcome in items])
+                    self._settle([], items)
                 if self._decoding:
                     self._step()
             except Exception as exc:  # a bug here must not leave task threads waiting forever
@@ -324,15 +322,19 @@ class Batcher:
                 if turned_away:
                     self._pending = [p for p in self._pending if p.active is not None]
                     return "end", [(p, BatcherStopped("the worker is shutting down")) for p in turned_away]
-                if self._pending and (joining := self._select_join()):
+                if self._pending and not self._runs_alone() and self._waits_to_run_alone() is None and (joining := self._select_join()):
                     return self._take("join", joining)
                 if self._decoding:
                     return "step", []
                 return None
             if self._pending:
                 now = time.time()
-                ended = [(p, self._expiry(p)) for p in self._pending if p.expired(now)]
-                ended += [(p, JobCancelled(p.job.job_id)) for p in self._pending if p.active is None and self._is_cancelled(p.job.job_id)]
+                ended = []
+                for p in self._pending:
+                    if p.expired(now):
+                        ended.append((p, self._expiry(p)))
+                    elif p.active is None and self._is_cancelled(p.job.job_id):
+                        ended.append((p, JobCancelled(p.job.job_id)))
                 if ended:
                     return self._take("end", [p for p, _ in ended], ended)
                 wait = self._until_due()
@@ -351,35 +353,41 @@ class Batcher:
         self.metrics.waiting_jobs.set(len(self._pending))
         return kind, items if items is not None else taken
 
+    def _waits_to_run_alone(self) -> _Pending | None:
+        """The first waiting job that must run alone (see _select)."""
+        return next((p for p in self._pending if p.exclusive), None)
+
+    def _runs_alone(self) -> bool:
+        return any(p.exclusive for p in self._in_batch.values())
+
     def _until_due(self) -> float:
         """Seconds until the waiting jobs should be taken in (≤ 0: now)."""
         first, last = self._pending[0], self._pending[-1]
         room = self.max_size - len(self._batch.jobs)
-        if first.active is not None or len(self._pending) >= room or any(p.exclusive for p in self._pending):
+        if first.active is not None or len(self._pending) >= room or self._waits_to_run_alone() is not None:
             return 0.0
         return min(first.arrived + self.max_delay_s, last.arrived + self.wait_s) - time.monotonic()
 
     def _select(self) -> tuple[str, list] | None:
-        anchor = self._pending[0]
-        if any(p.exclusive for p in self._in_batch.values()):
-            return None  # a job runs alone
+        if self._runs_alone():
+            return None
+        alone = self._waits_to_run_alone()
         # A job that must run alone goes first, wherever it waits, so that a trickle of interactive
         # jobs cannot keep the decoding batch from draining: no joins until it has run.
-        anchor = next((p for p in self._pending if p.exclusive), anchor)
-        if anchor.exclusive and (self._decoding or self._handovers):
-            return None  # the decoding batch drains and its outcomes are recorded, then the anchor runs alone
+        if alone is not None and (self._decoding or self._handovers):
+            return None  # the decoding batch drains and its outcomes are recorded, then it runs alone
+        anchor = alone or self._pending[0]
         if anchor.key is not None:
             return self._take("generate", self._select_generate(anchor))
-        joining = [anchor] if anchor.exclusive else self._select_join()
+        joining = [anchor] if alone is not None else self._select_join()
         return self._take("join", joining) if joining else None
 
     def _select_join(self) -> list[_Pending]:
+        """Waiting jobs that join the decoding batch now (none runs alone or waits to: see _select)."""
         batch = self._batch
         jobs, rows, width = len(batch.jobs), len(batch), batch.length
         remaining = max((r.remaining for r in batch.rows), default=0)
         joining: list[_Pending] = []
-        if any(p.exclusive for p in self._pending) or any(p.exclusive for p in self._in_batch.values()):
-            return joining  # see _select: a job that runs alone, or waits to, is not joined
         for pending in self._pending:
             if pending.key is not None:
                 continue  # beam search waits for its turn as the first waiting job
@@ -440,8 +448,6 @@ class Batcher:
 
         def resolve() -> None:
             for pending, outcome in outcomes:
-                if pending.future.done():
-                    continue
                 try:
                     if isinstance(outcome, BaseException):
                         pending.future.set_exception(outcome)
@@ -583,7 +589,7 @@ class Batcher:
             self.budget.failed(cost)
             self.metrics.out_of_memory.labels("step").inc()
             self.metrics.token_budget.set(self.budget.limit)
-            jobs = batch.jobs
+            jobs = sorted(batch.jobs, key=lambda a: a.joined)  # the last to join are set aside first
             if len(jobs) == 1:
                 (only,) = jobs
                 batch.remove(only.live_rows)

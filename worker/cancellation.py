@@ -9,7 +9,6 @@ reconnection the listener re-reads the flags of all registered jobs, in case a m
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -17,6 +16,7 @@ import time
 import redis
 
 from producer import keys
+from worker.holds import Holds
 
 log = logging.getLogger("belle.cancel")
 
@@ -24,7 +24,7 @@ log = logging.getLogger("belle.cancel")
 class CancelWatcher:
     def __init__(self, client: redis.Redis):
         self.redis = client
-        self._registered: collections.Counter[str] = collections.Counter()  # a job may have two copies of its message in hand
+        self._registered = Holds()
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -42,13 +42,11 @@ class CancelWatcher:
 
     def register(self, job_id: str) -> None:
         with self._lock:
-            self._registered[job_id] += 1
+            self._registered.add(job_id)
 
     def unregister(self, job_id: str) -> None:
         with self._lock:
-            self._registered[job_id] -= 1
-            if self._registered[job_id] <= 0:
-                del self._registered[job_id]
+            if self._registered.release(job_id):
                 self._cancelled.discard(job_id)
 
     def is_cancelled(self, job_id: str) -> bool:

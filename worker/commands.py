@@ -13,11 +13,11 @@ def _settings(args: argparse.Namespace, **overrides):
     if args.redis_url:
         updates["redis_url"] = args.redis_url
     settings = get_settings()
-    if updates.get("hardware_profile") or settings.hardware_profile:
+    if profile_name := updates.get("hardware_profile") or settings.hardware_profile:
         from worker.hardware import batch_settings, load_profile
 
-        profile = load_profile(updates.get("hardware_profile") or settings.hardware_profile, settings)
-        updates = {**batch_settings(profile, settings, settings.model_fields_set | set(updates)), **updates}
+        profile = load_profile(profile_name, settings)
+        updates = {**batch_settings(profile, settings.model_fields_set | set(updates)), **updates}
     # Settings is frozen; a validated copy carries the command line's values.
     return type(settings).model_validate({**settings.model_dump(), **updates})
 

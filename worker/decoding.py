@@ -143,6 +143,7 @@ class DecodeBatch:
         self.seen = torch.zeros((0, engine.vocab_size), dtype=torch.bool, device=device)  # tokens each row holds
         self.logits = torch.zeros((0, engine.vocab_size), device=device)  # what each row's next token is chosen from
         self.params = RowParameters.of([], device)
+        self.adapters: list[str | None] = []  # each row's adapter, as the model call takes them
         self.generators: list[torch.Generator | None] = []
         self.chunks: list[StreamChunk] = []  # what the last step has to publish
 
@@ -151,8 +152,8 @@ class DecodeBatch:
 
     @property
     def jobs(self) -> list[ActiveJob]:
-        """The batch's jobs, in the order they joined."""
-        return sorted(dict.fromkeys(r.active for r in self.rows), key=lambda a: a.joined)
+        """The batch's jobs (each once)."""
+        return list(dict.fromkeys(r.active for r in self.rows))
 
     def cost(self) -> int:
         return joined_cost(len(self.rows), self.length, max((r.remaining for r in self.rows), default=0))
@@ -271,6 +272,7 @@ class DecodeBatch:
 
     def _rows_changed(self) -> None:
         self.params = RowParameters.of([r.active.job.request for r in self.rows], self.engine.device)
+        self.adapters = [r.active.job.request.adapter for r in self.rows]
         sampling = self.params.sampling.tolist() if self.params.sampling is not None else []
         self.generators = [self.rows[i].generator for i in sampling]
 
@@ -346,7 +348,7 @@ class DecodeBatch:
         tokens = torch.tensor([[r.tokens[-1]] for r in self.rows], dtype=torch.long, device=self.mask.device)
         try:
             self.logits = self.engine.forward(tokens, self.mask[:, : length + 1], self.arena.view(slice(0, n), 0, length),
-                                              [r.active.job.request.adapter for r in self.rows], cost=self.cost())
+                                              self.adapters, cost=self.cost())
         except BaseException:
             self.mask[:, length] = 0
             raise

@@ -7,12 +7,11 @@ raises back into Celery except on purpose.
 
 from __future__ import annotations
 
-import collections
 import logging
 import re
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from celery.exceptions import Reject
 
@@ -27,7 +26,7 @@ from worker.cancellation import CancelWatcher
 from worker.engine import Engine
 from worker.errors import JobFailure
 from worker.hardware import HardwareProfile
-from worker.metrics import Metrics
+from worker.holds import Holds
 
 log = logging.getLogger("belle.worker")
 
@@ -36,16 +35,16 @@ JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 class JobHandler:
     def __init__(self, settings: Settings, store: JobStore, engine: Engine, batcher: Batcher, cancellations: CancelWatcher,
-                 *, profile: HardwareProfile | None = None, metrics: Metrics | None = None, holder: str | None = None):
+                 *, profile: HardwareProfile | None = None, holder: str | None = None):
         self.settings = settings
         self.store = store
         self.engine = engine
         self.batcher = batcher
         self.cancellations = cancellations
         self.profile = profile
-        self.metrics = metrics or batcher.metrics
+        self.metrics = batcher.metrics
         self.holder = holder  # this worker process's incarnation (see JobStore.start)
-        self._running_here: collections.Counter[str] = collections.Counter()  # jobs this process started (START said 'run'), still handled
+        self._running_here = Holds()  # jobs this process started (START said 'run'), still handled
         self._running_lock = threading.Lock()
 
     def handle(self, args: tuple, kwargs: dict[str, Any], *, worker: str, queue: str | None = None) -> None:
@@ -88,17 +87,14 @@ class JobHandler:
             # A second copy (a resend, or its holder's own message back after the visibility timeout while
             # the job still runs): it goes back to the queue, never dropped, so that some copy of the
             # message outlives the job should its holder die; it is acknowledged once the job has ended.
-            log.warning("job %s runs on %s; this copy of its message goes back to the queue until it ends", job_id,
-                        "this worker" if start.outcome == "held_here" else "a live worker")
-            time.sleep(1.0)
-            raise Reject("held by a live worker", requeue=True)
+            self._copy_back("job %s runs on %s; this copy of its message goes back to the queue until it ends", job_id,
+                            "this worker" if start.outcome == "held_here" else "a live worker")
         if start.outcome.startswith("final:"):
             log.info("job %s is already %s; duplicate delivery acknowledged", job_id, start.outcome.removeprefix("final:"))
             return
         if start.outcome == "cancel":
             log.info("job %s was cancelled while an earlier attempt ran; it ends cancelled without running again", job_id)
-            self.store.finish_cancelled(job_id, streaming=streaming)
-            self.metrics.jobs.labels("cancelled", ErrorCode.CANCELLED.value).inc()
+            self._cancelled_unstarted(job_id, streaming)
             return
         if start.outcome in ("exhausted", "undeliverable"):
             why = (f"the job's worker died while generating it {start.attempts} times (BELLE_MAX_ATTEMPTS), the last time with the job running alone"
@@ -109,7 +105,7 @@ class JobHandler:
                                                                                     "(check the worker logs: out of host memory, a crash in a kernel)"))
             return
         with self._running_lock:
-            self._running_here[job_id] += 1
+            self._running_here.add(job_id)
         try:
             self._run(job_id, args, kwargs, worker, start, raw, streaming, oversized, priority)
         except Reject:
@@ -119,9 +115,7 @@ class JobHandler:
             self._fail(job_id, streaming, JobError(code=ErrorCode.GENERATION_ERROR, message=f"the worker failed while handling the job: {type(exc).__name__}: {exc}"[:2000]))
         finally:
             with self._running_lock:
-                self._running_here[job_id] -= 1
-                if self._running_here[job_id] <= 0:
-                    del self._running_here[job_id]
+                self._running_here.release(job_id)
 
     def _run(self, job_id: str, args: tuple, kwargs: dict[str, Any], worker: str, start, raw, streaming: bool, oversized: int, priority: int) -> None:
         try:
@@ -146,16 +140,13 @@ class JobHandler:
             try:
                 generated = self.batcher.run(prepared, priority=priority)
             except DuplicateJob:  # as for a held job: this copy waits in the queue until the job has ended
-                log.warning("job %s is already in this worker's batcher; this copy of its message goes back to the queue", job_id)
-                time.sleep(1.0)
-                raise Reject("already in the batcher", requeue=True) from None
+                self._copy_back("job %s is already in this worker's batcher; this copy of its message goes back to the queue", job_id)
             except JobFailure as exc:  # the batcher already isolated the failure to this job
                 self._fail(job_id, streaming, exc.error)
                 return
             except JobCancelled:
                 log.info("job %s was cancelled while it waited; it ends cancelled without running", job_id)
-                self.store.finish_cancelled(job_id, streaming=streaming)
-                self.metrics.jobs.labels("cancelled", ErrorCode.CANCELLED.value).inc()
+                self._cancelled_unstarted(job_id, streaming)
                 return
             except BatcherStopped:
                 log.warning("job %s: the worker is stopping before it ran; its message goes back to the queue", job_id)
@@ -180,6 +171,17 @@ class JobHandler:
             self.metrics.jobs.labels("failed", ErrorCode.INVALID_REQUEST.value).inc()
         else:
             log.warning("a message naming job %s could not be read (%s); its record is left as it is", job_id, reason)
+
+    @staticmethod
+    def _copy_back(message: str, *args) -> NoReturn:
+        """Send this copy of a job's message back to the queue: it waits there until the job has ended."""
+        log.warning(message, *args)
+        time.sleep(1.0)
+        raise Reject("another copy of the job's message runs", requeue=True)
+
+    def _cancelled_unstarted(self, job_id: str, streaming: bool) -> None:
+        self.store.finish_cancelled(job_id, streaming=streaming)
+        self.metrics.jobs.labels("cancelled", ErrorCode.CANCELLED.value).inc()
 
     def _fail(self, job_id: str, streaming: bool, error: JobError) -> None:
         if error.code is ErrorCode.EXPIRED:

@@ -63,6 +63,6 @@ def load_profile(ref: str, settings: Settings) -> HardwareProfile:
     return HardwareProfile.model_validate({"name": path.stem, **data})
 
 
-def batch_settings(profile: HardwareProfile, settings: Settings, explicit: set[str]) -> dict[str, int]:
+def batch_settings(profile: HardwareProfile, explicit: set[str]) -> dict[str, int]:
     """The batch settings the profile brings, except those set explicitly."""
     return {name: getattr(profile, name) for name in BATCH_SETTINGS if name not in explicit}

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 log = logging.getLogger("belle.supervisor")
 
@@ -37,8 +37,6 @@ class Child:
     started_at: float = 0.0
     backoff_s: float = BACKOFF_FIRST_S
     start_at: float = 0.0  # when to (re)start it
-    restarts: int = 0
-    exits: list[int] = field(default_factory=list)
 
 
 def node_name(base: str, suffix: str) -> str:
@@ -86,14 +84,12 @@ class Supervisor:
                     child.backoff_s = BACKOFF_FIRST_S
                 return
             child.process = None
-            child.exits.append(code)
             if stopping:
                 log.info("%s exited (code %s)", child.name, code)
                 return
             child.start_at = now + child.backoff_s
             log.warning("%s exited (code %s); restarting it in %.0f s", child.name, code, child.backoff_s)
             child.backoff_s = min(BACKOFF_MAX_S, child.backoff_s * 2)
-            child.restarts += 1
             return
         if not stopping and now >= child.start_at:
             child.process = subprocess.Popen(child.command, env=child.env)

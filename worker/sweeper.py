@@ -35,7 +35,6 @@ from producer.workers import live_workers
 log = logging.getLogger("belle.sweeper")
 
 LOOK_AT = 1_000  # waiting jobs looked at per queue per look
-UNACKED = "unacked"  # kombu's hash of the messages workers hold
 
 
 class LostMessageSweeper:
@@ -73,9 +72,14 @@ class LostMessageSweeper:
         """One look; returns the jobs whose message was sent again."""
         resent, suspects, now = [], {}, time.monotonic()
         held: str | None = None  # the messages workers hold, read once if needed
-        for queue in self.queues():
-            taken = int(self.redis.get(keys.queue_taken(queue)) or 0)
-            empty = self.redis.llen(queue) == 0
+        queues = self.queues()
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in queues:
+            pipe.get(keys.queue_taken(queue))
+            pipe.llen(queue)
+        marks = pipe.execute()
+        for queue, taken, length in zip(queues, marks[::2], marks[1::2], strict=True):
+            taken, empty = int(taken or 0), length == 0
             top = "+inf" if empty else taken - 1
             waiting = self.redis.zrangebyscore(keys.queue_waiting(queue), 0, top, start=0, num=LOOK_AT, withscores=True)
             if not waiting:
@@ -83,12 +87,13 @@ class LostMessageSweeper:
             pipe = self.redis.pipeline(transaction=False)
             for job_id, _ in waiting:
                 pipe.hmget(keys.job(job_id), "state", "request")
+            gone = []
             for (job_id, seq), (state, request) in zip(waiting, pipe.execute(), strict=True):
                 if state != "queued" or request is None:  # started, ended or expired meanwhile: it does not wait any more
-                    self.redis.zrem(keys.queue_waiting(queue), job_id)
+                    gone.append(job_id)
                     continue
                 if seq >= taken:  # nothing later has started: lost only if no worker holds it
-                    held = held if held is not None else "\n".join(self.redis.hvals(UNACKED))
+                    held = held if held is not None else "\n".join(self.redis.hvals(keys.UNACKED))
                     if job_id in held:
                         continue
                 first_seen = self._suspects.get(job_id, now)
@@ -99,5 +104,7 @@ class LostMessageSweeper:
                     resent.append(job_id)
                     log.warning("job %s: its message was lost (%s); sent it again", job_id,
                                 f"a later job on {queue} has started" if seq < taken else f"{queue} is empty and no worker holds it")
+            if gone:
+                self.redis.zrem(keys.queue_waiting(queue), *gone)
         self._suspects = suspects
         return resent
