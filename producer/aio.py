@@ -8,7 +8,7 @@ from typing import Any
 
 from producer import keys
 from producer.client import RequestLike, prepare
-from producer.connection import async_redis_client
+from producer.connection import async_redis_client, typed_redis_errors
 from producer.errors import JobNotFoundError, JobTimeoutError
 from producer.enqueue import ENQUEUE_SCRIPT, check_outcome, enqueue_item
 from producer.records import JobRecord, JobState, StreamEvent
@@ -31,6 +31,7 @@ class AsyncJobClient:
     def from_url(cls, url: str, **overrides: Any) -> AsyncJobClient:
         return cls(Settings(redis_url=url, **overrides))
 
+    @typed_redis_errors
     async def submit(self, request: RequestLike, *, queue: str = keys.QUEUE_INTERACTIVE, check_workers: bool = False) -> str:
         """As ``JobClient.submit``."""
         validated = prepare(request, self.settings)
@@ -40,8 +41,9 @@ class AsyncJobClient:
         check_outcome(await self._enqueue(**item.call(now(), self.settings.pending_ttl_s)), item)
         return item.job_id
 
+    @typed_redis_errors
     async def get(self, job_id: str) -> JobRecord:
-        record = record_from_hash(job_id, await self.redis.hgetall(keys.job(job_id)))
+        record = record_from_hash(job_id, await self.redis.hgetall(keys.job(keys.checked_id("job_id", job_id))))
         if record is None:
             raise JobNotFoundError(job_id)
         return record
@@ -49,8 +51,10 @@ class AsyncJobClient:
     async def status(self, job_id: str) -> JobState:
         return (await self.get(job_id)).state
 
+    @typed_redis_errors
     async def wait(self, job_id: str, timeout: float) -> JobRecord:
         deadline = time.monotonic() + timeout
+        keys.checked_id("job_id", job_id)
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(keys.job_channel(job_id))
         try:
@@ -67,6 +71,7 @@ class AsyncJobClient:
         finally:
             await pubsub.aclose()
 
+    @typed_redis_errors
     async def stream(self, job_id: str, timeout: float) -> AsyncIterator[StreamEvent]:
         """As ``JobClient.stream``."""
         deadline = time.monotonic() + timeout
@@ -86,14 +91,16 @@ class AsyncJobClient:
             for event in events:
                 yield event
 
+    @typed_redis_errors
     async def workers(self) -> list[WorkerInfo]:
         """As ``JobClient.workers``."""
         names = sorted([name async for name in self.redis.scan_iter(match=WORKERS_MATCH, count=100)])
         return parse_workers(await self.redis.mget(names) if names else [])
 
+    @typed_redis_errors
     async def cancel(self, job_id: str) -> CancelOutcome:
         """As ``JobClient.cancel``."""
-        return cancel_outcome(job_id, await self._cancel(**cancel_call(job_id, self.settings.result_ttl_s)))
+        return cancel_outcome(job_id, await self._cancel(**cancel_call(keys.checked_id("job_id", job_id), self.settings.result_ttl_s)))
 
     async def close(self) -> None:
         await self.redis.aclose()

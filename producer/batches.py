@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
 from pydantic import BaseModel, ConfigDict
 
 from producer import keys
+from producer.connection import describe_error
 from producer.enqueue import ENQUEUE_SCRIPT, Enqueue, derived_job_id
 from producer.errors import BelleError, InvalidRequestError
 from producer.progress import Progress
@@ -38,7 +40,6 @@ from producer.settings import Settings
 from producer.store import CANCEL_SCRIPT, cancel_call, canonical_json, now
 
 CHUNK = 1_000  # jobs per pipeline (one round trip)
-BATCH_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 COUNTED = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
 
 # OpenAI batch lines: what maps, what is dropped, what only its neutral value passes.
@@ -71,6 +72,18 @@ return 1
 
 class BatchError(BelleError):
     """A batch that does not exist, or cannot be submitted as asked."""
+
+
+class BatchInterruptedError(BatchError):
+    """Redis failed (out of memory, connection lost: ``reason``, and the exception chained) while a
+    batch's lines were enqueued. The lines already in stay in; submitting the same lines under the
+    same batch id enqueues exactly the missing ones."""
+
+    def __init__(self, batch_id: str, submitted: int, total: int, reason: str):
+        self.batch_id, self.submitted, self.total = batch_id, submitted, total
+        super().__init__(f"batch {batch_id} was interrupted after {submitted} of its {total} lines were in: {reason}. Nothing is lost: once Redis "
+                         f"takes writes again, submit the same file with the same options and --batch-id {batch_id} "
+                         "(in Python: batch_id=...) to enqueue exactly the missing lines")
 
 
 @dataclass(frozen=True)
@@ -244,7 +257,11 @@ class FileSource:
         self.max_line_bytes = max_line_bytes
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
-        with open(self.path, "rb") as f:
+        try:
+            f = open(self.path, "rb")
+        except OSError as exc:
+            raise InvalidRequestError.single("file", str(self.path), f"cannot read the batch file {str(self.path)!r}: {exc.strerror or exc}") from None
+        with f:
             for number, raw in enumerate(f, 1):
                 if len(raw) > self.max_line_bytes:
                     yield number, _TooLong(len(raw), self.max_line_bytes)
@@ -296,17 +313,20 @@ class Batches:
             raise InvalidRequestError.single("file", None, f"{len(refused)} of {len(valid) + len(refused)} lines are invalid, nothing was submitted: {shown}{more}"
                                                             " (fix them, or --skip-invalid to submit the valid lines)")
         if not valid:
-            raise BatchError("no valid line to submit")
+            what = "every line is invalid (see the refusals)" if refused else "it holds no line (it is empty, or blank lines only)"
+            raise InvalidRequestError.single("file", None, f"nothing to submit: {what}; a batch needs at least one request line")
         digest.update(json.dumps([defaults, completion_window_s, queue, skip_invalid], sort_keys=True).encode())
-        batch_id = batch_id or (uuid.uuid4().hex if new else digest.hexdigest()[:32])
-        if not BATCH_ID.match(batch_id):
-            raise InvalidRequestError.single("batch_id", batch_id, "batch_id must match [A-Za-z0-9_-]{1,64}")
+        batch_id = keys.checked_id("batch_id", batch_id or (uuid.uuid4().hex if new else digest.hexdigest()[:32]))
         state, deadline = self._open(batch_id, len(valid), len(refused), completion_window_s, queue, name, digest.hexdigest())
         if state in ("new", "submitting"):
-            created = self._enqueue_lines(source, valid, batch_id, defaults, presets, deadline, queue, progress)
+            in_batch = [0]  # lines known to be in so far (an interruption reports it)
+            try:
+                created = self._enqueue_lines(source, valid, batch_id, defaults, presets, deadline, queue, progress, in_batch)
+                self._submitted(keys=[keys.batch(batch_id)], args=[now()])
+            except redis.RedisError as exc:
+                raise BatchInterruptedError(batch_id, in_batch[0], len(valid), describe_error(exc, self.settings.redis_url)) from exc
         else:  # submitted whole before: nothing is enqueued again, even if its jobs' records have expired
             created = 0
-        self._submitted(keys=[keys.batch(batch_id)], args=[now()])
         return BatchSubmission(batch_id, len(valid), created, refused, deadline)
 
     def _check(self, source, defaults, presets) -> tuple[dict[int, Any], list[LineError], Any]:
@@ -373,7 +393,7 @@ class Batches:
             raise BatchError(f"batch {batch_id} was cancelled; submit with --new (or another batch id) to run these lines again")
         return state, float(stored_deadline) if stored_deadline else None
 
-    def _enqueue_lines(self, source, valid: dict[int, Any], batch_id: str, defaults, presets, deadline, queue, progress) -> int:
+    def _enqueue_lines(self, source, valid: dict[int, Any], batch_id: str, defaults, presets, deadline, queue, progress, in_batch: list[int]) -> int:
         bar = Progress(len(valid), f"batch {batch_id[:12]}", enabled=progress)
         created = 0
         chunk: list[Enqueue] = []
@@ -386,7 +406,10 @@ class Batches:
             pipe.expire(keys.batch(batch_id), self.settings.pending_ttl_s)
             pipe.expire(keys.batch_jobs(batch_id), self.settings.pending_ttl_s)
             pipe.hget(keys.batch(batch_id), "state")
-            outcomes = pipe.execute()
+            outcomes = pipe.execute(raise_on_error=False)
+            in_batch[0] += sum(outcome in ("created", "exists") for outcome in outcomes[: len(chunk)])
+            if failed := next((o for o in outcomes if isinstance(o, redis.RedisError)), None):
+                raise failed
             conflicts = [item.line for item, outcome in zip(chunk, outcomes, strict=False) if outcome == "conflict"]
             if conflicts:
                 raise BatchError(f"batch {batch_id} already holds different jobs on lines {conflicts[:10]}: it was submitted from another file "
@@ -422,7 +445,7 @@ class Batches:
     # --- after submission ---
 
     def status(self, batch_id: str) -> BatchStatus:
-        data = self.redis.hgetall(keys.batch(batch_id))
+        data = self.redis.hgetall(keys.batch(keys.checked_id("batch_id", batch_id)))
         if not data or "total" not in data:
             raise BatchError(f"no batch {batch_id!r}: it never existed here or it expired")
         counts = {name: max(0, int(data.get(name) or 0)) for name in COUNTED}

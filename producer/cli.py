@@ -2,8 +2,9 @@
 tiny-model) are registered by the worker package through the `belle_queue.commands` entry point and
 import the GPU stack only when they run.
 
-Exit codes: 0 success, 1 job failed (or cancelled/expired, or not found), 2 invalid request,
-3 timed out / not finished, 4 Redis unreachable or refused us.
+Exit codes: 0 success, 1 job failed (or cancelled/expired, or not found), 2 invalid request (or
+command line), 3 timed out / not finished, 4 Redis unreachable, refused us, or refuses writes. Every
+error is one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -17,9 +18,17 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_REDIS = 0, 1, 2, 3, 4
 
 
 def _settings(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from producer.errors import InvalidRequestError
     from producer.settings import Settings, get_settings
 
-    return Settings(redis_url=args.redis_url) if args.redis_url else get_settings()
+    try:
+        return Settings(redis_url=args.redis_url) if args.redis_url else get_settings()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = "BELLE_" + "_".join(str(part) for part in error["loc"]).upper()
+        raise InvalidRequestError.single(name, None, f"setting {name}: {error['msg']}; fix the environment (or BELLE_SETTINGS_FILE)") from None
 
 
 def _client(args: argparse.Namespace):
@@ -35,12 +44,56 @@ def parse_set(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise InvalidRequestError.single("--set", pair, f"--set takes key=value (e.g. --set temperature=0.7), got {pair!r}")
+            raise InvalidRequestError.single("--set", _shown(pair), f"--set takes key=value (e.g. --set temperature=0.7), got {_shown(pair)!r}")
         try:
             out[key] = json.loads(value)
         except ValueError:
             out[key] = value  # a bare string
+        except RecursionError:
+            raise InvalidRequestError.single(f"--set {_shown(key)}", None, f"--set {_shown(key)}: the value nests too deeply to read") from None
     return out
+
+
+def read_json_file(path: str, option: str):
+    """The JSON value in the file named by ``option``; InvalidRequestError naming the option and what is wrong."""
+    from producer.errors import InvalidRequestError
+
+    def refuse(problem: str):
+        return InvalidRequestError.single(option, _shown(path), f"{option} {_shown(path)!r}: {problem}")
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise refuse(f"cannot read it ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise refuse(f"it is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start})") from None
+    if not text.strip():
+        raise refuse("it is empty; it must hold JSON") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise refuse(f"it is not JSON ({exc})") from None
+    except RecursionError:
+        raise refuse("its JSON nests too deeply to read") from None
+
+
+def _shown(text: str) -> str:
+    """Command-line text as it can be printed (bytes that were not UTF-8 come back as \\x..)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")[:200]
+
+
+def seconds(text: str) -> float:
+    """argparse type of --wait and --timeout: a finite number of seconds, at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {_shown(text)!r}") from None
+    if not 0 <= value < 10**9:  # (also refuses nan and inf)
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds from 0, got {_shown(text)!r}")
+    return value
 
 
 def _exit_for(record) -> int:
@@ -58,8 +111,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         request["prompt"] = args.prompt
     if args.messages is not None:
-        with open(args.messages, encoding="utf-8") as f:
-            request["messages"] = json.load(f)
+        request["messages"] = read_json_file(args.messages, "--messages")
     if args.preset:
         request["preset"] = args.preset
     if args.stream:
@@ -168,8 +220,11 @@ def cmd_workers(args: argparse.Namespace) -> int:
     now = time.time()
     for w in workers:
         caps = f"max_new_tokens ≤{w.max_new_tokens}, beams ≤{w.num_beams}" if w.profile else "no caps"
+        full = (f"; REDIS REFUSES ITS WRITES (out of memory) for {now - w.redis_refusing_writes_since:.0f} s: it takes no new job"
+                if w.redis_refusing_writes_since else "")
         print(f"{w.name}: {w.model} on {w.device}; adapters: {', '.join(w.adapters) or 'none'}; profile {w.profile or 'none'} ({caps}); "
-              f"queues {','.join(w.queues)}; up {now - w.started_at:.0f} s, last heartbeat {now - w.heartbeat_at:.1f} s ago; pid {w.pid} on {w.host}; v{w.version}")
+              f"queues {','.join(w.queues)}; up {now - w.started_at:.0f} s, last heartbeat {now - w.heartbeat_at:.1f} s ago; pid {w.pid} on {w.host}; "
+              f"v{w.version}{full}")
     return EXIT_OK
 
 
@@ -221,16 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--messages", metavar="FILE", help="JSON file with a list of {role, content} messages instead of --prompt")
     p.add_argument("--preset", help="named parameter set (see `belle-queue presets`)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a request field; VALUE is JSON or a bare string (repeatable)")
-    p.add_argument("--wait", type=float, metavar="SECONDS", help="wait this long for the final record")
+    p.add_argument("--wait", type=seconds, metavar="SECONDS", help="wait this long for the final record")
     p.add_argument("--stream", action="store_true", help="stream=true, and print the text as it is generated (as `watch`)")
-    p.add_argument("--timeout", type=float, default=600, metavar="SECONDS", help="with --stream: how long to follow the job (default 600)")
+    p.add_argument("--timeout", type=seconds, default=600, metavar="SECONDS", help="with --stream: how long to follow the job (default 600)")
     p.add_argument("--check-workers", action="store_true", help="refuse the job unless a live worker serves its adapter and allows its size")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("watch", help="print a job's text as it is generated, from the start even if joined late")
     p.add_argument("job_id")
-    p.add_argument("--timeout", type=float, default=600, metavar="SECONDS", help="how long to follow the job (default 600)")
+    p.add_argument("--timeout", type=seconds, default=600, metavar="SECONDS", help="how long to follow the job (default 600)")
     p.add_argument("--json", action="store_true", help="print each chunk and the end event as a JSON line")
     p.set_defaults(func=cmd_watch)
 
@@ -246,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("result", help="print a job's result or error")
     p.add_argument("job_id")
-    p.add_argument("--wait", type=float, metavar="SECONDS", help="wait this long for the job to finish")
+    p.add_argument("--wait", type=seconds, metavar="SECONDS", help="wait this long for the job to finish")
     p.add_argument("--json", action="store_true", help="print the whole record as JSON")
     p.set_defaults(func=cmd_result)
 
@@ -277,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import redis
 
+    from producer.batches import BatchInterruptedError
     from producer.errors import BelleError, InvalidRequestError, JobNotFoundError, JobTimeoutError
 
     try:
@@ -290,19 +346,33 @@ def main(argv: list[str] | None = None) -> int:
     except JobNotFoundError as exc:
         print(f"not found: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except (redis.ConnectionError, redis.ResponseError) as exc:
+    except BatchInterruptedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REDIS
+    except redis.RedisError as exc:
         from producer.connection import describe_error
 
-        if isinstance(exc, redis.ResponseError) and not any(word in str(exc) for word in ("WRONGPASS", "NOAUTH", "NOPERM")):
-            raise
-        print(describe_error(exc, _settings(args).redis_url), file=sys.stderr)
+        print(describe_error(exc, _redis_url(args)), file=sys.stderr)
         return EXIT_REDIS
     except BelleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:  # the reader of our output went away (e.g. `| head`)
+        sys.stderr.close()
+        return EXIT_FAILED
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: still one line, never a traceback
+        print(f"error: unexpected {type(exc).__name__}: {str(exc)[:300]} (this is a bug in belle-queue; please report it with the command)",
+              file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _redis_url(args: argparse.Namespace) -> str:
+    return args.redis_url or _settings(args).redis_url
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def cmd_submit(args: argparse.Namespace, client) -> int:
                                      skip_invalid=args.skip_invalid, progress=args.progress)
     if submission.refused:
         refusals = args.refusals or f"{args.file}.refused.jsonl"
-        with open(refusals, "w", encoding="utf-8") as f:
+        with open_output(refusals, "--refusals") as f:
             f.writelines(e.to_json() + "\n" for e in submission.refused)
         print(f"{len(submission.refused)} invalid lines skipped; their errors are in {refusals}", file=sys.stderr)
     resumed = submission.total - submission.created
@@ -37,6 +37,17 @@ def cmd_submit(args: argparse.Namespace, client) -> int:
     else:
         print(submission.batch_id)
     return EXIT_OK
+
+
+def open_output(path: str, option: str):
+    """A file to write, opened; InvalidRequestError naming the option when it cannot be."""
+    from producer.cli import _shown
+    from producer.errors import InvalidRequestError
+
+    try:
+        return open(path, "w", encoding="utf-8")
+    except (OSError, ValueError) as exc:
+        raise InvalidRequestError.single(option, _shown(path), f"{option} {_shown(path)!r}: cannot write it ({getattr(exc, 'strerror', None) or exc})") from None
 
 
 def cmd_status(args: argparse.Namespace, client) -> int:
@@ -61,7 +72,7 @@ def cmd_results(args: argparse.Namespace, client) -> int:
     from producer.progress import Progress
 
     status = client.batch_status(args.batch_id)
-    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    out = sys.stdout if args.output == "-" else open_output(args.output, "--output")
     bar = Progress(status.total, f"results {args.batch_id[:12]}", enabled=None if args.output != "-" else False)
     unfinished: dict[str, int] = {}
     unavailable = 0

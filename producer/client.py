@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from producer import keys
-from producer.connection import redis_client
+from producer.connection import redis_client, typed_redis_errors
 from producer.errors import JobNotFoundError, JobTimeoutError
 from producer.enqueue import ENQUEUE_SCRIPT, check_outcome, enqueue_item
 from producer.batches import Batches, BatchResultLine, BatchStatus, BatchSubmission, FileSource, ListSource
@@ -48,6 +48,7 @@ class JobClient:
     def from_url(cls, url: str, **overrides: Any) -> JobClient:
         return cls(Settings(redis_url=url, **overrides))
 
+    @typed_redis_errors
     def submit(self, request: RequestLike, *, queue: str = keys.QUEUE_INTERACTIVE, check_workers: bool = False) -> str:
         """Validate and enqueue one job; returns its id. Raises InvalidRequestError on bad input, and
         with ``check_workers`` when no live worker could run it (see ``workers()``). With an
@@ -60,8 +61,9 @@ class JobClient:
         check_outcome(self._enqueue(**item.call(now(), self.settings.pending_ttl_s)), item)
         return item.job_id
 
+    @typed_redis_errors
     def get(self, job_id: str) -> JobRecord:
-        record = self.store.get(job_id)
+        record = self.store.get(keys.checked_id("job_id", job_id))
         if record is None:
             raise JobNotFoundError(job_id)
         return record
@@ -69,9 +71,11 @@ class JobClient:
     def status(self, job_id: str) -> JobState:
         return self.get(job_id).state
 
+    @typed_redis_errors
     def wait(self, job_id: str, timeout: float) -> JobRecord:
         """Block until the job reaches a final state; raises JobTimeoutError after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
+        keys.checked_id("job_id", job_id)
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(keys.job_channel(job_id))
         try:
@@ -89,6 +93,7 @@ class JobClient:
         finally:
             pubsub.close()
 
+    @typed_redis_errors
     def stream(self, job_id: str, timeout: float) -> Iterator[StreamEvent]:
         """Yield a job's ``StreamChunk``s from the first one, whenever this is called (before, during or
         after the job runs), then its ``StreamEnd``. A job that did not stream yields its whole text
@@ -113,6 +118,7 @@ class JobClient:
 
     # --- batches (see producer/batches.py) ---
 
+    @typed_redis_errors
     def submit_batch(self, requests: Iterable[Mapping[str, Any] | str] | os.PathLike, *, preset: str | None = None, defaults: Mapping[str, Any] | None = None,
                      batch_id: str | None = None, new: bool = False, completion_window_s: float | None = None, skip_invalid: bool = False,
                      name: str | None = None, progress: bool | None = False) -> BatchSubmission:
@@ -133,10 +139,12 @@ class JobClient:
         return self.batches.submit(source, defaults=options, batch_id=batch_id, new=new, completion_window_s=completion_window_s,
                                    skip_invalid=skip_invalid, name=name, progress=progress)
 
+    @typed_redis_errors
     def batch_status(self, batch_id: str) -> BatchStatus:
         """Counts by state (total, queued, running, succeeded, failed, cancelled, expired), rate and ETA."""
         return self.batches.status(batch_id)
 
+    @typed_redis_errors
     def iter_batch_results(self, batch_id: str) -> Iterator[BatchResultLine]:
         """Every job of the batch in input order, finished or not (its ``state`` says)."""
         for job_id, fields in self.batches.results(batch_id):
@@ -147,6 +155,7 @@ class JobClient:
                                   result=JobResult.model_validate_json(fields["result"]) if fields["result"] else None,
                                   error=JobError.model_validate_json(fields["error"]) if fields["error"] else None)
 
+    @typed_redis_errors
     def cancel_batch(self, batch_id: str) -> dict[str, int]:
         """Cancel the batch's jobs not ended yet; returns how many ended 'cancelled' (queued ones), were
         'requested' (running ones stop at their next step), or had 'ended' already."""
@@ -158,15 +167,17 @@ class JobClient:
 
         return Batches(self.redis, self.settings, lambda: load_presets(self.settings))
 
+    @typed_redis_errors
     def workers(self) -> list[WorkerInfo]:
         """The live workers: what each serves (model, adapters, hardware profile and caps, device)."""
         return live_workers(self.redis)
 
+    @typed_redis_errors
     def cancel(self, job_id: str) -> CancelOutcome:
         """Cancel a job: a queued one ends ``cancelled`` without running; a running one stops at its
         next decoding step and keeps its partial text; a finished one is left as it is (the outcome
         says so). Raises JobNotFoundError for an unknown id."""
-        return self.store.cancel(job_id)
+        return self.store.cancel(keys.checked_id("job_id", job_id))
 
     def close(self) -> None:
         self.redis.close()

@@ -8,6 +8,10 @@ restart.
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import redis
@@ -16,38 +20,123 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from producer.errors import InvalidRequestError, RedisFullError
+
 CLIENT_RETRIES = 3
 WORKER_RETRIES = 40  # with the back-off capped at 1 s: about 35 s in all
 
 
 def redis_client(url: str, *, retries: int = CLIENT_RETRIES) -> redis.Redis:
+    check_url(url)
     return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
                                 retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
 
 def async_redis_client(url: str, *, retries: int = CLIENT_RETRIES) -> redis.asyncio.Redis:
+    check_url(url)
     return redis.asyncio.Redis.from_url(url, decode_responses=True, health_check_interval=30,
                                         retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), retries),
                                         retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+
+
+def check_url(url: str) -> None:
+    """Refuse a Redis URL that redis-py could not use, naming the setting (InvalidRequestError)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        redis.connection.parse_url(url)
+    except (ValueError, TypeError) as exc:
+        problem = str(exc)
+    else:
+        if port is None or 0 < port < 65536:
+            return
+        problem = f"port {port} is out of range"
+    raise InvalidRequestError.single("redis_url", _without_password(url),
+                                     f"the Redis URL (--redis-url or BELLE_REDIS_URL) is not usable: {problem}; "
+                                     "give one like redis://host:6379/0, rediss://host:6380/0 (TLS) or unix:///path/redis.sock")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether Redis refused a write because it is out of memory (maxmemory with noeviction).
+    Redis 7 answers -OOM to scripts too; Redis 6 wraps it in a script error."""
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or (isinstance(exc, redis.ResponseError) and "OOM command not allowed" in str(exc))
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def typed_redis_errors(method: F) -> F:
+    """A client method (plain, generator, coroutine or async generator) whose Redis out-of-memory
+    refusals are raised as ``RedisFullError``; the client's URL is ``self.settings.redis_url``."""
+
+    def raise_typed(self, exc: redis.RedisError) -> None:
+        if is_out_of_memory(exc):
+            raise RedisFullError(_without_password(self.settings.redis_url)) from exc
+
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def wrapper(self, *args, **kwargs):
+            try:
+                async for item in method(self, *args, **kwargs):
+                    yield item
+            except redis.RedisError as exc:
+                raise_typed(self, exc)
+                raise
+    elif inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def wrapper(self, *args, **kwargs):
+            try:
+                return await method(self, *args, **kwargs)
+            except redis.RedisError as exc:
+                raise_typed(self, exc)
+                raise
+    elif inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            try:
+                return (yield from method(self, *args, **kwargs))
+            except redis.RedisError as exc:
+                raise_typed(self, exc)
+                raise
+    else:
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except redis.RedisError as exc:
+                raise_typed(self, exc)
+                raise
+    return wrapper  # type: ignore[return-value]
 
 
 def describe_error(exc: redis.RedisError, url: str) -> str:
     """One line saying what is wrong with reaching Redis at ``url`` and what to do."""
     where = _without_password(url)
     text = str(exc)
+    if is_out_of_memory(exc):
+        return str(exc) if isinstance(exc, RedisFullError) else str(RedisFullError(where))
     if isinstance(exc, redis.AuthenticationError) or "WRONGPASS" in text or "NOAUTH" in text or "invalid password" in text:
         return f"redis at {where} refused the credentials: {text}; check the user and password in the URL (redis://user:password@host:port/db)"
     if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
         return (f"redis at {where}: its TLS certificate is not trusted ({text.split('] ')[-1].strip(')')}); give the CA that signed it with "
                 "?ssl_ca_certs=/path/to/ca.pem in the URL")
+    if isinstance(exc, redis.TimeoutError) and url.startswith("rediss://"):
+        return (f"redis at {where}: the TLS handshake timed out ({text}); the server likely speaks plain text: use redis:// for a plain port, "
+                "rediss:// only for Redis's TLS port")
     if "wrong version number" in text or "record layer" in text:
         return f"redis at {where}: TLS and plain connection do not match ({text}); use rediss:// for a TLS port, redis:// otherwise"
     return f"cannot reach redis at {where} ({text}); start one (`belle-queue redis`) or set --redis-url / BELLE_REDIS_URL"
 
 
 def _without_password(url: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a malformed URL)"
     host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a number, or out of range: shown as given
+        port = ":" + parts.netloc.rpartition(":")[2]
     user = f"{parts.username}@" if parts.username else ""
     return f"{parts.scheme}://{user}{host}{port}{parts.path}"

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import redis
+
 
 class ErrorCode(StrEnum):
     INVALID_REQUEST = "invalid_request"  # the request broke a rule; the message names parameter and fix
@@ -62,3 +64,17 @@ class JobTimeoutError(BelleError, TimeoutError):
         self.state = state
         super().__init__(f"job {job_id} is still {state} after {timeout:g} s")
 
+
+
+class RedisFullError(BelleError, redis.exceptions.OutOfMemoryError):
+    """Redis refuses writes: its memory reached ``maxmemory`` (with the ``noeviction`` policy, which
+    belle-queue relies on: it never drops a record or a message to make room). Nothing was written."""
+
+    def __init__(self, where: str, detail: str = ""):
+        self.where = where
+        super().__init__(f"redis at {where} refuses writes: it is out of memory (maxmemory reached{'; ' + detail if detail else ''}); "
+                         "free memory (finished jobs' records expire after BELLE_RESULT_TTL_S; delete what you no longer need) "
+                         "or raise maxmemory (CONFIG SET maxmemory ...), then try again")
+
+    def __str__(self) -> str:
+        return str(self.args[0])

@@ -1,11 +1,26 @@
 """Every Redis key, pub/sub channel, queue and task name the system uses, built here and nowhere else."""
 
+import re
+
+from producer.errors import InvalidRequestError
+
 PREFIX = "belle"
 
 TASK_GENERATE = "belle.generate"
 QUEUE_INTERACTIVE = "belle.interactive"
 QUEUE_BULK = "belle.bulk"
 QUEUES = (QUEUE_INTERACTIVE, QUEUE_BULK)
+
+# Job ids (the producer makes hex UUIDs) and batch ids (a caller may choose one) go into key names.
+ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def checked_id(parameter: str, value: object) -> str:
+    """``value`` if it is a well-formed job or batch id; otherwise InvalidRequestError naming ``parameter``."""
+    if isinstance(value, str) and ID.match(value):
+        return value
+    shown = ascii(value[:80]) if isinstance(value, str) else type(value).__name__
+    raise InvalidRequestError.single(parameter, shown, f"{parameter} must be 1 to 64 letters, digits, '_' or '-', got {shown}")
 
 
 def job(job_id: str) -> str:
@@ -53,8 +68,19 @@ def worker_alive(incarnation: str) -> str:
     return f"{PREFIX}:alive:{incarnation}"
 
 
+def held(incarnation: str) -> str:
+    """Set of the delivery tags of the messages a worker process holds (recorded with kombu's own
+    record of them), so that they go back to their queues soon after the process dies."""
+    return f"{PREFIX}:held:{incarnation}"
+
+
+# Set of the worker processes (incarnations) that may hold messages: where dead ones are looked for.
+HOLDERS = f"{PREFIX}:holders"
+
 # Held by the worker that looks for lost messages, so that one looks at a time.
 SWEEP_LOCK = f"{PREFIX}:sweep"
+# Held by the worker that looks for dead workers' messages (worker/held.py), so that one looks at a time.
+RECLAIM_LOCK = f"{PREFIX}:reclaim"
 
 # kombu's Redis transport's hash of the messages workers hold (unacknowledged), by delivery tag.
 UNACKED = "unacked"

@@ -12,6 +12,7 @@ import difflib
 import json
 import math
 import re
+import reprlib
 import time
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -40,7 +41,8 @@ ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 class GenerationRequest(BaseModel):
     """A validated generation job. Build it with ``parse_request``, not directly."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    # NaN and infinities are refused: they are not JSON, and no parameter means anything with them.
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
     # --- what to answer ---
     prompt: _Text | None = Field(None, description="A single user turn; the worker applies the model's template.")
@@ -85,7 +87,7 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _check_prompt(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:
-            _check_text("prompt", value, _limits(info).max_prompt_chars)
+            _check_text("prompt", value, _limits(info).max_prompt_chars, "BELLE_MAX_PROMPT_CHARS")
         return value
 
     @field_validator("messages")
@@ -99,7 +101,7 @@ class GenerationRequest(BaseModel):
         if len(value) > limits.max_messages:
             raise _problem(f"messages must hold at most {limits.max_messages} messages, got {len(value)}; drop old turns or raise BELLE_MAX_MESSAGES")
         for i, message in enumerate(value):
-            _check_text(f"messages[{i}].content", message.content, limits.max_prompt_chars, allow_blank=message.role != "user")
+            _check_text(f"messages[{i}].content", message.content, limits.max_prompt_chars, "BELLE_MAX_PROMPT_CHARS", allow_blank=message.role != "user")
             if message.role == "system" and i != 0:
                 raise _problem(f"messages[{i}].role may be 'system' only for the first message, got it at position {i}")
         if value[-1].role != "user":
@@ -112,13 +114,15 @@ class GenerationRequest(BaseModel):
         limits = _limits(info)
         if len(value) > limits.max_stop_strings:
             raise _problem(f"stop must hold at most {limits.max_stop_strings} strings, got {len(value)}")
-        for s in value:
-            _check_text("stop", s, limits.max_stop_chars, allow_blank=True)
+        for i, s in enumerate(value):
+            _check_text(f"stop[{i}]", s, limits.max_stop_chars, "BELLE_MAX_STOP_CHARS", allow_blank=True)
         return value
 
     @field_validator("metadata")
     @classmethod
     def _check_metadata(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if (depth := _nesting(value)) > MAX_METADATA_DEPTH:
+            raise _problem(f"metadata must nest at most {MAX_METADATA_DEPTH} levels of objects and lists, got {depth}; flatten it")
         try:
             size = len(json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8"))
         except (TypeError, ValueError) as exc:
@@ -157,6 +161,7 @@ class GenerationRequest(BaseModel):
 
 
 _PARAMETERS = tuple(GenerationRequest.model_fields)
+_NESTED_FIELDS = {"messages": tuple(Message.model_fields)}
 
 
 def parse_request(
@@ -210,15 +215,37 @@ def _cross(parameter: str, value: Any, message: str) -> PydanticCustomError:
     return PydanticCustomError("belle", message, {"parameter": parameter, "value": value})
 
 
-def _check_text(name: str, value: str, max_chars: int, *, allow_blank: bool = False) -> None:
+# C0 control characters other than tab, newline and carriage return: in a prompt they are binary data
+# pasted by mistake (NUL ends strings in C libraries; ESC sequences are terminal output), never text.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+MAX_METADATA_DEPTH = 32
+
+
+def _check_text(name: str, value: str, max_chars: int, setting: str, *, allow_blank: bool = False) -> None:
     if not (value if allow_blank else value.strip()):
         raise _problem(f"{name} must not be empty")
     if len(value) > max_chars:
-        raise _problem(f"{name} must be at most {max_chars} characters, got {len(value)}; shorten it or raise BELLE_MAX_PROMPT_CHARS")
+        raise _problem(f"{name} must be at most {max_chars} characters, got {len(value)}; shorten it or raise {setting}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise _problem(f"{name} must be valid Unicode text, got an unpaired surrogate at position {exc.start}; fix the encoding of the input") from None
+    if control := CONTROL_CHARACTERS.search(value):
+        raise _problem(f"{name} must not hold control characters other than tab, newline and carriage return, got U+{ord(control.group()):04X} "
+                       f"at position {control.start()}; remove it (binary data or terminal codes do not belong in text)")
+
+
+def _nesting(value: Any) -> int:
+    """How deeply lists and objects nest in a JSON value (counted without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth <= MAX_METADATA_DEPTH:
+                stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _bounds(field: str) -> tuple[Any, Any]:
@@ -250,13 +277,20 @@ def _describe(error: Mapping[str, Any]) -> ParameterProblem:
     value = ctx.get("value", error.get("input"))
     kind = error["type"]
     top = loc[0] if loc else "request"
-    if kind in ("greater_than_equal", "less_than_equal") and top in _PARAMETERS and len(loc) == 1:
+    if kind in ("greater_than_equal", "less_than_equal", "finite_number") and top in _PARAMETERS and len(loc) == 1 and None not in _bounds(top):
         lo, hi = _bounds(top)
         message = f"{parameter} must be in [{lo}, {hi}], got {_short(value)}"
+    elif kind == "extra_forbidden" and len(loc) > 1:
+        known = _NESTED_FIELDS.get(top, ())
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else (f"; it takes {', '.join(known)}" if known else "")
+        message = f"unknown field {loc[-1]!r} in {_location(loc[:-1])}{hint}"
     elif kind == "extra_forbidden":
         close = difflib.get_close_matches(top, _PARAMETERS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known parameters: {', '.join(_PARAMETERS)}"
         message = f"unknown parameter {top!r}{hint}"
+    elif kind == "finite_number":
+        message = f"{parameter} must be a finite number, got {_short(value)}"
     elif kind == "belle":
         message = error["msg"]
     elif kind == "string_pattern_mismatch":
@@ -285,5 +319,11 @@ def _short(value: Any, limit: int = 80) -> Any:
         return value
     if isinstance(value, (int, float, bool)) or value is None:
         return value
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} chars)"
+    if not isinstance(value, str):
+        return _SHORT_REPR.repr(value)  # bounded in depth and length, however deep or big the value
+    return value if len(value) <= limit else value[:limit] + f"… ({len(value)} chars)"
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 3, 60, 60
+_SHORT_REPR.maxlist = _SHORT_REPR.maxdict = _SHORT_REPR.maxtuple = _SHORT_REPR.maxset = 4

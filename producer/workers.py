@@ -35,6 +35,7 @@ class WorkerInfo(BaseModel):
     concurrency: int
     started_at: float
     heartbeat_at: float
+    redis_refusing_writes_since: float | None = None  # Redis refuses this worker's writes (out of memory) since then
 
 
 WORKERS_MATCH = keys.worker("*")

@@ -104,12 +104,13 @@ def test_stream_needs_a_single_beam_and_says_why():
     ({"messages": []}, "messages", "at least one message"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "messages", "must end with a user message"),
     ({"messages": [{"role": "robot", "content": "q"}]}, "messages[0].role", "must be one of"),
-    ({"messages": [{"role": "user", "content": "q", "name": "x"}]}, "messages[0].name", "unknown parameter"),
+    ({"messages": [{"role": "user", "content": "q", "name": "x"}]}, "messages[0].name", "unknown field 'name' in messages[0]; it takes role, content"),
+    ({"messages": [{"role": "user", "content": "q", "contnet": "q"}]}, "messages[0].contnet", "unknown field 'contnet' in messages[0]; did you mean 'content'?"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}, "messages", "'system' only for the first"),
     ({"messages": [{"role": "user", "content": ""}]}, "messages", "messages[0].content must not be empty"),
     ({"prompt": "a", "adapter": "../../etc/passwd"}, "adapter", "adapter must match"),
     ({"prompt": "a", "preset": "nope"}, "preset", "preset must be one of ["),
-    ({"prompt": "a", "stop": [""]}, "stop", "stop must not be empty"),
+    ({"prompt": "a", "stop": [""]}, "stop", "stop[0] must not be empty"),
     ({"prompt": "a", "seed": -1}, "seed", "seed must be in [0, 9223372036854775807], got -1"),
 ])
 def test_refusals_name_the_parameter(data, parameter, fragment):
