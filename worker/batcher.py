@@ -39,6 +39,14 @@ before it, so a job's stream always ends after its last chunk.
 A job on its last attempt (its worker died while generating it before) runs alone, once the decoding
 batch is empty and the outcomes before it are recorded (``Batcher.handover``): should the worker die
 again, it is the one charged.
+
+Threads and state
+  Task threads call ``submit``, ``run`` and ``handover``; the announcer calls ``healthy``; the worker's
+  shutdown calls ``drain``. What they share with the batcher thread is guarded by one lock, the
+  condition ``_cond``: the waiting jobs (``_pending``), the jobs held and not yet settled (``_held``,
+  by id: a second copy of a job is refused while the first is held), the jobs whose task records an
+  outcome (``_tracked``, ``_handovers``) and ``_stopping``. Everything else (the decoding batch, its
+  jobs by id ``_in_batch``, the budget, the statistics) belongs to the batcher thread alone.
 """
 
 from __future__ import annotations
@@ -181,13 +189,13 @@ class Batcher:
         self._arrivals = itertools.count()
         self._joins = itertools.count(1)
         self._batch: DecodeBatch | None = None  # made on the batcher thread, once the engine is there
-        self._in_batch: dict[str, _Pending] = {}  # the decoding batch's jobs, by id
+        self._in_batch: dict[str, _Pending] = {}  # the decoding batch's jobs, by id (batcher thread only)
         self._stats = DecodeStats()
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # guards what task threads share with the batcher thread (see the module's doc)
+        self._held: set[str] = set()  # jobs submitted whose outcome is not yet handed over
         self._progress_at = time.monotonic()  # when the batcher thread last went round its loop
         self._tracked = Holds()  # jobs whose task records their outcome inside Batcher.handover
         self._handovers: set[str] = set()  # of those, the ones settled whose outcome is not yet recorded
-        self._handover_lock = threading.Lock()
         self._stopping = False
         self._load: Callable[[], Engine] | None = None
         self._loaded = threading.Event()
@@ -226,8 +234,9 @@ class Batcher:
         with self._cond:
             if self._stopping:
                 raise BatcherStopped("the batcher is stopping")
-            if job.job_id in self._in_batch or any(p.job.job_id == job.job_id for p in self._pending):
+            if job.job_id in self._held:
                 raise DuplicateJob(job.job_id)
+            self._held.add(job.job_id)
             # A job on its last attempt runs alone: should its worker die again, it was the one running.
             pending = _Pending(job, key, time.monotonic(), priority, next(self._arrivals), exclusive=job.attempt >= self.max_attempts > 1)
             at = next((i for i, p in enumerate(self._pending) if p.active is None and (p.priority, p.order) > (priority, pending.order)),
@@ -244,15 +253,14 @@ class Batcher:
     def handover(self, job_id: str) -> Iterator[None]:
         """The block that runs the job and records its outcome: until it exits, a job on its last
         attempt does not start (a crash then would lose this outcome and charge this job)."""
-        with self._handover_lock:
+        with self._cond:
             self._tracked.add(job_id)
         try:
             yield
         finally:
-            with self._handover_lock:
+            with self._cond:
                 if self._tracked.release(job_id):
                     self._handovers.discard(job_id)
-            with self._cond:
                 self._cond.notify_all()
 
     def healthy(self, stall_s: float = STALL_S) -> bool:
@@ -260,7 +268,8 @@ class Batcher:
         without finishing a step (or a generate() call) for ``stall_s`` seconds (a wedged device)."""
         if not self._thread.is_alive():
             return False
-        busy = bool(self._pending) or self._decoding
+        with self._cond:
+            busy = bool(self._held)
         return not busy or time.monotonic() - self._progress_at < stall_s
 
     # --- the batcher thread ---
@@ -439,10 +448,16 @@ class Batcher:
     def _settle(self, chunks: list[StreamChunk], outcomes: list[tuple[_Pending, Generated | BaseException]]) -> None:
         """Publish a step's chunks, then hand these jobs their outcomes: through the publisher's queue,
         so that a job's record ends (its task thread writes the end event) after all its chunks."""
-        with self._handover_lock:
+        twice = [p for p, _ in outcomes if p.settled]
+        if twice:  # a bug: the first outcome stands
+            log.error("jobs settled twice (their first outcome stands): %s", ", ".join(p.job.job_id for p in twice))
+            outcomes = [(p, o) for p, o in outcomes if not p.settled]
+        for pending, _ in outcomes:
+            pending.settled = True
+            if self._in_batch.get(pending.job.job_id) is pending:
+                del self._in_batch[pending.job.job_id]
+        with self._cond:
             for pending, _ in outcomes:
-                pending.settled = True
-                self._in_batch.pop(pending.job.job_id, None)
                 if pending.job.job_id in self._tracked:
                     self._handovers.add(pending.job.job_id)
 
@@ -455,6 +470,8 @@ class Batcher:
                         pending.future.set_result(outcome)
                 except InvalidStateError:  # resolved meanwhile: the first outcome stands
                     pass
+            with self._cond:  # handed over: a later copy of the job may be submitted
+                self._held.difference_update(p.job.job_id for p, _ in outcomes)
 
         if self.publisher is None:
             resolve()
