@@ -1,7 +1,13 @@
 """A worker's announcement in Redis: what it serves (model, adapters, hardware profile, device, caps),
 renewed every few seconds so that it disappears soon after the worker does; and its process's
-liveness key, which says that the jobs the process holds are in hand (producer/store.py,
-START_SCRIPT), renewed only while ``healthy()`` says the process still works through them."""
+liveness key, which says that the jobs and messages the process holds are in hand (producer/store.py,
+START_SCRIPT; worker/held.py), renewed only while ``healthy()`` says the process still works through
+them.
+
+While Redis refuses writes for lack of memory, both are kept alive by ``EXPIRE`` (which Redis still
+serves), and on Redis 7 or later the announcement is rewritten by a script flagged ``allow-oom`` (a
+few hundred bytes in place of as many), so that it says since when writes are refused.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +20,31 @@ import redis
 
 from producer import keys
 from producer.workers import EXPIRES_S, HEARTBEAT_S, WorkerInfo
+from worker.redis_writes import RedisWrites
 
 log = logging.getLogger("belle.announce")
 
+# KEYS: announcement, liveness key. ARGV: announcement JSON, '1' when healthy, expiry (s).
+BEAT_WHILE_FULL_SCRIPT = """#!lua flags=allow-oom
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+if ARGV[2] == '1' then
+  redis.call('SET', KEYS[2], '1', 'EX', ARGV[3])
+end
+return 1
+"""
+
 
 class Announcer:
-    def __init__(self, client: redis.Redis, info: WorkerInfo, *, interval_s: float = HEARTBEAT_S, healthy: Callable[[], bool] = lambda: True):
+    def __init__(self, client: redis.Redis, info: WorkerInfo, *, interval_s: float = HEARTBEAT_S, healthy: Callable[[], bool] = lambda: True,
+                 writes: RedisWrites | None = None, held_ttl_s: int = 3600):
         self.redis = client
         self.info = info
         self.interval_s = interval_s
         self.healthy = healthy
+        self.writes = writes or RedisWrites()
+        self.held_ttl_s = held_ttl_s  # the held set outlives a dead process at most this long (then the visibility timeout takes over)
         self._stalled = False
+        self._full_script: Callable | None = client.register_script(BEAT_WHILE_FULL_SCRIPT)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="belle-announce", daemon=True)
 
@@ -46,16 +66,42 @@ class Announcer:
             self._beat()
 
     def _beat(self) -> None:
-        info = self.info.model_copy(update={"heartbeat_at": round(time.time(), 3)})
+        info = self.info.model_copy(update={"heartbeat_at": round(time.time(), 3), "redis_refusing_writes_since": self.writes.refusing_since})
+        healthy = self.healthy()
+        if not healthy and not self._stalled:
+            log.error("%s: the batcher has died or is stuck; its jobs are let go (other workers take them over as their messages return)", info.name)
+        self._stalled = not healthy
+        announcement, alive, held = keys.worker(info.name), keys.worker_alive(info.incarnation), keys.held(info.incarnation)
         try:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.set(keys.worker(info.name), info.model_dump_json(), ex=EXPIRES_S)
-            healthy = self.healthy()
+            pipe.set(announcement, info.model_dump_json(), ex=EXPIRES_S)
             if healthy:
-                pipe.set(keys.worker_alive(info.incarnation), 1, ex=EXPIRES_S)
-            elif not self._stalled:
-                log.error("%s: the batcher has died or is stuck; its jobs are let go (other workers take them over as their messages return)", info.name)
-            self._stalled = not healthy
-            pipe.execute()
+                pipe.set(alive, 1, ex=EXPIRES_S)
+                pipe.sadd(keys.HOLDERS, info.incarnation)
+                pipe.expire(held, self.held_ttl_s)
+            refusal = next((r for r in pipe.execute(raise_on_error=False) if isinstance(r, redis.RedisError)), None)
+            if refusal is None:
+                self.writes.accepted()
+            elif not self.writes.refused(refusal, "renewing the worker's announcement"):
+                raise refusal
+            else:
+                self._beat_while_full(info, healthy)
         except redis.RedisError as exc:
             log.warning("heartbeat of %s failed: %s", info.name, exc)
+
+    def _beat_while_full(self, info: WorkerInfo, healthy: bool) -> None:
+        announcement, alive = keys.worker(info.name), keys.worker_alive(info.incarnation)
+        info = info.model_copy(update={"redis_refusing_writes_since": self.writes.refusing_since})
+        if self._full_script is not None:
+            try:
+                self._full_script(keys=[announcement, alive], args=[info.model_dump_json(), "1" if healthy else "0", EXPIRES_S])
+                return
+            except redis.ResponseError as exc:
+                if "allow-oom" not in str(exc) and "unexpected symbol" not in str(exc):
+                    raise
+                self._full_script = None  # Redis before 7: no script flags; keep the keys alive as they are
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.expire(announcement, EXPIRES_S)
+        if healthy:
+            pipe.expire(alive, EXPIRES_S)
+        pipe.execute()

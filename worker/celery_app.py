@@ -6,12 +6,15 @@ import logging
 
 from celery import Celery, Task, signals
 from celery.worker.consumer import Consumer
+from vine import promise
 
 from producer import keys
 from producer.queueing import celery_config
 from producer.settings import Settings
 from worker.handler import JobHandler
-from worker.transport import TRANSPORT
+from worker.intake import named_job, task_problem
+from worker.redis_writes import RedisWrites
+from worker.transport import bound_transport
 
 
 class GenerateTask(Task):
@@ -32,37 +35,64 @@ log = logging.getLogger("belle.worker")
 
 
 class JobConsumer(Consumer):
-    """Celery's consumer, for messages the task never sees: one whose body cannot be read (a pickle,
-    bytes that are not UTF-8 JSON) is acknowledged unread, as Celery does, and if it names one of our
-    jobs that has no record, that job is failed (``invalid_request``); one for a task name we do not
-    serve is logged and rejected (never redelivered). Neither changes an existing record."""
+    """Celery's consumer, serving ``belle.generate`` only, and only messages as the producer writes them
+    (worker/intake.py). Any other message (a task of another name, Celery's built-ins included, a
+    body of the wrong shape, an ETA, callbacks, a content type other than JSON, anything Celery fails to
+    take as a task) is rejected unread and never redelivered; if it names one of our jobs, that job fails
+    ``invalid_request`` unless it has a record (an existing record is never changed by it)."""
 
     handler: JobHandler | None = None
 
+    def update_strategies(self):
+        super().update_strategies()
+        for name in [name for name in self.strategies if name != keys.TASK_GENERATE]:
+            del self.strategies[name]
+
+    def create_task_handler(self, promise=promise):
+        received = super().create_task_handler(promise)
+
+        def on_task_received(message):
+            problem = task_problem(message.headers, message.content_type, message.content_encoding, message.decode)
+            if problem is None:
+                try:
+                    return received(message)
+                except self.connection_errors:
+                    raise
+                except Exception as exc:
+                    problem = f"Celery could not take it as a task ({type(exc).__name__}: {str(exc)[:200]})"
+            self.refuse(message, problem)
+
+        return on_task_received
+
     def on_decode_error(self, message, exc):
-        super().on_decode_error(message, exc)
-        self._unreadable(message, f"the job's message could not be read ({type(exc).__name__}: {str(exc)[:200]}); messages must be JSON (UTF-8)")
+        self.refuse(message, f"its body could not be read ({type(exc).__name__}: {str(exc)[:200]}); messages must be JSON (UTF-8)")
 
     def on_invalid_task(self, body, message, exc):
-        super().on_invalid_task(body, message, exc)
-        self._unreadable(message, f"the job's message could not be read as a task ({type(exc).__name__}: {str(exc)[:200]}); messages must be JSON (UTF-8)")
+        self.refuse(message, f"it is not a valid task message ({type(exc).__name__}: {str(exc)[:200]})")
 
     def on_unknown_task(self, body, message, exc):
-        log.error("rejected a message for a task this worker does not serve: %.100r (id %.80r)", message.headers.get("task"), message.headers.get("id"))
+        self.refuse(message, "its task is not served here")
+
+    def on_unknown_message(self, body, message):
+        self.refuse(message, "it is not a task message")
+
+    def refuse(self, message, reason: str) -> None:
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        job_id = named_job(headers)
+        log.error("rejected a message (task %.100r, id %.80r): %s", headers.get("task"), headers.get("id"), reason)
+        if job_id is not None and self.handler is not None:
+            self.handler.unreadable(job_id, f"the job's message was refused: {reason}")
         message.reject_log_error(log, self.connection_errors)
-        signals.task_rejected.send(sender=self, message=message, exc=exc)
-
-    def _unreadable(self, message, reason: str) -> None:
-        headers = message.headers or {}
-        if self.handler is not None and headers.get("task") == keys.TASK_GENERATE and isinstance(headers.get("id"), str):
-            self.handler.unreadable(headers["id"], reason)
+        signals.task_rejected.send(sender=self, message=message, exc=None)
 
 
-def create_app(settings: Settings, handler: JobHandler) -> Celery:
+def create_app(settings: Settings, handler: JobHandler, *, writes: RedisWrites, incarnation: str | None = None) -> Celery:
     app = Celery("belle-worker", set_as_current=False)
     app.conf.update(celery_config(settings))
     app.conf.update(
-        broker_transport=TRANSPORT,
+        broker_transport=bound_transport(writes=writes, incarnation=incarnation, on_refused=handler.unreadable),
+        # No remote control: a broadcast on Redis (`celery control shutdown`, pool changes) must not be able to stop or change a worker.
+        worker_enable_remote_control=False,
         worker_pool="threads",
         worker_concurrency=settings.worker_concurrency,
         worker_prefetch_multiplier=settings.prefetch_multiplier,

@@ -1,18 +1,22 @@
 """What happens to one delivered message: check it, start the job's record, run it, finish the record.
 
-Anything can arrive on a queue. A message is acknowledged whatever it holds; one that names a job id
-ends that job in exactly one final state, and one that does not is logged and dropped. Nothing here
-raises back into Celery except on purpose.
+Anything can arrive on a queue (what is not a job message is refused before it gets here:
+worker/intake.py). A message is acknowledged once its job has a final record, or handed back to its
+queue (``Reject``); one that names a job id ends that job in exactly one final state, and one that does
+not is logged and dropped. While Redis refuses writes, the record's writes wait (worker/redis_writes.py);
+a Redis failure the handler cannot wait out (Redis gone, or the worker stopping while writes are
+refused) leaves the message unacknowledged, to be redelivered. Nothing here raises back into Celery
+except on purpose.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from typing import Any, NoReturn
 
+import redis
 from celery.exceptions import Reject
 
 from producer import keys
@@ -30,9 +34,6 @@ from worker.holds import Holds
 
 log = logging.getLogger("belle.worker")
 
-JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
 class JobHandler:
     def __init__(self, settings: Settings, store: JobStore, engine: Engine, batcher: Batcher, cancellations: CancelWatcher,
                  *, profile: HardwareProfile | None = None, holder: str | None = None):
@@ -49,13 +50,16 @@ class JobHandler:
 
     def handle(self, args: tuple, kwargs: dict[str, Any], *, worker: str, queue: str | None = None) -> None:
         job_id = kwargs.get("job_id") if isinstance(kwargs, dict) else None
-        if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+        if not isinstance(job_id, str) or not keys.ID.match(job_id):
             log.error("dropped a message without a valid job_id (args=%.200r, kwargs keys=%.200r)", args, list(kwargs) if isinstance(kwargs, dict) else kwargs)
             return
         # Registered before the record is started: see worker/cancellation.py.
         self.cancellations.register(job_id)
         try:
             self._handle(job_id, args, kwargs, worker, queue or keys.QUEUE_INTERACTIVE)
+        except redis.RedisError as exc:  # not acknowledged: its job has no final record
+            log.error("job %s: Redis failed (%s); its message stays unacknowledged and is delivered again", job_id, exc)
+            raise Reject("redis failed", requeue=True) from None
         finally:
             self.cancellations.unregister(job_id)
 
@@ -108,7 +112,7 @@ class JobHandler:
             self._running_here.add(job_id)
         try:
             self._run(job_id, args, kwargs, worker, start, raw, streaming, oversized, priority)
-        except Reject:
+        except (Reject, redis.RedisError):
             raise
         except Exception as exc:  # a bug here must not leave the job running with its message acknowledged
             log.exception("job %s: the worker failed while handling it", job_id)
@@ -164,9 +168,14 @@ class JobHandler:
 
     def unreadable(self, job_id: str, reason: str) -> None:
         """A message for ``job_id`` that could not be read at all: fail the job if it has no record."""
-        if not JOB_ID.match(job_id):
+        if not keys.ID.match(job_id):
             return
-        if self.store.fail_if_absent(job_id, JobError(code=ErrorCode.INVALID_REQUEST, message=reason, parameter="message")):
+        try:
+            written = self.store.fail_if_absent(job_id, JobError(code=ErrorCode.INVALID_REQUEST, message=reason, parameter="message"))
+        except redis.RedisError as exc:
+            log.error("job %s: its message was refused, and its record could not be written (%s)", job_id, exc)
+            return
+        if written:
             log.warning("job %s failed: %s", job_id, reason)
             self.metrics.jobs.labels("failed", ErrorCode.INVALID_REQUEST.value).inc()
         else:

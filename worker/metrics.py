@@ -24,6 +24,9 @@ class Metrics:
         self.decoding_jobs = Gauge("belle_decoding_jobs", "Jobs in the decoding batch", registry=r)
         self.waiting_jobs = Gauge("belle_waiting_jobs", "Jobs held by the worker, waiting for the batcher", registry=r)
         self.token_budget = Gauge("belle_token_budget", "The remembered token budget (lowered on OOM, grows back)", registry=r)
+        self.redis_refusing_writes = Gauge("belle_redis_refusing_writes", "1 while Redis refuses this worker's writes (out of memory), else 0", registry=r)
+        self.redis_refused_writes = Counter("belle_redis_refused_writes", "Writes Redis refused for lack of memory, by what the worker was doing",
+                                            ["doing"], registry=r)
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)

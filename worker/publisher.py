@@ -25,8 +25,9 @@ _STOP = object()
 
 
 class ChunkPublisher:
-    def __init__(self, client: redis.Redis, *, ttl_s: int):
+    def __init__(self, client: redis.Redis, *, ttl_s: int, writes=None):
         self.redis = client
+        self.writes = writes  # a RedisWrites: chunks refused for lack of memory are noted there
         self.ttl_s = ttl_s  # until the job ends; then the stream takes the record's result TTL
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="belle-publisher", daemon=True)
@@ -75,4 +76,5 @@ class ChunkPublisher:
         try:
             pipe.execute()
         except redis.RedisError as exc:
-            log.warning("could not publish %d chunks: %s", len(chunks), exc)
+            if self.writes is None or not self.writes.refused(exc, "publishing chunks"):
+                log.warning("could not publish %d chunks: %s", len(chunks), exc)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import time
 import uuid
 from importlib.metadata import PackageNotFoundError, version
+
+from redis import RedisError
 
 from producer.connection import WORKER_RETRIES, describe_error, redis_client
 from producer.settings import Settings
@@ -25,6 +29,10 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
     configure_logging(settings.log_level)
     if not settings.model:
         raise SystemExit("error: no model: pass --model or set BELLE_MODEL (a configs/models name, a YAML file or a checkpoint folder)")
+    # Until Celery installs its own handlers, a stop signal ends the process through the clean-up below
+    # (its announcement and liveness are withdrawn at once, not left to expire).
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, _stop_starting_worker)
     from celery.signals import worker_shutting_down
     from celery.utils.nodenames import host_format
 
@@ -38,6 +46,7 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
     from worker.metrics import Metrics
     from worker.model_config import load_model_config
     from worker.publisher import ChunkPublisher
+    from worker.redis_writes import PatientStore, RedisWrites
     from worker.sweeper import LostMessageSweeper
 
     config = load_model_config(settings.model, settings)
@@ -46,44 +55,64 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
         log.error(problem)
         return 4
     redis = redis_client(settings.redis_url, retries=WORKER_RETRIES)
-    store = JobStore(redis, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s)
-    cancellations = CancelWatcher(redis).start()
-    publisher = ChunkPublisher(redis, ttl_s=settings.pending_ttl_s).start()
     metrics = Metrics()
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
+    writes = RedisWrites(metrics)
+    records = JobStore(redis, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s)
+    store = PatientStore(records, writes)  # the handler's writes wait while Redis refuses them
     name = host_format(settings.worker_name or "belle@%h")  # %h: the host name, as Celery expands it
     incarnation = f"{name}/{os.getpid()}/{uuid.uuid4().hex[:8]}"  # this process: a restarted worker keeps its name, not this
-    batcher = Batcher(None, settings, publisher=publisher, cancellations=cancellations, metrics=metrics,
-                      generating=lambda job_ids: store.generating(job_ids, holder=incarnation))
-    # The model is loaded on the batcher's thread, the one that runs it (see Batcher.start).
-    batcher.start(load=lambda: Engine.load(config, settings.device, fault_memory_budget_tokens=settings.fault_memory_budget_tokens))
-    engine = batcher.engine
-    app = create_app(settings, JobHandler(settings, store, engine, batcher, cancellations, profile=profile, holder=incarnation))
-    # A warm shutdown (SIGTERM) finishes the jobs being decoded; the jobs not started go back to the queue.
-    worker_shutting_down.connect(lambda **_: batcher.drain(), weak=False)
-    announcer = Announcer(redis, WorkerInfo(
-        name=name, incarnation=incarnation, host=socket.gethostname(), pid=os.getpid(), version=package_version(), model=config.name, adapters=engine.adapters,
-        device=str(engine.device), profile=profile.name if profile else None, max_new_tokens=profile.max_new_tokens if profile else None,
-        num_beams=profile.num_beams if profile else None, queues=queues, batch_max_size=settings.batch_max_size,
-        concurrency=settings.worker_concurrency, started_at=round(time.time(), 3), heartbeat_at=round(time.time(), 3),
-    ), healthy=batcher.healthy).start()
-    sweeper = LostMessageSweeper(redis, worker=name, interval_s=settings.lost_message_sweep_s, resend_gap_s=settings.visibility_timeout_s).start()
-    log.info("worker %s serving %s on queues %s (profile %s); batches of ≤%d jobs, ≤%d tokens; %d jobs held at once; metrics %s",
-             name, config.name, ",".join(queues), profile.name if profile else "none", settings.batch_max_size, settings.batch_max_tokens,
-             settings.worker_concurrency, f"on port {settings.metrics_port}" if settings.metrics_port else "off")
-    try:
+    with contextlib.ExitStack() as running:  # stopped in the reverse order
+        cancellations = CancelWatcher(redis).start()
+        running.callback(cancellations.stop)
+        publisher = ChunkPublisher(redis, ttl_s=settings.pending_ttl_s, writes=writes).start()
+        running.callback(publisher.stop)
+
+        def count_attempts(job_ids: list[str]) -> None:  # best effort: generation goes on while Redis refuses writes
+            try:
+                records.generating(job_ids, holder=incarnation)
+            except RedisError as exc:
+                if not writes.refused(exc, "counting attempts"):
+                    raise
+
+        batcher = Batcher(None, settings, publisher=publisher, cancellations=cancellations, metrics=metrics, generating=count_attempts)
+        running.callback(batcher.stop)
+        # The model is loaded on the batcher's thread, the one that runs it (see Batcher.start).
+        batcher.start(load=lambda: Engine.load(config, settings.device, fault_memory_budget_tokens=settings.fault_memory_budget_tokens))
+        engine = batcher.engine
+        app = create_app(settings, JobHandler(settings, store, engine, batcher, cancellations, profile=profile, holder=incarnation),
+                         writes=writes, incarnation=incarnation)
+
+        def shutting_down(**_) -> None:  # a warm shutdown (SIGTERM): the jobs being decoded finish, the others go back to the queue
+            writes.stopping.set()
+            batcher.drain()
+
+        worker_shutting_down.connect(shutting_down, weak=False)
+        announcer = Announcer(redis, WorkerInfo(
+            name=name, incarnation=incarnation, host=socket.gethostname(), pid=os.getpid(), version=package_version(), model=config.name,
+            adapters=engine.adapters, device=str(engine.device), profile=profile.name if profile else None,
+            max_new_tokens=profile.max_new_tokens if profile else None, num_beams=profile.num_beams if profile else None, queues=queues,
+            batch_max_size=settings.batch_max_size, concurrency=settings.worker_concurrency, started_at=round(time.time(), 3),
+            heartbeat_at=round(time.time(), 3),
+        ), healthy=batcher.healthy, writes=writes, held_ttl_s=settings.visibility_timeout_s).start()
+        running.callback(announcer.stop)
+        sweeper = LostMessageSweeper(redis, worker=name, interval_s=settings.lost_message_sweep_s, resend_gap_s=settings.visibility_timeout_s,
+                                     writes=writes).start()
+        running.callback(sweeper.stop)
+        log.info("worker %s serving %s on queues %s (profile %s); batches of ≤%d jobs, ≤%d tokens; %d jobs held at once; metrics %s",
+                 name, config.name, ",".join(queues), profile.name if profile else "none", settings.batch_max_size, settings.batch_max_tokens,
+                 settings.worker_concurrency, f"on port {settings.metrics_port}" if settings.metrics_port else "off")
         app.worker_main([
             "worker", f"--hostname={name}", f"--queues={','.join(queues)}", f"--loglevel={settings.log_level}",
             "--without-gossip", "--without-mingle",
         ])
-    finally:
-        sweeper.stop()
-        announcer.stop()
-        batcher.stop()
-        publisher.stop()
-        cancellations.stop()
     return 0
+
+
+def _stop_starting_worker(number, frame) -> None:
+    log.warning("%s while starting: stopping", signal.Signals(number).name)
+    raise SystemExit(0)
 
 
 def redis_problem(url: str) -> str | None:

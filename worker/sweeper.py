@@ -1,4 +1,5 @@
-"""Finding jobs whose message was lost, and sending it again.
+"""Finding jobs whose message was lost, and sending it again; and sending back the messages of worker
+processes that died (worker/held.py), every couple of seconds.
 
 kombu's Redis transport takes a message off its queue (BRPOP) and only then records it as
 unacknowledged: a worker that dies between the two (killed, a crashing job, the machine lost) loses
@@ -30,7 +31,8 @@ import redis
 from producer import keys
 from producer.enqueue import task_message
 from producer.store import RESEND_SCRIPT
-from producer.workers import live_workers
+from producer.workers import HEARTBEAT_S, live_workers
+from worker.held import HeldMessages
 
 log = logging.getLogger("belle.sweeper")
 
@@ -38,11 +40,14 @@ LOOK_AT = 1_000  # waiting jobs looked at per queue per look
 
 
 class LostMessageSweeper:
-    def __init__(self, client: redis.Redis, *, worker: str, interval_s: float, resend_gap_s: float):
+    def __init__(self, client: redis.Redis, *, worker: str, interval_s: float, resend_gap_s: float, reclaim_s: float = HEARTBEAT_S, writes=None):
         self.redis = client
         self.worker = worker
         self.interval_s = interval_s
+        self.reclaim_s = min(reclaim_s, interval_s)
         self.resend_gap_s = max(resend_gap_s, 2 * interval_s)
+        self.writes = writes  # a RedisWrites: a look refused for lack of memory is noted there, not logged each time
+        self.held = HeldMessages(client)
         self._resend = client.register_script(RESEND_SCRIPT)
         self._suspects: dict[str, float] = {}  # job id → when first found lost
         self._stopping = threading.Event()
@@ -57,12 +62,21 @@ class LostMessageSweeper:
         self._thread.join(5)
 
     def _run(self) -> None:
-        while not self._stopping.wait(self.interval_s):
-            try:
-                if self.redis.set(keys.SWEEP_LOCK, self.worker, nx=True, px=int(self.interval_s * 900)):
-                    self.sweep()
-            except redis.RedisError as exc:
-                log.warning("looking for lost messages failed: %s", exc)
+        next_sweep = time.monotonic() + self.interval_s
+        while not self._stopping.wait(self.reclaim_s):
+            self._once(keys.RECLAIM_LOCK, self.reclaim_s, self.held.reclaim_dead, "looking for messages of dead workers")
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + self.interval_s
+                self._once(keys.SWEEP_LOCK, self.interval_s, self.sweep, "looking for lost messages")
+
+    def _once(self, lock: str, interval_s: float, look, what: str) -> None:
+        """``look()``, unless another worker did within this interval (one looks at a time)."""
+        try:
+            if self.redis.set(lock, self.worker, nx=True, px=int(interval_s * 900)):
+                look()
+        except redis.RedisError as exc:
+            if self.writes is None or not self.writes.refused(exc, what):
+                log.warning("%s failed: %s", what, exc)
 
     def queues(self) -> list[str]:
         """The queues to look at: ours, and any a live worker consumes."""

@@ -1,39 +1,124 @@
-"""kombu's Redis transport, hardened for two failures that stop a stock worker for good
-("Unrecoverable error"):
+"""kombu's Redis transport, hardened for what stops a stock worker for good ("Unrecoverable error") or
+loses track of the messages it holds:
 
-- an entry on a queue that is not a valid message envelope is logged and dropped instead of
-  stopping the consumer (stock kombu decodes the popped entry outside any guard, so one stray
-  `LPUSH` of non-JSON ends the worker). The entry was already popped: no redelivery loop;
+- an entry on a queue that is not a message envelope (worker/intake.py, ``envelope_problem``) is
+  dropped before it is recorded as unacknowledged, so it never comes back; if it names one of our
+  jobs, that job fails (``on_refused``) unless it has a record;
+- while Redis refuses writes for lack of memory (worker/redis_writes.py), recording a message taken
+  off a queue waits and is tried again, so the consumer takes nothing more; a message sent back to its
+  queue that Redis refuses stays unacknowledged (redelivered later) instead of stopping the consumer;
+- every message this process holds is also in its held set (``keys.held(incarnation)``), so that once
+  the process is dead (its liveness key gone) another worker sends them back to their queues within
+  seconds (worker/sweeper.py) instead of after the visibility timeout;
 - a channel closed after its connection is gone (Redis restarted or unreachable) raises a
   connection error, which Celery ignores before it reconnects, instead of an AttributeError (kombu
   reads ``self.connection.client.hostname`` of a connection already closed: kombu issue #582). The
-  channel's unacknowledged messages stay in Redis and are redelivered after the visibility timeout.
+  channel's unacknowledged messages stay in Redis and are redelivered.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from collections.abc import Callable
 
 import redis
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+
+from producer import keys
+from producer.connection import is_out_of_memory
+from worker.intake import envelope_problem, named_job
+from worker.redis_writes import RedisWrites
 
 log = logging.getLogger("belle.transport")
 
-TRANSPORT = "worker.transport:Transport"
+
+class NotAnEnvelope(ValueError):
+    def __init__(self, reason: str, raw=None):
+        self.raw = raw
+        super().__init__(reason)
+
+
+class HeldBack(Exception):
+    """A message taken off its queue that could not be recorded as in hand (Redis refused writes until
+    the worker stopped): its job is found by the lost-message sweep and sent again."""
 
 
 # What a queue entry that is not a message envelope raises while it is decoded (JSON, UTF-8 and
-# base64 errors are ValueErrors). Redis's own errors (out of memory, ...) are none of these: they go
-# on up, as in stock kombu, and no further entry is taken off the queue meanwhile.
+# base64 errors are ValueErrors). Redis's own errors are none of these: they go on up, as in stock
+# kombu, and no further entry is taken off the queue meanwhile.
 _NOT_AN_ENVELOPE = (ValueError, TypeError, KeyError, AttributeError)
 
 
+class CheckedMessage(virtual.Message):
+    """A kombu message made only from a well-formed envelope."""
+
+    def __init__(self, payload, channel=None, **kwargs):
+        if (problem := envelope_problem(payload)) is not None:
+            raise NotAnEnvelope(problem, payload)
+        try:
+            super().__init__(payload, channel=channel, **kwargs)
+        except _NOT_AN_ENVELOPE as exc:
+            raise NotAnEnvelope(f"its body could not be decoded ({type(exc).__name__}: {str(exc)[:200]})", payload) from None
+
+
+class QoS(kombu_redis.QoS):
+    def append(self, message, delivery_tag):
+        channel = self.channel
+        delivery = message.delivery_info
+
+        def record() -> None:
+            with self.pipe_or_acquire() as pipe:
+                pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+                pipe.hset(self.unacked_key, delivery_tag, json.dumps([message._raw, delivery["exchange"], delivery["routing_key"]]))
+                if channel.held_key:
+                    pipe.sadd(channel.held_key, delivery_tag)
+                pipe.execute()
+
+        try:
+            channel.writes.patiently(record, "recording a message taken off a queue")
+        except redis.RedisError as exc:
+            if is_out_of_memory(exc):
+                raise HeldBack(str(exc)) from exc
+            raise
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def _remove_from_indices(self, delivery_tag, pipe=None):
+        pipe = super()._remove_from_indices(delivery_tag, pipe)
+        return pipe.srem(self.channel.held_key, delivery_tag) if self.channel.held_key else pipe
+
+    def restore_by_tag(self, tag, client=None, leftmost=False):
+        try:
+            super().restore_by_tag(tag, client, leftmost)
+        except redis.RedisError as exc:
+            if not self.channel.writes.refused(exc, "sending a message back to its queue"):
+                raise
+            log.warning("message %s stays unacknowledged: Redis refused to put it back on its queue (out of memory); it is redelivered later", tag)
+
+    def restore_visible(self, *args, **kwargs):
+        try:
+            return super().restore_visible(*args, **kwargs)
+        except redis.RedisError as exc:
+            if not self.channel.writes.refused(exc, "redelivering messages past their visibility timeout"):
+                raise
+            return None
+
+
 class Channel(kombu_redis.Channel):
+    QoS = QoS
+    Message = CheckedMessage
+    # Bound per worker process (``bound_transport``).
+    writes: RedisWrites = RedisWrites()
+    held_key: str | None = None
+    on_refused: Callable[[str, str], None] | None = None
+
     def _brpop_read(self, **options):
         try:
             return super()._brpop_read(**options)
-        except _NOT_AN_ENVELOPE as exc:
-            log.error("dropped an entry that is not a valid message envelope (%s: %.200s)", type(exc).__name__, exc)
+        except (*_NOT_AN_ENVELOPE, HeldBack) as exc:
+            self._dropped(exc)
             return True
 
     def _get(self, queue):
@@ -41,8 +126,19 @@ class Channel(kombu_redis.Channel):
             try:
                 return super()._get(queue)
             except _NOT_AN_ENVELOPE as exc:
-                log.error("dropped an entry of %s that is not a valid message envelope (%s: %.200s)", queue, type(exc).__name__, exc)
+                self._dropped(exc)
 
+    def _dropped(self, exc: BaseException) -> None:
+        if isinstance(exc, HeldBack):
+            log.error("a message taken off a queue could not be recorded (Redis refused writes until the worker stopped); "
+                      "the lost-message sweep sends its job again")
+            return
+        raw = getattr(exc, "raw", None)
+        job_id = named_job(raw.get("headers")) if isinstance(raw, dict) else None
+        log.error("dropped an entry that is not a valid message envelope%s (%s: %.200s)", f" (job {job_id})" if job_id else "",
+                  type(exc).__name__, exc)
+        if job_id and self.on_refused is not None:
+            self.on_refused(job_id, f"the job's message is not a valid message envelope ({str(exc)[:200]})")
 
     def _connparams(self, asynchronous=False):
         if self.connection is None or getattr(self.connection, "client", None) is None:
@@ -52,3 +148,11 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+def bound_transport(*, writes: RedisWrites, incarnation: str | None, on_refused: Callable[[str, str], None] | None) -> type[Transport]:
+    """The transport class for one worker process: its Redis write state, its held set, and what to do
+    with a refused message that names a job."""
+    channel = type("BoundChannel", (Channel,), {"writes": writes, "held_key": keys.held(incarnation) if incarnation else None,
+                                                "on_refused": staticmethod(on_refused) if on_refused else None})
+    return type("BoundTransport", (Transport,), {"Channel": channel})
