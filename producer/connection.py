@@ -62,6 +62,19 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, redis.exceptions.OutOfMemoryError) or (isinstance(exc, redis.ResponseError) and "OOM command not allowed" in str(exc))
 
 
+# Replies that say Redis cannot serve now, not that the command is wrong: what a worker waits out.
+_TRANSIENT_REPLIES = ("LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "NOREPLICAS", "CLUSTERDOWN")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a Redis error may go away by itself (connection lost, timeout, out of memory, loading,
+    a busy script, a replica), as opposed to a command Redis will always refuse (a key of another
+    type, a script error on data that is not ours)."""
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError | redis.exceptions.ReadOnlyError) or is_out_of_memory(exc):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).split(" ", 1)[0].upper() in _TRANSIENT_REPLIES
+
+
 F = TypeVar("F", bound=Callable)
 
 

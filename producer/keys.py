@@ -68,11 +68,10 @@ def worker_alive(incarnation: str) -> str:
     return f"{PREFIX}:alive:{incarnation}"
 
 
-def held(incarnation: str) -> str:
-    """Set of the delivery tags of the messages a worker process holds (recorded with kombu's own
-    record of them), so that they go back to their queues soon after the process dies."""
-    return f"{PREFIX}:held:{incarnation}"
-
+# Hash: the delivery tag of each message a worker process holds → that process (its incarnation), recorded
+# with kombu's own record of the message in hand, so that a dead process's messages go back to their
+# queues soon after it dies (worker/held.py).
+HOLDER_OF = f"{PREFIX}:holder-of"
 
 # Set of the worker processes (incarnations) that may hold messages: where dead ones are looked for.
 HOLDERS = f"{PREFIX}:holders"

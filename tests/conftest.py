@@ -3,6 +3,7 @@ and real worker processes."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -24,6 +25,14 @@ def redis_server():
     # Tests that need a quiet queue use a database of their own.
     with EmbeddedRedis(args=["--databases", "64"]) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def new_database(redis_server):
+    """``new_database()``: the URL of a database of the shared server that no other test uses (from 32 up;
+    older tests number theirs by hand below 32)."""
+    numbers = itertools.count(32)
+    return lambda: redis_server.url.rsplit("/", 1)[0] + f"/{next(numbers)}"
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +72,7 @@ class WorkerProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         self.lines: list[str] = []
+        self._terminated = False
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -87,9 +97,15 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def terminate(self) -> None:
+        """Ask it to stop (a warm shutdown), without waiting."""
+        if self.process.poll() is None and not self._terminated:
+            self.process.send_signal(signal.SIGTERM)
+            self._terminated = True
+
     def stop(self, timeout: float = 60) -> int:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -110,6 +126,8 @@ def start_worker(redis_server):
         return worker.wait_ready()
 
     yield start
+    for worker in started:  # all at once: each shutdown takes a few seconds
+        worker.terminate()
     for worker in started:
         worker.stop()
 

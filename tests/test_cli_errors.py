@@ -227,8 +227,14 @@ def run_in_process(argv: list[str]) -> tuple[int, str]:
     return code, (out_bytes.getvalue() + err_bytes.getvalue()).decode("utf-8", "replace")
 
 
-def test_fuzz_every_client_command(redis_server, tmp_path):
-    url = redis_server.url.rsplit("/", 1)[0] + "/30"  # a database no worker serves: jobs stay queued
+@pytest.fixture(scope="module")
+def quiet_url(new_database) -> str:
+    """A database no worker serves: jobs submitted there stay queued."""
+    return new_database()
+
+
+def test_fuzz_every_client_command(quiet_url, tmp_path):
+    url = quiet_url
     with JobClient(Settings(redis_url=url)) as client:
         queued = new_job_id()
         client.store.create(queued, canonical_json({"prompt": "never runs"}))
@@ -251,9 +257,9 @@ def test_fuzz_every_client_command(redis_server, tmp_path):
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.binary(min_size=0, max_size=12).filter(lambda b: b"\x00" not in b), min_size=1, max_size=4),
        st.sampled_from(["submit", "status", "result", "cancel", "batch"]))
-def test_fuzz_raw_argument_bytes_through_a_real_process(redis_server, args, command):
+def test_fuzz_raw_argument_bytes_through_a_real_process(quiet_url, args, command):
     """As a shell passes them: bytes, decoded by Python itself, printed through the real streams."""
-    done = subprocess.run([sys.executable, "-c", NO_GPU_STACK, "--redis-url", redis_server.url.rsplit("/", 1)[0] + "/30", command, *args,
+    done = subprocess.run([sys.executable, "-c", NO_GPU_STACK, "--redis-url", quiet_url, command, *args,
                            *(["--wait", "0"] if command == "result" else [])], capture_output=True, timeout=60)
     stderr = done.stderr.decode("utf-8", "replace")
     assert done.returncode in EXIT_CODES, (args, done.returncode, stderr)

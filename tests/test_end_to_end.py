@@ -172,7 +172,7 @@ def test_malformed_messages_on_the_queue_fail_their_jobs_and_the_worker_keeps_se
         assert record.attempts == 0, "never generated"
     (after,) = run_all(live_client, [{"prompt": "still serving?", "num_beams": 1, "max_new_tokens": 4}])
     assert after.state is JobState.SUCCEEDED
-    assert "dropped a message without a valid job_id" in worker.log
+    assert "its kwargs' job_id differs from its id header" in worker.log
 
 
 def test_the_async_client_does_the_same(redis_server, worker):

@@ -146,7 +146,10 @@ def test_a_poison_job_fails_as_worker_lost_after_its_attempts_and_the_others_flo
             record = client.get(poison)
             assert record.state is JobState.FAILED and record.error.code is ErrorCode.WORKER_LOST and record.attempts == 2
             assert "BELLE_MAX_ATTEMPTS" in record.error.message
-            ends = [client.wait(job_id, 120) for job_id in others]
+            wait_for(lambda: all(client.get(j).is_final for j in others), 120, lambda: "the healthy jobs ended: " + repr(
+                [client.redis.hgetall(keys.job(j)) | {"request": "…"} for j in others if not client.get(j).is_final][:2])
+                + f"; unacked {client.redis.hgetall(keys.UNACKED)}; logs:\n" + "\n".join(f"--- {w.name}\n{w.log[-6000:]}" for w in workers))
+            ends = [client.get(job_id) for job_id in others]
             assert all(r.state is JobState.SUCCEEDED for r in ends), [(r.state, r.attempts, r.error) for r in ends if r.state is not JobState.SUCCEEDED]
             assert crashes == 2 and workers[-1].alive(), "two deliveries killed a worker, the third was refused"
         finally:
@@ -271,17 +274,17 @@ def test_soak_5000_small_jobs_through_one_worker_counts_match_and_memory_stays_f
     print(f"soak: 5000 jobs; worker RSS {after_warm_up:.1f} MB after warm-up, {after_soak:.1f} MB after")
 
 
-def test_a_dead_workers_messages_go_back_to_the_queue_within_seconds_not_the_visibility_timeout(redis_server, start_worker, bloom_config):
+def test_a_dead_workers_messages_go_back_to_the_queue_within_seconds_not_the_visibility_timeout(new_database, start_worker, bloom_config):
     """Default visibility timeout (an hour): the jobs a SIGKILLed worker held run again on another
     worker once its liveness key is gone (6 s), each once."""
-    url = database(redis_server, 22)
+    url = new_database()
     ends = EndEvents(url)
     try:
         with JobClient(Settings(redis_url=url)) as client:
             # One job decoding at a time: each worker holds its messages for a while.
             doomed = start_worker(bloom_config, name="holder@tests", redis_url=url, env={"BELLE_BATCH_MAX_SIZE": "1"})
             survivor = start_worker(bloom_config, name="taker@tests", redis_url=url, env={"BELLE_BATCH_MAX_SIZE": "1"})
-            ids = [client.submit({"prompt": f"question {i}", **LONG}) for i in range(128)]
+            ids = [client.submit({"prompt": f"question {i}", **LONG}) for i in range(64)]
             wait_for(lambda: client.redis.llen(keys.QUEUE_INTERACTIVE) == 0, 60, "the workers took every message")
             holder = next(w.incarnation for w in client.workers() if w.name == "holder@tests")
             doomed.process.send_signal(signal.SIGKILL)

@@ -36,13 +36,12 @@ return 1
 
 class Announcer:
     def __init__(self, client: redis.Redis, info: WorkerInfo, *, interval_s: float = HEARTBEAT_S, healthy: Callable[[], bool] = lambda: True,
-                 writes: RedisWrites | None = None, held_ttl_s: int = 3600):
+                 writes: RedisWrites | None = None):
         self.redis = client
         self.info = info
         self.interval_s = interval_s
         self.healthy = healthy
         self.writes = writes or RedisWrites()
-        self.held_ttl_s = held_ttl_s  # the held set outlives a dead process at most this long (then the visibility timeout takes over)
         self._stalled = False
         self._full_script: Callable | None = client.register_script(BEAT_WHILE_FULL_SCRIPT)
         self._stopping = threading.Event()
@@ -71,14 +70,13 @@ class Announcer:
         if not healthy and not self._stalled:
             log.error("%s: the batcher has died or is stuck; its jobs are let go (other workers take them over as their messages return)", info.name)
         self._stalled = not healthy
-        announcement, alive, held = keys.worker(info.name), keys.worker_alive(info.incarnation), keys.held(info.incarnation)
+        announcement, alive = keys.worker(info.name), keys.worker_alive(info.incarnation)
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.set(announcement, info.model_dump_json(), ex=EXPIRES_S)
             if healthy:
                 pipe.set(alive, 1, ex=EXPIRES_S)
                 pipe.sadd(keys.HOLDERS, info.incarnation)
-                pipe.expire(held, self.held_ttl_s)
             refusal = next((r for r in pipe.execute(raise_on_error=False) if isinstance(r, redis.RedisError)), None)
             if refusal is None:
                 self.writes.accepted()

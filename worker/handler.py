@@ -20,6 +20,7 @@ import redis
 from celery.exceptions import Reject
 
 from producer import keys
+from producer.connection import is_transient
 from producer.errors import ErrorCode, InvalidRequestError
 from producer.records import JobError
 from producer.schemas import parse_request
@@ -33,6 +34,7 @@ from worker.hardware import HardwareProfile
 from worker.holds import Holds
 
 log = logging.getLogger("belle.worker")
+
 
 class JobHandler:
     def __init__(self, settings: Settings, store: JobStore, engine: Engine, batcher: Batcher, cancellations: CancelWatcher,
@@ -57,9 +59,17 @@ class JobHandler:
         self.cancellations.register(job_id)
         try:
             self._handle(job_id, args, kwargs, worker, queue or keys.QUEUE_INTERACTIVE)
-        except redis.RedisError as exc:  # not acknowledged: its job has no final record
-            log.error("job %s: Redis failed (%s); its message stays unacknowledged and is delivered again", job_id, exc)
-            raise Reject("redis failed", requeue=True) from None
+        except redis.RedisError as exc:
+            if is_transient(exc):  # not acknowledged: its job has no final record
+                log.error("job %s: Redis failed (%s); its message stays unacknowledged and is delivered again", job_id, exc)
+                raise Reject("redis failed", requeue=True) from None
+            # Not something to wait out: what is under the job's key is not a record of ours (another type, fields that are not
+            # ours). Delivering the message again would loop for ever: it is acknowledged, and the job failed if that can be written.
+            log.error("job %s: Redis refused to handle its record (%s); its message is dropped: check the key %s", job_id, exc, keys.job(job_id))
+            try:
+                self.store.fail(job_id, JobError(code=ErrorCode.GENERATION_ERROR, message=f"Redis refused an operation on the job's record: {exc}"[:2000]))
+            except redis.RedisError as again:
+                log.error("job %s: its record cannot be failed either (%s)", job_id, again)
         finally:
             self.cancellations.unregister(job_id)
 

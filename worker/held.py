@@ -2,20 +2,23 @@
 
 kombu records a message in hand in its ``unacked`` hash and sends it back to its queue only after the
 visibility timeout (an hour by default), whoever held it: a job whose worker died would wait that
-long. So every worker process also records the messages it holds in its own held set
-(``keys.held(incarnation)``, worker/transport.py) and lists itself in ``keys.HOLDERS``. A process is
-dead once its liveness key (``keys.worker_alive``, renewed every 2 s by its announcer, gone 6 s after
-its last renewal) is gone; ``reclaim_dead`` then sends each of its messages back to the head of its
-queue, in one script per message that checks again that the holder is dead and that the message is
-still in its set, and takes it out of both: so a message goes back once, by one worker, and never
-while its holder lives. What follows is what follows any redelivery (producer/store.py,
-START_SCRIPT): the job runs again, its attempts counted as before.
+long. So a worker process also records, with kombu's record and in the same transaction, that it is
+the message's holder (``keys.HOLDER_OF``: delivery tag → process, worker/transport.py), and lists
+itself in ``keys.HOLDERS``. A process is dead once its liveness key (``keys.worker_alive``, renewed
+every 2 s by its announcer, gone 6 s after its last renewal) is gone; ``reclaim_dead`` then sends each
+message still recorded as its own back to the head of its queue, in one script per message that
+checks again that the holder is dead and still the message's holder, and takes the message out of
+both records: so a message goes back once, by one worker, and never while its holder lives (a
+message that kombu already sent back and another process took is that process's now). What follows
+is what follows any redelivery (producer/store.py, START_SCRIPT): the job runs again, its attempts
+counted as before.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import defaultdict
 
 import redis
 
@@ -23,35 +26,28 @@ from producer import keys
 
 log = logging.getLogger("belle.held")
 
-# kombu's Redis transport's record of the messages workers hold: by delivery tag, and by time taken.
+# kombu's Redis transport's index of the messages workers hold, by the time they were taken.
 UNACKED_INDEX = "unacked_index"
+SCAN_COUNT = 1_000
 
-# KEYS: held set, unacked hash, unacked index, queue. ARGV: delivery tag, the holder's liveness key,
-# the unacked entry as read, the message to put back. Returns 'alive', 'gone' (another sweeper sent it
-# back, or it was acknowledged), 'changed' (the entry is no longer that message) or 'sent'.
+# KEYS: holder-of hash, unacked hash, unacked index, queue. ARGV: delivery tag, the dead holder, its
+# liveness key, the unacked entry as read, the message to put back. Returns 'alive', 'gone' (no longer
+# that holder's: acknowledged, or sent back by another sweeper or by kombu) or 'sent'.
 RECLAIM_SCRIPT = """
-if redis.call('EXISTS', ARGV[2]) == 1 then
+if redis.call('EXISTS', ARGV[3]) == 1 then
   return 'alive'
 end
-if redis.call('SREM', KEYS[1], ARGV[1]) == 0 then
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
   return 'gone'
 end
-if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[3] then
-  return 'changed'
+redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[4] then
+  return 'gone'
 end
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('RPUSH', KEYS[4], ARGV[4])
+redis.call('RPUSH', KEYS[4], ARGV[5])
 return 'sent'
-"""
-
-# KEYS: held set, holders. ARGV: incarnation, its liveness key. A dead holder holding nothing more is forgotten.
-FORGET_SCRIPT = """
-if redis.call('EXISTS', ARGV[2]) == 0 and redis.call('SCARD', KEYS[1]) == 0 then
-  redis.call('SREM', KEYS[2], ARGV[1])
-  return 1
-end
-return 0
 """
 
 
@@ -59,35 +55,42 @@ class HeldMessages:
     def __init__(self, client: redis.Redis):
         self.redis = client
         self._reclaim = client.register_script(RECLAIM_SCRIPT)
-        self._forget = client.register_script(FORGET_SCRIPT)
 
-    def reclaim_dead(self) -> dict[str, int]:
-        """Send back the messages of every dead holder; returns how many per holder."""
+    def dead_holders(self) -> list[str]:
         holders = sorted(self.redis.smembers(keys.HOLDERS))
         if not holders:
-            return {}
+            return []
         pipe = self.redis.pipeline(transaction=False)
         for incarnation in holders:
             pipe.exists(keys.worker_alive(incarnation))
-        sent = {}
-        for incarnation, alive in zip(holders, pipe.execute(), strict=True):
-            if not alive:
-                sent[incarnation] = self._reclaim_holder(incarnation)
+        return [incarnation for incarnation, alive in zip(holders, pipe.execute(), strict=True) if not alive]
+
+    def reclaim_dead(self) -> dict[str, int]:
+        """Send back the messages of every dead holder; returns how many per holder (those that had any)."""
+        dead = set(self.dead_holders())
+        if not dead:
+            return {}
+        tags: dict[str, list[str]] = defaultdict(list)
+        for tag, holder in self.redis.hscan_iter(keys.HOLDER_OF, count=SCAN_COUNT):
+            if holder in dead:
+                tags[holder].append(tag)
+        sent = {incarnation: self._reclaim_holder(incarnation, tags[incarnation]) for incarnation in dead}
+        # A dead holder that holds nothing more is forgotten (a process that comes back has a new incarnation).
+        self.redis.srem(keys.HOLDERS, *dead)
         return {incarnation: n for incarnation, n in sent.items() if n}
 
-    def _reclaim_holder(self, incarnation: str) -> int:
-        held, alive = keys.held(incarnation), keys.worker_alive(incarnation)
-        tags = sorted(self.redis.smembers(held))
-        entries = self.redis.hmget(keys.UNACKED, tags) if tags else []
+    def _reclaim_holder(self, incarnation: str, tags: list[str]) -> int:
+        if not tags:
+            return 0
+        alive = keys.worker_alive(incarnation)
+        entries = self.redis.hmget(keys.UNACKED, tags)
         pipe = self.redis.pipeline(transaction=False)
         for tag, entry in zip(tags, entries, strict=True):
             message, queue = _returned(entry)
             if message is None:  # acknowledged meanwhile, or not a message this can put back: the visibility timeout will
-                pipe.srem(held, tag)
                 continue
-            self._reclaim(keys=[held, keys.UNACKED, UNACKED_INDEX, queue], args=[tag, alive, entry, message], client=pipe)
+            self._reclaim(keys=[keys.HOLDER_OF, keys.UNACKED, UNACKED_INDEX, queue], args=[tag, incarnation, alive, entry, message], client=pipe)
         sent = sum(outcome == "sent" for outcome in pipe.execute())
-        self._forget(keys=[held, keys.HOLDERS], args=[incarnation, alive])
         if sent:
             log.warning("worker process %s is dead: %d messages it held went back to their queues", incarnation, sent)
         return sent

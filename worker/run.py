@@ -47,7 +47,7 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
     from worker.model_config import load_model_config
     from worker.publisher import ChunkPublisher
     from worker.redis_writes import PatientStore, RedisWrites
-    from worker.sweeper import LostMessageSweeper
+    from worker.sweeper import Sweeper
 
     config = load_model_config(settings.model, settings)
     profile = load_profile(settings.hardware_profile, settings) if settings.hardware_profile else None
@@ -95,9 +95,9 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
             max_new_tokens=profile.max_new_tokens if profile else None, num_beams=profile.num_beams if profile else None, queues=queues,
             batch_max_size=settings.batch_max_size, concurrency=settings.worker_concurrency, started_at=round(time.time(), 3),
             heartbeat_at=round(time.time(), 3),
-        ), healthy=batcher.healthy, writes=writes, held_ttl_s=settings.visibility_timeout_s).start()
+        ), healthy=batcher.healthy, writes=writes).start()
         running.callback(announcer.stop)
-        sweeper = LostMessageSweeper(redis, worker=name, interval_s=settings.lost_message_sweep_s, resend_gap_s=settings.visibility_timeout_s,
+        sweeper = Sweeper(redis, worker=name, interval_s=settings.lost_message_sweep_s, resend_gap_s=settings.visibility_timeout_s,
                                      writes=writes).start()
         running.callback(sweeper.stop)
         log.info("worker %s serving %s on queues %s (profile %s); batches of ≤%d jobs, ≤%d tokens; %d jobs held at once; metrics %s",

@@ -39,7 +39,7 @@ log = logging.getLogger("belle.sweeper")
 LOOK_AT = 1_000  # waiting jobs looked at per queue per look
 
 
-class LostMessageSweeper:
+class Sweeper:
     def __init__(self, client: redis.Redis, *, worker: str, interval_s: float, resend_gap_s: float, reclaim_s: float = HEARTBEAT_S, writes=None):
         self.redis = client
         self.worker = worker
@@ -53,7 +53,7 @@ class LostMessageSweeper:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="belle-sweeper", daemon=True)
 
-    def start(self) -> LostMessageSweeper:
+    def start(self) -> Sweeper:
         self._thread.start()
         return self
 

@@ -7,9 +7,9 @@ loses track of the messages it holds:
 - while Redis refuses writes for lack of memory (worker/redis_writes.py), recording a message taken
   off a queue waits and is tried again, so the consumer takes nothing more; a message sent back to its
   queue that Redis refuses stays unacknowledged (redelivered later) instead of stopping the consumer;
-- every message this process holds is also in its held set (``keys.held(incarnation)``), so that once
-  the process is dead (its liveness key gone) another worker sends them back to their queues within
-  seconds (worker/sweeper.py) instead of after the visibility timeout;
+- every message this process holds is recorded as held by it (``keys.HOLDER_OF``), so that once the
+  process is dead (its liveness key gone) another worker sends them back to their queues within
+  seconds (worker/held.py) instead of after the visibility timeout;
 - a channel closed after its connection is gone (Redis restarted or unreachable) raises a
   connection error, which Celery ignores before it reconnects, instead of an AttributeError (kombu
   reads ``self.connection.client.hostname`` of a connection already closed: kombu issue #582). The
@@ -73,8 +73,8 @@ class QoS(kombu_redis.QoS):
             with self.pipe_or_acquire() as pipe:
                 pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
                 pipe.hset(self.unacked_key, delivery_tag, json.dumps([message._raw, delivery["exchange"], delivery["routing_key"]]))
-                if channel.held_key:
-                    pipe.sadd(channel.held_key, delivery_tag)
+                if channel.incarnation:
+                    pipe.hset(keys.HOLDER_OF, delivery_tag, channel.incarnation)
                 pipe.execute()
 
         try:
@@ -87,7 +87,7 @@ class QoS(kombu_redis.QoS):
 
     def _remove_from_indices(self, delivery_tag, pipe=None):
         pipe = super()._remove_from_indices(delivery_tag, pipe)
-        return pipe.srem(self.channel.held_key, delivery_tag) if self.channel.held_key else pipe
+        return pipe.hdel(keys.HOLDER_OF, delivery_tag) if self.channel.incarnation else pipe
 
     def restore_by_tag(self, tag, client=None, leftmost=False):
         try:
@@ -111,7 +111,7 @@ class Channel(kombu_redis.Channel):
     Message = CheckedMessage
     # Bound per worker process (``bound_transport``).
     writes: RedisWrites = RedisWrites()
-    held_key: str | None = None
+    incarnation: str | None = None
     on_refused: Callable[[str, str], None] | None = None
 
     def _brpop_read(self, **options):
@@ -151,8 +151,8 @@ class Transport(kombu_redis.Transport):
 
 
 def bound_transport(*, writes: RedisWrites, incarnation: str | None, on_refused: Callable[[str, str], None] | None) -> type[Transport]:
-    """The transport class for one worker process: its Redis write state, its held set, and what to do
+    """The transport class for one worker process: its Redis write state, its incarnation, and what to do
     with a refused message that names a job."""
-    channel = type("BoundChannel", (Channel,), {"writes": writes, "held_key": keys.held(incarnation) if incarnation else None,
+    channel = type("BoundChannel", (Channel,), {"writes": writes, "incarnation": incarnation,
                                                 "on_refused": staticmethod(on_refused) if on_refused else None})
     return type("BoundTransport", (Transport,), {"Channel": channel})
