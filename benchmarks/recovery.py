@@ -76,7 +76,7 @@ def one_run(client: JobClient, jobs: int, run: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--jobs", type=int, default=300, help="jobs per run (both children must fill up: 2 × 128)")
+    parser.add_argument("--jobs", type=int, default=256, help="jobs per run: both children fill up (2 × 128), none left waiting in the queue")
     args = parser.parse_args()
     model = benchmark_model()
     print(f"machine: {machine()}\nmodel: {model}; {args.jobs} jobs per run ({REQUEST}); default settings (visibility timeout 3600 s)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -63,7 +64,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 # Replies that say Redis cannot serve now, not that the command is wrong: what a worker waits out.
-_TRANSIENT_REPLIES = ("LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "NOREPLICAS", "CLUSTERDOWN")
+# (Redis 6 wraps a script's error reply: "Error running script ...: -MISCONF ...".)
+_TRANSIENT_REPLY = re.compile(r"(?:^|-)(?:LOADING|BUSY|READONLY|MASTERDOWN|TRYAGAIN|NOREPLICAS|CLUSTERDOWN|MISCONF)\b")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -72,7 +74,16 @@ def is_transient(exc: BaseException) -> bool:
     type, a script error on data that is not ours)."""
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError | redis.exceptions.ReadOnlyError) or is_out_of_memory(exc):
         return True
-    return isinstance(exc, redis.ResponseError) and str(exc).split(" ", 1)[0].upper() in _TRANSIENT_REPLIES
+    return isinstance(exc, redis.ResponseError) and _TRANSIENT_REPLY.search(str(exc)) is not None
+
+
+def refused_for_good(exc: BaseException) -> bool:
+    """Whether Redis will refuse the same command every time: a key of another type, or one of our
+    scripts failing on data that is not ours (a field that is not a number, ...)."""
+    if is_transient(exc) or not isinstance(exc, redis.ResponseError):
+        return False
+    text = str(exc)
+    return "WRONGTYPE" in text or "user_script" in text
 
 
 F = TypeVar("F", bound=Callable)
@@ -138,6 +149,10 @@ def describe_error(exc: redis.RedisError, url: str) -> str:
                 "rediss:// only for Redis's TLS port")
     if "wrong version number" in text or "record layer" in text:
         return f"redis at {where}: TLS and plain connection do not match ({text}); use rediss:// for a TLS port, redis:// otherwise"
+    if "NOPERM" in text:
+        return f"redis at {where}: the user in the URL may not run this command ({text}); grant it (ACL SETUSER) or use another user"
+    if isinstance(exc, redis.ResponseError):
+        return f"redis at {where} refused a command: {text}"
     return f"cannot reach redis at {where} ({text}); start one (`belle-queue redis`) or set --redis-url / BELLE_REDIS_URL"
 
 

@@ -5,6 +5,7 @@ announcement and metrics, and resumes by itself once memory frees up, every acce
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -118,13 +119,46 @@ def test_a_worker_keeps_what_it_holds_while_redis_is_full_and_resumes_by_itself(
             client.redis.config_set("maxmemory", 0)  # memory freed
             records = [client.wait(job_id, 300) for job_id in accepted]
             assert all(r.state is JobState.SUCCEEDED for r in records), {(r.state, r.error.message if r.error else None) for r in records if r.state is not JobState.SUCCEEDED}
-            wait_for(lambda: not client.redis.hlen(keys.UNACKED) and not client.redis.llen(keys.QUEUE_INTERACTIVE), 60, "every message acknowledged")
+            wait_for(lambda: not client.redis.hlen(keys.UNACKED) and not client.redis.llen(keys.QUEUE_INTERACTIVE), 60,
+                     lambda: f"every message acknowledged (unacked {client.redis.hlen(keys.UNACKED)}); log:\n"
+                     + "".join(line for line in worker.lines if " INFO " not in line)[-6000:])
             wait_for(lambda: metric("belle_redis_refusing_writes") == 0.0, 30, "the metrics say Redis takes writes again")
             wait_for(lambda: client.workers() and not client.workers()[0].redis_refusing_writes_since, 30, "the announcement says so too")
             assert worker.alive()
             assert "redis refuses writes" in worker.log and "Traceback" not in worker.log
+            worker.stop()  # before its Redis goes away with this test
         wait_for(lambda: all(ends.ends[j] for j in accepted), 30, "every job's end was published")
     finally:
         ends.close()
     assert {j: ends.ends[j] for j in accepted} == dict.fromkeys(accepted, 1), "exactly one final record per job"
     print(f"{len(accepted)} jobs accepted, all succeeded once; {waiting} waited in the queue while Redis was full")
+
+
+def test_a_worker_stopped_while_redis_is_full_leaves_every_job_to_the_next_one(small_redis, start_worker, bloom_config):
+    """SIGTERM while its writes wait: what it holds stays unacknowledged (the message it had just taken
+    goes back to its queue), it exits, and once memory is freed the next worker sends its messages back
+    (it is dead) and runs them: every accepted job ends once. Default visibility timeout (an hour)."""
+    ends = EndEvents(small_redis.url)
+    try:
+        with JobClient(Settings(redis_url=small_redis.url)) as client:
+            first = start_worker(bloom_config, name="stopped@tests", redis_url=small_redis.url)
+            limit_memory(client, 1_500_000)
+            accepted = fill(client)
+            for _ in range(3):  # keep it full for a few more tries while the worker frees what it can
+                with contextlib.suppress(RedisFullError):
+                    accepted.append(client.submit(REQUEST))
+            wait_for(lambda: "redis refuses writes" in first.log, 60, "the worker met the refusal")
+            assert first.stop(timeout=120) == 0, first.log[-3000:]
+            assert "Traceback" not in first.log, first.log[first.log.index("Traceback") - 2000:][:5000]
+            client.redis.config_set("maxmemory", 0)
+            second = start_worker(bloom_config, name="next@tests", redis_url=small_redis.url)
+            records = [client.wait(job_id, 300) for job_id in accepted]
+            assert all(r.state is JobState.SUCCEEDED for r in records), {(r.state, r.error.message if r.error else None) for r in records
+                                                                         if r.state is not JobState.SUCCEEDED}
+            wait_for(lambda: not client.redis.hlen(keys.UNACKED), 60, "every message acknowledged")
+            assert second.alive()
+            second.stop()  # before its Redis goes away with this test
+        wait_for(lambda: all(ends.ends[j] for j in accepted), 30, "every job's end was published")
+    finally:
+        ends.close()
+    assert {j: ends.ends[j] for j in accepted} == dict.fromkeys(accepted, 1), "exactly one final record per job"

@@ -326,6 +326,7 @@ class Batcher:
         turned away at shutdown), a generate() call, jobs to join, or a decoding step. None once
         stopped."""
         while True:
+            self._progress_at = time.monotonic()  # waiting here (for jobs, their due time, or outcomes to be recorded) is not a stall
             if self._stopping:
                 turned_away = [p for p in self._pending if p.active is None]
                 if turned_away:

@@ -43,11 +43,6 @@ class JobConsumer(Consumer):
 
     handler: JobHandler | None = None
 
-    def update_strategies(self):
-        super().update_strategies()
-        for name in [name for name in self.strategies if name != keys.TASK_GENERATE]:
-            del self.strategies[name]
-
     def create_task_handler(self, promise=promise):
         received = super().create_task_handler(promise)
 
@@ -70,11 +65,16 @@ class JobConsumer(Consumer):
     def on_invalid_task(self, body, message, exc):
         self.refuse(message, f"it is not a valid task message ({type(exc).__name__}: {str(exc)[:200]})")
 
-    def on_unknown_task(self, body, message, exc):
-        self.refuse(message, "its task is not served here")
-
-    def on_unknown_message(self, body, message):
-        self.refuse(message, "it is not a task message")
+    def call_soon_ack(self, p, *args, **kwargs):
+        """Acknowledge (or reject) on the task's own thread, at once, rather than through the consumer's
+        event loop, which waits while Redis refuses to record a message taken off a queue: the jobs
+        that end meanwhile free their messages as soon as their records are final. (kombu's Redis
+        transport acknowledges from any thread: its own pipeline, and a set of tags done.)"""
+        try:
+            p(*args, **kwargs)
+        except Exception:
+            log.exception("acknowledging a message failed")
+        return p
 
     def refuse(self, message, reason: str) -> None:
         headers = message.headers if isinstance(message.headers, dict) else {}
@@ -89,6 +89,8 @@ class JobConsumer(Consumer):
 def create_app(settings: Settings, handler: JobHandler, *, writes: RedisWrites, incarnation: str | None = None) -> Celery:
     app = Celery("belle-worker", set_as_current=False)
     app.conf.update(celery_config(settings))
+    # Task threads acknowledge their own messages (JobConsumer.call_soon_ack): a connection each at most.
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, "max_connections": settings.worker_concurrency + 16}
     app.conf.update(
         broker_transport=bound_transport(writes=writes, incarnation=incarnation, on_refused=handler.unreadable),
         # No remote control: a broadcast on Redis (`celery control shutdown`, pool changes) must not be able to stop or change a worker.

@@ -20,7 +20,7 @@ import redis
 from celery.exceptions import Reject
 
 from producer import keys
-from producer.connection import is_transient
+from producer.connection import is_transient, refused_for_good
 from producer.errors import ErrorCode, InvalidRequestError
 from producer.records import JobError
 from producer.schemas import parse_request
@@ -51,20 +51,20 @@ class JobHandler:
         self._running_lock = threading.Lock()
 
     def handle(self, args: tuple, kwargs: dict[str, Any], *, worker: str, queue: str | None = None) -> None:
-        job_id = kwargs.get("job_id") if isinstance(kwargs, dict) else None
-        if not isinstance(job_id, str) or not keys.ID.match(job_id):
-            log.error("dropped a message without a valid job_id (args=%.200r, kwargs keys=%.200r)", args, list(kwargs) if isinstance(kwargs, dict) else kwargs)
-            return
+        job_id = kwargs["job_id"]  # a well-formed id, the message's own (worker/intake.py)
         # Registered before the record is started: see worker/cancellation.py.
         self.cancellations.register(job_id)
         try:
             self._handle(job_id, args, kwargs, worker, queue or keys.QUEUE_INTERACTIVE)
         except redis.RedisError as exc:
-            if is_transient(exc):  # not acknowledged: its job has no final record
+            if not refused_for_good(exc):  # not acknowledged: its job has no final record
                 log.error("job %s: Redis failed (%s); its message stays unacknowledged and is delivered again", job_id, exc)
+                if not is_transient(exc):
+                    time.sleep(1.0)  # an error not known to pass: its message comes back, not at once
                 raise Reject("redis failed", requeue=True) from None
-            # Not something to wait out: what is under the job's key is not a record of ours (another type, fields that are not
-            # ours). Delivering the message again would loop for ever: it is acknowledged, and the job failed if that can be written.
+            # What is under the job's key is not a record of ours (a key of another type, fields that are not ours): Redis will
+            # refuse it every time, and delivering the message again would loop for ever. It is acknowledged, and the job failed
+            # if that can be written.
             log.error("job %s: Redis refused to handle its record (%s); its message is dropped: check the key %s", job_id, exc, keys.job(job_id))
             try:
                 self.store.fail(job_id, JobError(code=ErrorCode.GENERATION_ERROR, message=f"Redis refused an operation on the job's record: {exc}"[:2000]))
@@ -177,9 +177,7 @@ class JobHandler:
                 self.metrics.jobs.labels("succeeded", "").inc()
 
     def unreadable(self, job_id: str, reason: str) -> None:
-        """A message for ``job_id`` that could not be read at all: fail the job if it has no record."""
-        if not keys.ID.match(job_id):
-            return
+        """A refused message naming ``job_id`` (well-formed: worker/intake.py, ``named_job``): fail the job if it has no record."""
         try:
             written = self.store.fail_if_absent(job_id, JobError(code=ErrorCode.INVALID_REQUEST, message=reason, parameter="message"))
         except redis.RedisError as exc:

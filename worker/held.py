@@ -5,8 +5,10 @@ visibility timeout (an hour by default), whoever held it: a job whose worker die
 long. So a worker process also records, with kombu's record and in the same transaction, that it is
 the message's holder (``keys.HOLDER_OF``: delivery tag → process, worker/transport.py), and lists
 itself in ``keys.HOLDERS``. A process is dead once its liveness key (``keys.worker_alive``, renewed
-every 2 s by its announcer, gone 6 s after its last renewal) is gone; ``reclaim_dead`` then sends each
-message still recorded as its own back to the head of its queue, in one script per message that
+every 2 s by its announcer, gone 6 s after its last renewal) is gone, and still gone a look at least
+3 s later, with Redis up for longer than a liveness key lives (after a Redis restart every key has
+lapsed, live workers' too, until their next beat); ``reclaim_dead`` then sends each message still
+recorded as its own back to the head of its queue, in one script per message that
 checks again that the holder is dead and still the message's holder, and takes the message out of
 both records: so a message goes back once, by one worker, and never while its holder lives (a
 message that kombu already sent back and another process took is that process's now). What follows
@@ -18,17 +20,20 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
+import time
+from collections import Counter, defaultdict
 
 import redis
 
 from producer import keys
+from producer.workers import EXPIRES_S, HEARTBEAT_S
 
 log = logging.getLogger("belle.held")
 
 # kombu's Redis transport's index of the messages workers hold, by the time they were taken.
 UNACKED_INDEX = "unacked_index"
 SCAN_COUNT = 1_000
+CONFIRM_AFTER_S = 1.5 * HEARTBEAT_S  # a live worker renews its key within this of any look
 
 # KEYS: holder-of hash, unacked hash, unacked index, queue. ARGV: delivery tag, the dead holder, its
 # liveness key, the unacked entry as read, the message to put back. Returns 'alive', 'gone' (no longer
@@ -52,18 +57,25 @@ return 'sent'
 
 
 class HeldMessages:
-    def __init__(self, client: redis.Redis):
+    def __init__(self, client: redis.Redis, *, confirm_after_s: float = CONFIRM_AFTER_S):
         self.redis = client
+        self.confirm_after_s = confirm_after_s
         self._reclaim = client.register_script(RECLAIM_SCRIPT)
+        self._suspects: dict[str, float] = {}  # holder → when its liveness key was first seen gone (monotonic)
 
     def dead_holders(self) -> list[str]:
+        """Holders whose liveness key is gone, and was gone at a look ``confirm_after_s`` before."""
         holders = sorted(self.redis.smembers(keys.HOLDERS))
-        if not holders:
-            return []
         pipe = self.redis.pipeline(transaction=False)
         for incarnation in holders:
             pipe.exists(keys.worker_alive(incarnation))
-        return [incarnation for incarnation, alive in zip(holders, pipe.execute(), strict=True) if not alive]
+        now = time.monotonic()
+        self._suspects = {incarnation: self._suspects.get(incarnation, now)
+                          for incarnation, alive in zip(holders, pipe.execute() if holders else [], strict=True) if not alive}
+        dead = [incarnation for incarnation, since in self._suspects.items() if now - since >= self.confirm_after_s]
+        if dead and int(self.redis.info("server")["uptime_in_seconds"]) <= EXPIRES_S:
+            return []  # Redis has just (re)started: every liveness key lapsed meanwhile, and live workers have yet to renew theirs
+        return dead
 
     def reclaim_dead(self) -> dict[str, int]:
         """Send back the messages of every dead holder; returns how many per holder (those that had any)."""
@@ -74,26 +86,33 @@ class HeldMessages:
         for tag, holder in self.redis.hscan_iter(keys.HOLDER_OF, count=SCAN_COUNT):
             if holder in dead:
                 tags[holder].append(tag)
-        sent = {incarnation: self._reclaim_holder(incarnation, tags[incarnation]) for incarnation in dead}
+        outcomes = {incarnation: self._reclaim_holder(incarnation, tags[incarnation]) for incarnation in dead}
         # A dead holder that holds nothing more is forgotten (a process that comes back has a new incarnation).
-        self.redis.srem(keys.HOLDERS, *dead)
-        return {incarnation: n for incarnation, n in sent.items() if n}
+        done = [incarnation for incarnation in dead if outcomes[incarnation].total() == outcomes[incarnation]["sent"] + outcomes[incarnation]["gone"]]
+        if done:
+            self.redis.srem(keys.HOLDERS, *done)
+        return {incarnation: counts["sent"] for incarnation, counts in outcomes.items() if counts["sent"]}
 
-    def _reclaim_holder(self, incarnation: str, tags: list[str]) -> int:
+    def _reclaim_holder(self, incarnation: str, tags: list[str]) -> Counter:
+        """How many of its messages went back ('sent'), were no longer its own ('gone'), or were left
+        (its holder is alive after all, or kombu puts them back: anything else)."""
         if not tags:
-            return 0
+            return Counter()
         alive = keys.worker_alive(incarnation)
         entries = self.redis.hmget(keys.UNACKED, tags)
         pipe = self.redis.pipeline(transaction=False)
         for tag, entry in zip(tags, entries, strict=True):
             message, queue = _returned(entry)
-            if message is None:  # acknowledged meanwhile, or not a message this can put back: the visibility timeout will
+            if entry is not None and message is None:  # not a message this can put back: kombu's visibility timeout will
+                pipe.echo("left")
                 continue
-            self._reclaim(keys=[keys.HOLDER_OF, keys.UNACKED, UNACKED_INDEX, queue], args=[tag, incarnation, alive, entry, message], client=pipe)
-        sent = sum(outcome == "sent" for outcome in pipe.execute())
-        if sent:
-            log.warning("worker process %s is dead: %d messages it held went back to their queues", incarnation, sent)
-        return sent
+            # (An entry acknowledged meanwhile: the script only clears the holder's record of it, if still there.)
+            self._reclaim(keys=[keys.HOLDER_OF, keys.UNACKED, UNACKED_INDEX, queue or keys.QUEUE_INTERACTIVE],
+                          args=[tag, incarnation, alive, entry or "", message or ""], client=pipe)
+        outcomes = Counter(pipe.execute())
+        if outcomes["sent"]:
+            log.warning("worker process %s is dead: %d messages it held went back to their queues", incarnation, outcomes["sent"])
+        return outcomes
 
 
 def _returned(entry: str | None) -> tuple[str | None, str]:

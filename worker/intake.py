@@ -67,7 +67,7 @@ def named_job(headers: Any) -> str | None:
 
 def task_problem(headers: Any, content_type: Any, content_encoding: Any, decode) -> str | None:
     """Why a message is not a ``belle.generate`` task message as the producer writes it, or None.
-    ``decode()`` returns its body decoded (Celery caches it: the task reads the same object)."""
+    ``decode()`` returns its body decoded (JSON only: the content type is checked first)."""
     if not isinstance(headers, Mapping):
         return "it has no task headers (only Celery task protocol 2 is served)"
     task = headers.get("task")

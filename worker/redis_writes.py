@@ -82,15 +82,20 @@ class RedisWrites:
             log.warning("redis takes writes again (it refused them from %.1f s ago until %.0f s ago); this worker resumes",
                         time.time() - since, SETTLED_AFTER_S)
 
-    def patiently(self, write: Callable[[], T], what: str) -> T:
+    def patiently(self, write: Callable[[], T], what: str, *, until_stopping: bool = True) -> T:
         """Run ``write``; while Redis refuses it for lack of memory, wait and try again (backing off up to
-        MAX_RETRY_S). Raises the refusal only once the worker is stopping; other errors at once."""
+        MAX_RETRY_S). Raises the refusal once the worker is stopping (unless not ``until_stopping``);
+        other errors at once."""
         delay = FIRST_RETRY_S
         while True:
             try:
                 result = write()
             except redis.RedisError as exc:
-                if not self.refused(exc, what) or self.stopping.wait(delay):
+                if not self.refused(exc, what):
+                    raise
+                if not until_stopping:
+                    time.sleep(delay)
+                elif self.stopping.wait(delay):
                     raise
                 delay = min(MAX_RETRY_S, delay * 2)
                 continue

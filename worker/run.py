@@ -23,6 +23,16 @@ log = logging.getLogger("belle.worker")
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("celery.app.trace").addFilter(_reject_without_traceback)
+
+
+def _reject_without_traceback(record: logging.LogRecord) -> bool:
+    """Celery logs a message handed back to its queue (``Reject``: a second copy, a worker stopping) with
+    the exception's traceback; the line says it all."""
+    if record.exc_info and record.exc_info[0] is not None and record.exc_info[0].__name__ == "Reject":
+        record.exc_info = None
+        record.exc_text = None
+    return True
 
 
 def run_worker(settings: Settings, *, queues: list[str]) -> int:

@@ -1,8 +1,9 @@
 """`belle-queue worker --gpus 0,1 | all` and `--device cpu --processes N`: one worker process per GPU
 (pinned with CUDA_VISIBLE_DEVICES, node name per GPU) or per CPU process, supervised.
 
-- A child that exits while the supervisor runs is restarted after a back-off that doubles from 1 s up
-  to 60 s, and goes back to 1 s once a child has run for a minute. (Its unacknowledged jobs are
+- A child that exits while the supervisor runs is restarted at once the first time (its jobs wait for
+  a worker meanwhile), then after a back-off that doubles from 1 s up to 60 s, and goes back to "at
+  once" once a child has run for a minute. (Its unacknowledged jobs are
   redelivered by Redis after the visibility timeout, to whichever worker takes them.)
 - SIGTERM (or SIGINT) is forwarded to every child, which shuts down warm: the jobs being decoded
   finish, the others go back to the queue. A second signal is forwarded too (Celery's cold
@@ -35,7 +36,7 @@ class Child:
     env: dict[str, str]
     process: subprocess.Popen | None = None
     started_at: float = 0.0
-    backoff_s: float = BACKOFF_FIRST_S
+    backoff_s: float = 0.0  # before its next restart
     start_at: float = 0.0  # when to (re)start it
 
 
@@ -81,15 +82,15 @@ class Supervisor:
             code = child.process.poll()
             if code is None:
                 if now - child.started_at >= STABLE_AFTER_S:
-                    child.backoff_s = BACKOFF_FIRST_S
+                    child.backoff_s = 0.0
                 return
             child.process = None
             if stopping:
                 log.info("%s exited (code %s)", child.name, code)
                 return
             child.start_at = now + child.backoff_s
-            log.warning("%s exited (code %s); restarting it in %.0f s", child.name, code, child.backoff_s)
-            child.backoff_s = min(BACKOFF_MAX_S, child.backoff_s * 2)
+            log.warning("%s exited (code %s); restarting it %s", child.name, code, f"in {child.backoff_s:.0f} s" if child.backoff_s else "now")
+            child.backoff_s = min(BACKOFF_MAX_S, max(BACKOFF_FIRST_S, child.backoff_s * 2))
             return
         if not stopping and now >= child.start_at:
             child.process = subprocess.Popen(child.command, env=child.env)

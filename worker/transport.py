@@ -41,9 +41,17 @@ class NotAnEnvelope(ValueError):
         super().__init__(reason)
 
 
-class HeldBack(Exception):
+class PutBack(Exception):
     """A message taken off its queue that could not be recorded as in hand (Redis refused writes until
-    the worker stopped): its job is found by the lost-message sweep and sent again."""
+    the worker stopped) went back to the head of its queue."""
+
+
+# KEYS: the queue. ARGV: the message. Allowed while Redis is out of memory (Redis 7): it takes back what
+# taking the message off the queue freed.
+PUT_BACK_SCRIPT = """#!lua flags=allow-oom
+redis.call('RPUSH', KEYS[1], ARGV[1])
+return 1
+"""
 
 
 # What a queue entry that is not a message envelope raises while it is decoded (JSON, UTF-8 and
@@ -75,15 +83,38 @@ class QoS(kombu_redis.QoS):
                 pipe.hset(self.unacked_key, delivery_tag, json.dumps([message._raw, delivery["exchange"], delivery["routing_key"]]))
                 if channel.incarnation:
                     pipe.hset(keys.HOLDER_OF, delivery_tag, channel.incarnation)
+                    pipe.sadd(keys.HOLDERS, channel.incarnation)
                 pipe.execute()
 
+        what = "recording a message taken off a queue"
         try:
-            channel.writes.patiently(record, "recording a message taken off a queue")
+            channel.writes.patiently(record, what)
         except redis.RedisError as exc:
-            if is_out_of_memory(exc):
-                raise HeldBack(str(exc)) from exc
-            raise
+            if not is_out_of_memory(exc):
+                raise
+            # The worker stops while Redis refuses writes: the message goes back where it was taken from, or
+            # (Redis before 7) the worker waits until it can be recorded, as it would have been.
+            if channel.put_back(message):
+                raise PutBack() from exc
+            channel.writes.patiently(record, what, until_stopping=False)
         virtual.QoS.append(self, message, delivery_tag)
+
+    def ack(self, delivery_tag):
+        self._forget(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag, requeue=False):
+        if requeue:
+            super().reject(delivery_tag, requeue=True)
+        else:
+            self._forget(delivery_tag)
+            virtual.QoS.ack(self, delivery_tag)
+
+    def _forget(self, delivery_tag) -> None:
+        """Delete the record of a message in hand: deletions only, so no transaction (Redis out of memory
+        refuses every command queued in a MULTI, deletions included, but serves them alone)."""
+        with self.channel.conn_or_acquire() as client:
+            self._remove_from_indices(delivery_tag, client.pipeline(transaction=False)).execute()
 
     def _remove_from_indices(self, delivery_tag, pipe=None):
         pipe = super()._remove_from_indices(delivery_tag, pipe)
@@ -117,9 +148,25 @@ class Channel(kombu_redis.Channel):
     def _brpop_read(self, **options):
         try:
             return super()._brpop_read(**options)
-        except (*_NOT_AN_ENVELOPE, HeldBack) as exc:
+        except PutBack:
+            log.warning("the worker stops while Redis refuses writes: a message it had just taken went back to the head of its queue")
+            return True
+        except _NOT_AN_ENVELOPE as exc:
             self._dropped(exc)
             return True
+
+    def put_back(self, message) -> bool:
+        """Push a message taken off its queue back to the head of it, even while Redis is out of memory;
+        False where Redis cannot (before 7: no script flags)."""
+        delivery = message.delivery_info
+        queue = self._q_for_pri(delivery["routing_key"], message.properties.get("priority") or 0)
+        try:
+            with self.conn_or_acquire() as client:
+                client.eval(PUT_BACK_SCRIPT, 1, queue, json.dumps(message._raw))
+        except redis.ResponseError as exc:
+            log.error("could not put a message back on %s (%s)", queue, exc)
+            return False
+        return True
 
     def _get(self, queue):
         while True:
@@ -129,10 +176,6 @@ class Channel(kombu_redis.Channel):
                 self._dropped(exc)
 
     def _dropped(self, exc: BaseException) -> None:
-        if isinstance(exc, HeldBack):
-            log.error("a message taken off a queue could not be recorded (Redis refused writes until the worker stopped); "
-                      "the lost-message sweep sends its job again")
-            return
         raw = getattr(exc, "raw", None)
         job_id = named_job(raw.get("headers")) if isinstance(raw, dict) else None
         log.error("dropped an entry that is not a valid message envelope%s (%s: %.200s)", f" (job {job_id})" if job_id else "",
