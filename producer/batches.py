@@ -33,6 +33,7 @@ from producer import keys
 from producer.connection import describe_error
 from producer.enqueue import ENQUEUE_SCRIPT, Enqueue, derived_job_id
 from producer.errors import BelleError, InvalidRequestError
+from producer.jsontext import parse_json
 from producer.progress import Progress
 from producer.records import JobError, JobResult, JobState
 from producer.schemas import parse_request
@@ -360,7 +361,7 @@ class Batches:
         try:
             if isinstance(raw, str):
                 try:
-                    raw = json.loads(raw)
+                    raw = parse_json(raw)
                 except ValueError as exc:
                     raise InvalidRequestError.single("line", None, f"not JSON: {exc}") from None
             if isinstance(raw, Mapping) and isinstance(raw.get("custom_id"), str):

@@ -49,7 +49,7 @@ def parse_set(pairs: list[str]) -> dict:
             out[key] = json.loads(value)
         except ValueError:
             out[key] = value  # a bare string
-        except RecursionError:
+        except RecursionError:  # (JSON, but deeper than anything can read)
             raise InvalidRequestError.single(f"--set {_shown(key)}", None, f"--set {_shown(key)}: the value nests too deeply to read") from None
     return out
 
@@ -57,6 +57,7 @@ def parse_set(pairs: list[str]) -> dict:
 def read_json_file(path: str, option: str):
     """The JSON value in the file named by ``option``; InvalidRequestError naming the option and what is wrong."""
     from producer.errors import InvalidRequestError
+    from producer.jsontext import parse_json
 
     def refuse(problem: str):
         return InvalidRequestError.single(option, _shown(path), f"{option} {_shown(path)!r}: {problem}")
@@ -73,11 +74,9 @@ def read_json_file(path: str, option: str):
     if not text.strip():
         raise refuse("it is empty; it must hold JSON") from None
     try:
-        return json.loads(text)
+        return parse_json(text)
     except ValueError as exc:
         raise refuse(f"it is not JSON ({exc})") from None
-    except RecursionError:
-        raise refuse("its JSON nests too deeply to read") from None
 
 
 def _shown(text: str) -> str:

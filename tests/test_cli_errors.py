@@ -56,7 +56,7 @@ def test_the_python_clients_refuse_non_finite_numbers():
     (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "it is not UTF-8 text"),
     (b"", "it is empty"),
     (b"  \n\t ", "it is empty"),
-    (b"[" * 100_000 + b"]" * 100_000, "nests too deeply"),
+    (b"[" * 100_000 + b"]" * 100_000, "it nests too deeply to read"),
     (b'{"role": "user"}', "messages must be a list"),
 ])
 def test_a_messages_file_that_is_not_a_json_list_is_refused_in_one_line(redis_server, tmp_path, content, fragment):
@@ -264,3 +264,9 @@ def test_fuzz_raw_argument_bytes_through_a_real_process(quiet_url, args, command
     stderr = done.stderr.decode("utf-8", "replace")
     assert done.returncode in EXIT_CODES, (args, done.returncode, stderr)
     assert "Traceback" not in stderr and "this is a bug" not in stderr, (args, stderr)
+
+
+def test_a_batch_line_nested_too_deeply_is_a_refused_line(redis_server, tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text(json.dumps({"prompt": "fine", "num_beams": 1}) + "\n" + "[" * 20_000 + "]" * 20_000 + "\n")
+    one_line_error(cli(redis_server.url, "batch", "submit", str(path)), 2, "line 2: not JSON: it nests too deeply to read")
