@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from producer import keys
+from producer.batches import BatchResultLine, BatchStatus, BatchSubmission
 from producer.client import RequestLike, prepare
 from producer.connection import async_redis_client, typed_redis_errors
 from producer.errors import JobNotFoundError, JobTimeoutError
@@ -32,12 +35,13 @@ class AsyncJobClient:
         return cls(Settings(redis_url=url, **overrides))
 
     @typed_redis_errors
-    async def submit(self, request: RequestLike, *, queue: str = keys.QUEUE_INTERACTIVE, check_workers: bool = False) -> str:
+    async def submit(self, request: RequestLike, *, queue: str = keys.QUEUE_INTERACTIVE, check_workers: bool = False,
+                     record_fields: Mapping[str, str] | None = None) -> str:
         """As ``JobClient.submit``."""
         validated = prepare(request, self.settings)
         if check_workers:
             check_against_workers(validated, await self.workers())
-        item = enqueue_item(validated, queue)
+        item = enqueue_item(validated, queue, tuple((record_fields or {}).items()))
         check_outcome(await self._enqueue(**item.call(now(), self.settings.pending_ttl_s)), item)
         return item.job_id
 
@@ -74,22 +78,55 @@ class AsyncJobClient:
     @typed_redis_errors
     async def stream(self, job_id: str, timeout: float) -> AsyncIterator[StreamEvent]:
         """As ``JobClient.stream``."""
+        async for _, event in self.events(job_id, timeout):
+            yield event
+
+    @typed_redis_errors
+    async def events(self, job_id: str, timeout: float, *, after: str | None = None) -> AsyncIterator[tuple[str, StreamEvent]]:
+        """As ``stream``, each event with its id (its entry in the job's stream; ``r-<seq>``/``r-end`` for
+        the events made from the record of a job that did not stream); with ``after``, only the events
+        after that id (SSE's Last-Event-ID)."""
         deadline = time.monotonic() + timeout
         await self.get(job_id)
-        follower = StreamFollower(job_id)
+        follower = StreamFollower(job_id, after=after)
         while not follower.done:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise JobTimeoutError(job_id, timeout, (await self.get(job_id)).state.value)
-            events = follower.take(await self.redis.xread(follower.streams(), count=READ_COUNT, block=max(1, int(min(remaining, 1.0) * 1000))))
+            events = follower.take_with_ids(await self.redis.xread(follower.streams(), count=READ_COUNT, block=max(1, int(min(remaining, 1.0) * 1000))))
             if not events:
                 record = await self.get(job_id)
                 if record.is_final:
-                    events = follower.take(await self.redis.xread(follower.streams(), count=READ_COUNT))
+                    events = follower.take_with_ids(await self.redis.xread(follower.streams(), count=READ_COUNT))
                     if not follower.done:
-                        events += follower.from_record(record)
-            for event in events:
-                yield event
+                        events += follower.from_record_with_ids(record)
+            for item in events:
+                yield item
+
+    # --- batches: the sync implementation (producer/batches.py), on a worker thread ---
+
+    async def submit_batch(self, requests, **options) -> BatchSubmission:
+        """As ``JobClient.submit_batch`` (a file path is read on a worker thread, never blocking the loop)."""
+        return await asyncio.to_thread(self.sync.submit_batch, requests, **options)
+
+    async def batch_status(self, batch_id: str) -> BatchStatus:
+        """As ``JobClient.batch_status``."""
+        return await asyncio.to_thread(self.sync.batch_status, batch_id)
+
+    async def batch_results(self, batch_id: str) -> list[BatchResultLine]:
+        """As ``JobClient.iter_batch_results``, as a list (in input order)."""
+        return await asyncio.to_thread(lambda: list(self.sync.iter_batch_results(batch_id)))
+
+    async def cancel_batch(self, batch_id: str) -> dict[str, int]:
+        """As ``JobClient.cancel_batch``."""
+        return await asyncio.to_thread(self.sync.cancel_batch, batch_id)
+
+    @functools.cached_property
+    def sync(self):
+        """A ``JobClient`` on the same settings, for the batch methods (made on first use)."""
+        from producer.client import JobClient
+
+        return JobClient(self.settings)
 
     @typed_redis_errors
     async def workers(self) -> list[WorkerInfo]:
@@ -104,6 +141,8 @@ class AsyncJobClient:
 
     async def close(self) -> None:
         await self.redis.aclose()
+        if "sync" in self.__dict__:
+            self.sync.close()
 
     async def __aenter__(self) -> AsyncJobClient:
         return self

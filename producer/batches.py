@@ -34,6 +34,7 @@ from producer.connection import describe_error
 from producer.enqueue import ENQUEUE_SCRIPT, Enqueue, derived_job_id
 from producer.errors import BelleError, InvalidRequestError
 from producer.jsontext import parse_json
+from producer.openai_compat import openai_job_fields, openai_request
 from producer.progress import Progress
 from producer.records import JobError, JobResult, JobState
 from producer.schemas import parse_request
@@ -42,14 +43,6 @@ from producer.store import CANCEL_SCRIPT, cancel_call, canonical_json, now
 
 CHUNK = 1_000  # jobs per pipeline (one round trip)
 COUNTED = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
-
-# OpenAI batch lines: what maps, what is dropped, what only its neutral value passes.
-OPENAI_URLS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
-OPENAI_RENAMED = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "n": "num_return_sequences", "top_p": "top_p",
-                  "stop": "stop", "seed": "seed", "metadata": "metadata"}
-OPENAI_DROPPED = {"model", "user", "store", "service_tier"}  # the worker serves its own model
-OPENAI_NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "top_logprobs": 0, "stream": False, "echo": False, "best_of": 1}
-OPENAI_DEFAULTS = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "num_beams": 1}
 
 # KEYS: batch. ARGV: ttl, then field, value pairs. Creates the batch's hash unless it exists; returns
 # {state ('new' when created), deadline, digest}.
@@ -92,6 +85,7 @@ class LineError:
     line: int
     custom_id: str | None
     message: str
+    parameter: str | None = None  # the request field at fault, where one is
 
     def to_json(self) -> str:
         return json.dumps({"line": self.line, "custom_id": self.custom_id, "error": self.message}, ensure_ascii=False)
@@ -159,92 +153,23 @@ class BatchResultLine(BaseModel):
 # --- reading input lines ---
 
 
-def parse_line(raw: Any, line: int, defaults: Mapping[str, Any], presets: Mapping[str, Mapping[str, Any]]) -> tuple[str, dict[str, Any]]:
-    """(custom_id, request fields) of one input line, parsed from JSON; raises InvalidRequestError."""
+def parse_line(raw: Any, line: int, defaults: Mapping[str, Any], presets: Mapping[str, Mapping[str, Any]],
+               openai_url: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(custom_id, request fields) of one input line, parsed from JSON; raises InvalidRequestError.
+    With ``openai_url``, only OpenAI batch lines for that endpoint are taken (OpenAI's Batch API)."""
     if not isinstance(raw, Mapping):
         raise InvalidRequestError.single("line", None, f"a line must be a JSON object, got {type(raw).__name__}")
     data = dict(raw)
     custom_id = data.pop("custom_id", None)
     if custom_id is not None and (not isinstance(custom_id, str) or not 1 <= len(custom_id) <= 256):
         raise InvalidRequestError.single("custom_id", custom_id, "custom_id must be a string of 1 to 256 characters")
+    if openai_url is not None and data.get("url") != openai_url:
+        raise InvalidRequestError.single("url", data.get("url"), f"url must be the batch's endpoint {openai_url}, got {data.get('url')!r}")
     if "body" in data or "url" in data or "method" in data:
         if custom_id is None:
             raise InvalidRequestError.single("custom_id", None, "custom_id is required on an OpenAI batch line")
-        preset = presets.get(defaults.get("preset"), {})
-        fields = {**OPENAI_DEFAULTS, **preset, **{k: v for k, v in defaults.items() if k != "preset"}, **openai_request(data)}
-        return custom_id, fields
+        return custom_id, openai_job_fields(openai_request(data), presets, defaults)
     return custom_id or f"line-{line}", {**defaults, **data}
-
-
-def openai_request(line: Mapping[str, Any]) -> dict[str, Any]:
-    """An OpenAI batch line's body as request fields; raises InvalidRequestError for what cannot map."""
-    extra = sorted(set(line) - {"method", "url", "body"})
-    if extra:
-        raise InvalidRequestError.single(extra[0], None, f"{extra[0]} is not a field of an OpenAI batch line (custom_id, method, url, body)")
-    if line.get("method", "POST") != "POST":
-        raise InvalidRequestError.single("method", line.get("method"), f"method must be POST, got {line.get('method')!r}")
-    url = line.get("url")
-    if url not in OPENAI_URLS:
-        raise InvalidRequestError.single("url", url, f"url must be one of {sorted(OPENAI_URLS)}, got {url!r}")
-    body = line.get("body")
-    if not isinstance(body, Mapping):
-        raise InvalidRequestError.single("body", None, "body must be a JSON object")
-    out: dict[str, Any] = {}
-    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
-        raise InvalidRequestError.single("body.max_completion_tokens", None, "body has both max_tokens and max_completion_tokens; keep one")
-    for name, value in body.items():
-        where = f"body.{name}"
-        if value is None and name not in ("messages", "prompt"):
-            continue  # OpenAI reads null as "the default"
-        if name in ("messages", "prompt"):
-            if OPENAI_URLS[url] != name:
-                raise InvalidRequestError.single(where, None, f"{where} does not go with url {url} (it takes {OPENAI_URLS[url]})")
-            out[name] = _openai_messages(value) if name == "messages" else _openai_prompt(value)
-        elif name == "temperature":
-            if value == 0:
-                out.update(do_sample=False)
-            else:
-                out.update(do_sample=True, temperature=value)
-        elif name == "logprobs":
-            out["output_scores"] = bool(value)
-        elif name in OPENAI_RENAMED:
-            out[OPENAI_RENAMED[name]] = value
-        elif name in OPENAI_DROPPED:
-            continue
-        elif name in OPENAI_NEUTRAL:
-            if value != OPENAI_NEUTRAL[name]:
-                hint = "; repetition_penalty is the nearest (set it with --set)" if name.endswith("_penalty") else ""
-                raise InvalidRequestError.single(where, value, f"{where} is not supported here (only {OPENAI_NEUTRAL[name]!r}), got {value!r}{hint}")
-        else:
-            raise InvalidRequestError.single(where, None, f"{where} is not supported here; remove it")
-    if out.get("do_sample") is False:
-        out.setdefault("num_beams", 1)
-    return out
-
-
-def _openai_messages(messages: Any) -> list[dict[str, str]]:
-    if not isinstance(messages, list):
-        raise InvalidRequestError.single("body.messages", None, "body.messages must be a list")
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise InvalidRequestError.single(f"body.messages[{i}]", None, f"body.messages[{i}] must be an object")
-        role = {"developer": "system"}.get(message.get("role"), message.get("role"))
-        if role not in ("system", "user", "assistant"):
-            raise InvalidRequestError.single(f"body.messages[{i}].role", role, f"body.messages[{i}].role must be system, developer, user or assistant, got {role!r}")
-        content = message.get("content")
-        if isinstance(content, list):
-            if not all(isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                raise InvalidRequestError.single(f"body.messages[{i}].content", None, f"body.messages[{i}].content may hold text parts only")
-            content = "".join(p["text"] for p in content)
-        out.append({"role": role, "content": content})
-    return out
-
-
-def _openai_prompt(prompt: Any) -> Any:
-    if isinstance(prompt, list):
-        raise InvalidRequestError.single("body.prompt", None, "body.prompt must be one string (one job per line)")
-    return prompt
 
 
 # --- sources: what a batch is read from, possibly twice (once to check it, once to enqueue it) ---
@@ -278,12 +203,36 @@ class _TooLong:
     limit: int
 
 
+class RedisListSource:
+    """The lines of a Redis list (a file uploaded to the gateway), numbered from 1."""
+
+    def __init__(self, redis, key: str, page: int = 1_000):
+        self.redis, self.key, self.page = redis, key, page
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        start = 0
+        while lines := self.redis.lrange(self.key, start, start + self.page - 1):
+            for offset, text in enumerate(lines):
+                yield start + offset + 1, text
+            start += len(lines)
+
+
 class ListSource:
     def __init__(self, items: Iterable[str | Mapping[str, Any]]):
         self.items = list(items)
 
     def __iter__(self) -> Iterator[tuple[int, str | Mapping[str, Any]]]:
         return iter(enumerate(self.items, 1))
+
+
+@dataclass(frozen=True)
+class LineRules:
+    """How a batch's lines are read: defaults and presets for every line, and (OpenAI's Batch API) the
+    one endpoint every line must name."""
+
+    defaults: Mapping[str, Any]
+    presets: Mapping[str, Mapping[str, Any]]
+    openai_url: str | None = None
 
 
 # --- the batch operations, against one Redis ---
@@ -301,28 +250,35 @@ class Batches:
 
     def submit(self, source, *, defaults: Mapping[str, Any] | None = None, batch_id: str | None = None, new: bool = False,
                completion_window_s: float | None = None, skip_invalid: bool = False, queue: str = keys.QUEUE_BULK,
-               name: str | None = None, progress: bool | None = None) -> BatchSubmission:
+               name: str | None = None, progress: bool | None = None, record_fields: Mapping[str, str] | None = None,
+               batch_fields: Mapping[str, str] | None = None, openai_url: str | None = None) -> BatchSubmission:
         """Check every line, then enqueue the valid ones (all of them, or with ``skip_invalid`` the
         valid ones, the others returned as refused). Raises InvalidRequestError listing the bad lines
-        (the first 50) when any is bad and ``skip_invalid`` is off; nothing is enqueued then."""
+        (the first 50) when any is bad and ``skip_invalid`` is off; nothing is enqueued then.
+        ``record_fields``: what each job's record holds besides (its tenant...); ``batch_fields``: what
+        the batch's hash holds besides (the gateway's OpenAI batch fields); ``openai_url``: every line
+        must be an OpenAI batch line for this endpoint."""
         defaults = dict(defaults or {})
         presets = self._presets_loader()
-        valid, refused, digest = self._check(source, defaults, presets)
+        rules = LineRules(defaults, presets, openai_url)
+        valid, refused, digest = self._check(source, rules)
         if refused and not skip_invalid:
             shown = "; ".join(str(e) for e in refused[:50])
             more = f"; and {len(refused) - 50} more" if len(refused) > 50 else ""
             raise InvalidRequestError.single("file", None, f"{len(refused)} of {len(valid) + len(refused)} lines are invalid, nothing was submitted: {shown}{more}"
                                                             " (fix them, or --skip-invalid to submit the valid lines)")
         if not valid:
-            what = "every line is invalid (see the refusals)" if refused else "it holds no line (it is empty, or blank lines only)"
+            what = f"every line is invalid ({refused[0]}{'; and more' if len(refused) > 1 else ''})" if refused else \
+                "it holds no line (it is empty, or blank lines only)"
             raise InvalidRequestError.single("file", None, f"nothing to submit: {what}; a batch needs at least one request line")
         digest.update(json.dumps([defaults, completion_window_s, queue, skip_invalid], sort_keys=True).encode())
         batch_id = keys.checked_id("batch_id", batch_id or (uuid.uuid4().hex if new else digest.hexdigest()[:32]))
-        state, deadline = self._open(batch_id, len(valid), len(refused), completion_window_s, queue, name, digest.hexdigest())
+        state, deadline = self._open(batch_id, len(valid), len(refused), completion_window_s, queue, name, digest.hexdigest(), batch_fields or {})
         if state in ("new", "submitting"):
             in_batch = [0]  # lines known to be in so far (an interruption reports it)
             try:
-                created = self._enqueue_lines(source, valid, batch_id, defaults, presets, deadline, queue, progress, in_batch)
+                created = self._enqueue_lines(source, valid, batch_id, rules, deadline, queue, progress, in_batch,
+                                              tuple((record_fields or {}).items()))
                 self._submitted(keys=[keys.batch(batch_id)], args=[now()])
             except redis.RedisError as exc:
                 raise BatchInterruptedError(batch_id, in_batch[0], len(valid), describe_error(exc, self.settings.redis_url)) from exc
@@ -330,7 +286,7 @@ class Batches:
             created = 0
         return BatchSubmission(batch_id, len(valid), created, refused, deadline)
 
-    def _check(self, source, defaults, presets) -> tuple[dict[int, Any], list[LineError], Any]:
+    def _check(self, source, rules: LineRules) -> tuple[dict[int, Any], list[LineError], Any]:
         """The valid lines (line → its request, kept for an in-memory source, else None), the refused
         ones, and a digest of the input."""
         keep = isinstance(source, ListSource)
@@ -343,20 +299,20 @@ class Batches:
             if count > limit:
                 raise InvalidRequestError.single("file", None, f"a batch may hold at most {limit} lines (BELLE_MAX_BATCH_LINES); split the file")
             digest.update(f"{line}:".encode() + (raw.encode() if isinstance(raw, str) else canonical_json(raw).encode() if isinstance(raw, Mapping) else b"?") + b"\n")
-            custom_id, error, request = self._validate(raw, line, defaults, presets)
+            custom_id, error, request = self._validate(raw, line, rules)
             if error is None and custom_id in seen:
-                error = f"custom_id {custom_id!r} is also on line {seen[custom_id]}"
+                error = InvalidRequestError.single("custom_id", custom_id, f"custom_id {custom_id!r} is also on line {seen[custom_id]}")
             if error is not None:
-                refused.append(LineError(line, custom_id, error))
+                refused.append(LineError(line, custom_id, str(error), error.parameter))
                 continue
             seen[custom_id] = line
             valid[line] = (custom_id, request) if keep else None
         return valid, refused, digest
 
-    def _validate(self, raw, line: int, defaults, presets):
-        """(custom_id, error message or None, the validated request)."""
+    def _validate(self, raw, line: int, rules: LineRules) -> tuple[str | None, InvalidRequestError | None, Any]:
+        """(custom_id, the refusal or None, the validated request)."""
         if isinstance(raw, _TooLong):
-            return None, f"the line is {raw.size} bytes, more than BELLE_MAX_BATCH_LINE_BYTES={raw.limit}", None
+            return None, InvalidRequestError.single("line", None, f"the line is {raw.size} bytes, more than BELLE_MAX_BATCH_LINE_BYTES={raw.limit}"), None
         custom_id = None
         try:
             if isinstance(raw, str):
@@ -366,14 +322,14 @@ class Batches:
                     raise InvalidRequestError.single("line", None, f"not JSON: {exc}") from None
             if isinstance(raw, Mapping) and isinstance(raw.get("custom_id"), str):
                 custom_id = raw["custom_id"]
-            custom_id, fields = parse_line(raw, line, defaults, presets)
-            request = parse_request(fields, presets=presets, settings=self.settings)
+            custom_id, fields = parse_line(raw, line, rules.defaults, rules.presets, rules.openai_url)
+            request = parse_request(fields, presets=rules.presets, settings=self.settings)
         except InvalidRequestError as exc:
-            return custom_id, str(exc), None
+            return custom_id, exc, None
         return custom_id, None, request
 
     def _open(self, batch_id: str, total: int, refused: int, window_s: float | None, queue: str, name: str | None,
-              digest: str) -> tuple[str, float | None]:
+              digest: str, extra: Mapping[str, str]) -> tuple[str, float | None]:
         """Create the batch's hash, or find it (a resubmission of the same lines); returns the state it
         had ('new' when created) and its deadline."""
         created_at = now()
@@ -384,6 +340,7 @@ class Batches:
             fields["deadline"] = deadline
         if name:
             fields["source"] = name
+        fields.update(extra)
         state, stored_deadline, stored_digest = self._open_script(
             keys=[keys.batch(batch_id)], args=[self.settings.pending_ttl_s, *itertools.chain.from_iterable(fields.items())])
         if state == "new":
@@ -394,7 +351,8 @@ class Batches:
             raise BatchError(f"batch {batch_id} was cancelled; submit with --new (or another batch id) to run these lines again")
         return state, float(stored_deadline) if stored_deadline else None
 
-    def _enqueue_lines(self, source, valid: dict[int, Any], batch_id: str, defaults, presets, deadline, queue, progress, in_batch: list[int]) -> int:
+    def _enqueue_lines(self, source, valid: dict[int, Any], batch_id: str, rules: LineRules, deadline, queue, progress, in_batch: list[int],
+                       fields: tuple[tuple[str, str], ...]) -> int:
         bar = Progress(len(valid), f"batch {batch_id[:12]}", enabled=progress)
         created = 0
         chunk: list[Enqueue] = []
@@ -427,13 +385,13 @@ class Batches:
                 if valid[line] is not None:
                     custom_id, request = valid[line]
                 else:
-                    custom_id, error, request = self._validate(raw, line, defaults, presets)
+                    custom_id, error, request = self._validate(raw, line, rules)
                     if error is not None:  # the file changed between the two readings
                         raise BatchError(f"line {line} changed while the batch was submitted: {error}")
                 wire = request.to_wire()
                 if deadline is not None and wire["deadline"] is None:  # the batch's completion window
                     wire["deadline"] = deadline
-                chunk.append(Enqueue(derived_job_id(f"batch:{batch_id}:{line}"), wire, queue, batch_id, custom_id, line))
+                chunk.append(Enqueue(derived_job_id(f"batch:{batch_id}:{line}"), wire, queue, batch_id, custom_id, line, fields))
                 if len(chunk) >= CHUNK:
                     created += flush()
                     chunk = []

@@ -265,6 +265,24 @@ def cmd_redis(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    try:
+        import uvicorn
+    except ImportError:
+        print("error: the gateway needs the gateway extra: pip install 'belle-queue[gateway]'", file=sys.stderr)
+        return EXIT_FAILED
+    settings = _settings(args)
+    if args.redis_url:  # (uvicorn's worker processes read their settings from the environment)
+        os.environ["BELLE_REDIS_URL"] = args.redis_url
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run("producer.gateway.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                log_level=settings.log_level.lower(), proxy_headers=True)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="belle-queue", description="Job-queue inference for BELLE-family chat models.")
     parser.add_argument("--redis-url", help="Redis URL (default: BELLE_REDIS_URL, else redis://localhost:6379/0)")
@@ -314,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     from producer import cli_batch
 
     cli_batch.register(sub, _with_client)
+
+    p = sub.add_parser("gateway", help="serve the HTTP gateway: OpenAI's API, the job API, Batch files, webhooks (needs the gateway extra)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--workers", type=int, default=1, help="gateway processes (uvicorn workers; default 1)")
+    p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("redis", help="run an embedded redis-server in the foreground and print its URL")
     p.add_argument("--port", type=int, help="port (default: a free one)")

@@ -12,7 +12,7 @@ from producer import keys
 from producer.connection import redis_client, typed_redis_errors
 from producer.errors import JobNotFoundError, JobTimeoutError
 from producer.enqueue import ENQUEUE_SCRIPT, check_outcome, enqueue_item
-from producer.batches import Batches, BatchResultLine, BatchStatus, BatchSubmission, FileSource, ListSource
+from producer.batches import Batches, BatchResultLine, BatchStatus, BatchSubmission, FileSource, ListSource, RedisListSource
 from producer.records import JobError, JobRecord, JobResult, JobState, StreamEvent
 from producer.schemas import GenerationRequest, parse_request
 from producer.settings import Settings, get_settings
@@ -49,15 +49,17 @@ class JobClient:
         return cls(Settings(redis_url=url, **overrides))
 
     @typed_redis_errors
-    def submit(self, request: RequestLike, *, queue: str = keys.QUEUE_INTERACTIVE, check_workers: bool = False) -> str:
+    def submit(self, request: RequestLike, *, queue: str = keys.QUEUE_INTERACTIVE, check_workers: bool = False,
+               record_fields: Mapping[str, str] | None = None) -> str:
         """Validate and enqueue one job; returns its id. Raises InvalidRequestError on bad input, and
         with ``check_workers`` when no live worker could run it (see ``workers()``). With an
         ``idempotency_key`` already used, returns that job's id and enqueues nothing (a different
-        request under the same key is refused)."""
+        request under the same key is refused). ``record_fields``: what the job's record holds besides
+        (the gateway's ``tenant``, ``webhook``, ``webhook_events``)."""
         validated = prepare(request, self.settings)
         if check_workers:
             check_against_workers(validated, self.workers())
-        item = enqueue_item(validated, queue)
+        item = enqueue_item(validated, queue, tuple((record_fields or {}).items()))
         check_outcome(self._enqueue(**item.call(now(), self.settings.pending_ttl_s)), item)
         return item.job_id
 
@@ -119,25 +121,33 @@ class JobClient:
     # --- batches (see producer/batches.py) ---
 
     @typed_redis_errors
-    def submit_batch(self, requests: Iterable[Mapping[str, Any] | str] | os.PathLike, *, preset: str | None = None, defaults: Mapping[str, Any] | None = None,
-                     batch_id: str | None = None, new: bool = False, completion_window_s: float | None = None, skip_invalid: bool = False,
-                     name: str | None = None, progress: bool | None = False) -> BatchSubmission:
+    def submit_batch(self, requests: Iterable[Mapping[str, Any] | str] | os.PathLike | RedisListSource, *, preset: str | None = None,
+                     defaults: Mapping[str, Any] | None = None, batch_id: str | None = None, new: bool = False, completion_window_s: float | None = None,
+                     skip_invalid: bool = False, name: str | None = None, progress: bool | None = False,
+                     record_fields: Mapping[str, str] | None = None, batch_fields: Mapping[str, str] | None = None,
+                     openai_url: str | None = None) -> BatchSubmission:
         """Validate every request (mappings, or JSONL lines as strings; plain or OpenAI batch lines),
         then enqueue them all to the bulk queue as one batch, in input order. ``preset`` and
         ``defaults`` apply to every line, whose own fields win. Raises InvalidRequestError listing the
         bad lines unless ``skip_invalid`` (then they come back in ``refused``). The same requests
         submitted again resume the same batch (nothing is enqueued twice) unless ``new``. The iterable
         is read into memory; a large input is better given as a file path (``pathlib.Path``: read as a
-        JSONL file, twice, never whole), as ``belle-queue batch submit`` does."""
+        JSONL file, twice, never whole), as ``belle-queue batch submit`` does, or as the lines of a
+        Redis list (``RedisListSource``: the gateway's uploaded files). ``record_fields`` and
+        ``batch_fields``: what the jobs' records and the batch's hash hold besides (the gateway's tenant
+        and OpenAI batch fields); ``openai_url``: every line must be an OpenAI batch line for it."""
         if isinstance(requests, str | bytes):
             raise TypeError("submit_batch takes an iterable of requests or lines, or a pathlib.Path to a JSONL file, not a str")
-        if isinstance(requests, os.PathLike):
+        if isinstance(requests, RedisListSource):
+            source = requests
+        elif isinstance(requests, os.PathLike):
             source, name = FileSource(requests, self.settings.max_batch_line_bytes), name or os.path.basename(requests)
         else:
             source = ListSource(requests)
         options = {**({"preset": preset} if preset else {}), **(defaults or {})}
         return self.batches.submit(source, defaults=options, batch_id=batch_id, new=new, completion_window_s=completion_window_s,
-                                   skip_invalid=skip_invalid, name=name, progress=progress)
+                                   skip_invalid=skip_invalid, name=name, progress=progress, record_fields=record_fields, batch_fields=batch_fields,
+                                   openai_url=openai_url)
 
     @typed_redis_errors
     def batch_status(self, batch_id: str) -> BatchStatus:

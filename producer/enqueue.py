@@ -30,7 +30,8 @@ ORIGIN = f"belle-producer@{socket.gethostname()}:{os.getpid()}"
 # KEYS: record, queue, batch hash and batch job list (the record's key, unused, when none), queue sequence, queue waiting
 # set. ARGV: request JSON, now, pending ttl, message envelope, job id, batch key ('' when none),
 # batch id, custom id, line, queue name, the queue's taken-mark key, the error JSON of a job whose batch
-# was cancelled. The record keeps the names of its queue's keys, for the scripts that move it on.
+# was cancelled, then field/value pairs the record also holds (its tenant, its webhook). The record keeps
+# the names of its queue's keys, for the scripts that move it on.
 # Returns 'created', 'exists' (same request: nothing done), 'conflict' (another request) or 'cancelled'
 # (its batch was cancelled while being submitted: the job's record ends cancelled, no message is sent).
 # The job's number on its queue lets a worker find a lost message (worker/sweeper.py).
@@ -43,12 +44,14 @@ end
 if ARGV[6] ~= '' and redis.call('HGET', KEYS[3], 'state') == 'cancelled' then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'created_at', ARGV[2], 'finished_at', ARGV[2], 'attempts', 0, 'request', ARGV[1],
              'error', ARGV[12], 'job_id', ARGV[5], 'batch', ARGV[6], 'batch_id', ARGV[7], 'custom_id', ARGV[8], 'line', ARGV[9])
+  for i = 13, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   redis.call('HINCRBY', KEYS[3], 'cancelled', 1)
   redis.call('RPUSH', KEYS[4], ARGV[5])
   return 'cancelled'
 end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'created_at', ARGV[2], 'attempts', 0, 'request', ARGV[1])
+for i = 13, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[1], 'batch', ARGV[6], 'batch_id', ARGV[7], 'custom_id', ARGV[8], 'line', ARGV[9])
   redis.call('HINCRBY', KEYS[3], 'queued', 1)
@@ -75,14 +78,18 @@ def derived_job_id(key: str) -> str:
     return uuid.uuid5(NAMESPACE, key).hex
 
 
-def job_id_for(request: GenerationRequest) -> str:
-    """A fresh id, or with an idempotency key always the same one for that key."""
-    return derived_job_id(f"idempotency:{request.idempotency_key}") if request.idempotency_key is not None else new_job_id()
+def job_id_for(request: GenerationRequest, tenant: str = "") -> str:
+    """A fresh id, or with an idempotency key always the same one for that key (and tenant: two
+    tenants' keys never meet)."""
+    if request.idempotency_key is None:
+        return new_job_id()
+    return derived_job_id(f"idempotency:{tenant}:{request.idempotency_key}" if tenant else f"idempotency:{request.idempotency_key}")
 
 
-def enqueue_item(validated: GenerationRequest, queue: str) -> Enqueue:
-    """A single (not batch) job to enqueue: a fresh id, or the idempotency key's."""
-    return Enqueue(job_id_for(validated), validated.to_wire(), queue)
+def enqueue_item(validated: GenerationRequest, queue: str, fields: tuple[tuple[str, str], ...] = ()) -> Enqueue:
+    """A single (not batch) job to enqueue: a fresh id, or the idempotency key's. ``fields``: what the
+    record holds besides (``tenant``, ``webhook``...)."""
+    return Enqueue(job_id_for(validated, dict(fields).get("tenant", "")), validated.to_wire(), queue, fields=fields)
 
 
 def task_message(job_id: str, request_wire: dict[str, Any], queue: str) -> str:
@@ -117,6 +124,7 @@ class Enqueue:
     batch_id: str = ""
     custom_id: str = ""
     line: int = 0
+    fields: tuple[tuple[str, str], ...] = ()  # more record fields: tenant, webhook, webhook_events
 
     def call(self, now: float, pending_ttl_s: int) -> dict[str, list]:
         """ENQUEUE_SCRIPT's keys and arguments."""
@@ -126,7 +134,7 @@ class Enqueue:
                      keys.queue_sequence(self.queue), keys.queue_waiting(self.queue)],
             "args": [canonical_json(self.wire), now, pending_ttl_s, task_message(self.job_id, self.wire, self.queue), self.job_id, batch,
                      self.batch_id, self.custom_id, self.line, self.queue, keys.queue_taken(self.queue),
-                     BATCH_CANCELLED_JSON if self.batch_id else ""],
+                     BATCH_CANCELLED_JSON if self.batch_id else "", *(part for pair in self.fields for part in pair)],
         }
 
 

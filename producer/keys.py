@@ -48,6 +48,26 @@ def batch_jobs(batch_id: str) -> str:
     return f"{PREFIX}:batch:{batch_id}:jobs"
 
 
+def batch_refused(batch_id: str) -> str:
+    """List of a batch's refused lines (JSON: line, custom_id, message, parameter), in input order."""
+    return f"{PREFIX}:batch:{batch_id}:refused"
+
+
+def file(file_id: str) -> str:
+    """Hash of a file uploaded to the gateway: its OpenAI file object's fields, and its tenant."""
+    return f"{PREFIX}:file:{file_id}"
+
+
+def file_lines(file_id: str) -> str:
+    """List of an uploaded file's non-blank lines."""
+    return f"{PREFIX}:file:{file_id}:lines"
+
+
+def tenant_batches(tenant: str) -> str:
+    """Sorted set of a gateway tenant's batches, by creation time ("" is the anonymous tenant)."""
+    return f"{PREFIX}:tenant:{tenant or '-'}:batches"
+
+
 def queue_sequence(queue: str) -> str:
     """Counter numbering the jobs enqueued on a queue, in the order a worker takes them."""
     return f"{PREFIX}:queue:{queue}:seq"
@@ -88,6 +108,11 @@ UNACKED = "unacked"
 def worker(name: str) -> str:
     """A live worker's announcement (JSON WorkerInfo), renewed by its heartbeat; expires when it stops."""
     return f"{PREFIX}:worker:{name}"
+
+
+def rate(tenant: str, minute: int) -> str:
+    """Counter of a gateway tenant's requests in one minute (expires after two)."""
+    return f"{PREFIX}:rate:{tenant}:{minute}"
 
 
 # Every worker listens here for the ids of running jobs whose cancellation was requested.

@@ -94,6 +94,7 @@ class JobRecord(_Frozen):
     custom_id: str | None = None
     line: int | None = None
     request: Any = None  # the validated request; for a malformed message, whatever JSON it carried
+    tenant: str | None = None  # the API key's tenant that submitted it through the gateway
     result: JobResult | None = None
     error: JobError | None = None
 

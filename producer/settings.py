@@ -74,6 +74,18 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Worker log level.")
     metrics_port: int | None = Field(None, ge=1, le=65535, description="Serve the worker's Prometheus metrics on this port (a supervisor's children: this port + their index); none: off.")
 
+    # --- HTTP gateway ---
+    api_keys: str | None = Field(None, description="Gateway API keys (Bearer), comma-separated; each key is a tenant. None (and no keys file): no authentication.")
+    api_keys_file: Path | None = Field(None, description="YAML list of {key, tenant, rate_per_minute, webhook_secret}: keys with names, limits and webhook secrets.")
+    rate_per_minute: int | None = Field(None, ge=1, description="Gateway requests a key may make per minute (kept in Redis, across gateways); none: no limit.")
+    gateway_wait_s: float = Field(600.0, gt=0, description="How long a non-streaming completion waits for its job before answering 504 with the job id to poll.")
+    gateway_max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body the gateway reads (413 above), files excepted.")
+    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="Largest batch input file uploaded to the gateway (413 above).")
+    webhook_allow_private: bool = Field(False, description="Let webhooks target loopback and private addresses (tests, a trusted network).")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="A webhook receiver that has not answered within this is cut off (the delivery is retried).")
+    webhook_retry_for_s: float = Field(3600.0, gt=0, description="How long a webhook delivery is retried (exponential back-off) before it is given up.")
+    webhook_secret: str | None = Field(None, description="Secret (whsec_...) signing webhooks of tenants without their own; default: derived from each key.")
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -285,6 +285,7 @@ def record_from_hash(job_id: str, data: dict[str, str]) -> JobRecord | None:
         batch_id=data.get("batch_id") or None,
         custom_id=data.get("custom_id") or None,
         line=int(data["line"]) if data.get("line") else None,
+        tenant=data.get("tenant") or None,
         result=JobResult.model_validate_json(data["result"]) if data.get("result") else None,
         error=JobError.model_validate_json(data["error"]) if data.get("error") else None,
     )

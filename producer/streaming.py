@@ -8,12 +8,14 @@ reader starts. ``StreamFollower`` is that cursor's bookkeeping, shared by the sy
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from producer import keys
 from producer.records import JobRecord, StreamChunk, StreamEnd, StreamEvent
 
 READ_COUNT = 1_000  # entries per XREAD
+STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 
 def parse_event(data: str) -> StreamEvent | None:
@@ -31,13 +33,24 @@ def parse_event(data: str) -> StreamEvent | None:
     return None
 
 
+RECORD_EVENT_ID = "r-"  # ids of the events made from a final record (a job that did not stream): r-<seq>, r-end
+
+
 class StreamFollower:
-    def __init__(self, job_id: str):
+    """``after``: an event id already seen (SSE's Last-Event-ID): the events after it, only."""
+
+    def __init__(self, job_id: str, after: str | None = None):
         self.job_id = job_id
         self.key = keys.job_chunks(job_id)
         self.last_id = "0-0"
         self.next_seq = 0
         self.done = False
+        self._skip_record_until = -1  # (resuming among events made from a record: their seqs up to this were seen)
+        if after and after.startswith(RECORD_EVENT_ID):
+            tail = after.removeprefix(RECORD_EVENT_ID)
+            self._skip_record_until = int(tail) if tail.isdigit() else 10**9
+        elif after and STREAM_ID.match(after):
+            self.last_id = after
 
     def streams(self) -> dict[str, str]:
         """The XREAD argument that continues after the last entry seen."""
@@ -45,10 +58,14 @@ class StreamFollower:
 
     def take(self, reply: Any) -> list[StreamEvent]:
         """The events of an XREAD reply (RESP2 list or RESP3 dict); marks the follower done at the end event."""
+        return [event for _, event in self.take_with_ids(reply)]
+
+    def take_with_ids(self, reply: Any) -> list[tuple[str, StreamEvent]]:
+        """As ``take``, each event with its entry id in the stream."""
         if not reply:
             return []
         batches = reply.items() if isinstance(reply, dict) else reply
-        events: list[StreamEvent] = []
+        events: list[tuple[str, StreamEvent]] = []
         for _key, entries in batches:
             for entry_id, fields in entries:
                 self.last_id = entry_id
@@ -59,21 +76,27 @@ class StreamFollower:
                     self.next_seq = event.seq + 1
                 else:
                     self.done = True
-                events.append(event)
+                events.append((entry_id, event))
         return events
 
     def from_record(self, record: JobRecord) -> list[StreamEvent]:
         """A final record whose job did not stream (stream=false, or it ended before its first chunk):
         its whole text as one chunk per sequence, then the end event."""
-        events: list[StreamEvent] = []
+        return [event for _, event in self.from_record_with_ids(record)]
+
+    def from_record_with_ids(self, record: JobRecord) -> list[tuple[str, StreamEvent]]:
+        """As ``from_record``, with ids r-<seq> and r-end."""
+        events: list[tuple[str, StreamEvent]] = []
         result = record.result
         if result is not None:
             for sequence in result.sequences:
                 if sequence.text:
-                    events.append(StreamChunk(job_id=self.job_id, seq=self.next_seq, index=sequence.index, text=sequence.text,
-                                              tokens=len(sequence.token_ids), attempt=record.attempts))
+                    seq = self.next_seq
                     self.next_seq += 1
-        events.append(StreamEnd(job_id=self.job_id, state=record.state, finish_reasons=[s.finish_reason for s in result.sequences] if result else [],
-                                error=record.error))
+                    if seq > self._skip_record_until:
+                        events.append((f"{RECORD_EVENT_ID}{seq}", StreamChunk(job_id=self.job_id, seq=seq, index=sequence.index, text=sequence.text,
+                                                                               tokens=len(sequence.token_ids), attempt=record.attempts)))
+        events.append((f"{RECORD_EVENT_ID}end", StreamEnd(job_id=self.job_id, state=record.state,
+                                                          finish_reasons=[s.finish_reason for s in result.sequences] if result else [], error=record.error)))
         self.done = True
         return events

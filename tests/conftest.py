@@ -116,6 +116,62 @@ class WorkerProcess:
         return self.process.returncode
 
 
+class GatewayProcess:
+    """A real `belle-queue gateway` subprocess (uvicorn) on a free port."""
+
+    def __init__(self, redis_url: str, *, env: dict[str, str] | None = None, log_path: Path):
+        from producer.embedded_redis import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.process = subprocess.Popen([sys.executable, "-m", "producer.cli", "--redis-url", redis_url, "gateway", "--port", str(self.port)],
+                                        stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_ready(self, timeout: float = 60) -> GatewayProcess:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log}")
+            try:
+                httpx.get(self.url + "/health", timeout=1)
+                return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise TimeoutError(f"gateway not ready after {timeout} s:\n{self.log}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def start_gateway(tmp_path_factory):
+    started: list[GatewayProcess] = []
+
+    def start(redis_url: str, env: dict[str, str] | None = None) -> GatewayProcess:
+        gateway = GatewayProcess(redis_url, env=env, log_path=tmp_path_factory.mktemp("gateway") / "gateway.log")
+        started.append(gateway)
+        return gateway.wait_ready()
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
 @pytest.fixture(scope="session")
 def start_worker(redis_server):
     started: list[WorkerProcess] = []
