@@ -1,4 +1,4 @@
-# The belle-queue image: the client commands and the worker (with LoRA and 8/4-bit support).
+# The belle-queue image: the client commands, the HTTP gateway and the worker (with LoRA and 8/4-bit support).
 #   docker build -t belle-queue .                                          # CUDA torch from the PyTorch index
 #   docker build -t belle-queue --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu .   # CPU only
 FROM python:3.11-slim
@@ -12,7 +12,7 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "${TORCH}"
 COPY pyproject.toml README.md ./
 COPY producer ./producer
 COPY worker ./worker
-RUN pip install --no-cache-dir ".[worker,lora,quant]"
+RUN pip install --no-cache-dir ".[worker,lora,quant,gateway]"
 COPY configs ./configs
 
 # Model configs and hardware profiles from /app/configs (mount your own over it); tiny checkpoints and

@@ -17,8 +17,8 @@ from producer.enqueue import ENQUEUE_SCRIPT, check_outcome, enqueue_item
 from producer.records import JobRecord, JobState, StreamEvent
 from producer.settings import Settings, get_settings
 from producer.store import CANCEL_SCRIPT, CancelOutcome, cancel_call, cancel_outcome, is_final_event, now, record_from_hash
-from producer.streaming import READ_COUNT, StreamFollower
-from producer.workers import WORKERS_MATCH, WorkerInfo, check_against_workers, parse_workers
+from producer.streaming import READ_COUNT, RECHECK_S, StreamFollower, streams
+from producer.workers import WorkerInfo, check_against_workers, live_worker_keys, parse_workers, seen_since
 
 
 class AsyncJobClient:
@@ -69,7 +69,7 @@ class AsyncJobClient:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise JobTimeoutError(job_id, timeout, record.state.value)
-                until = time.monotonic() + min(remaining, 1.0)
+                until = time.monotonic() + min(remaining, RECHECK_S)
                 while (left := until - time.monotonic()) > 0 and not is_final_event(await pubsub.get_message(timeout=left)):
                     pass
         finally:
@@ -87,13 +87,17 @@ class AsyncJobClient:
         the events made from the record of a job that did not stream); with ``after``, only the events
         after that id (SSE's Last-Event-ID)."""
         deadline = time.monotonic() + timeout
-        await self.get(job_id)
         follower = StreamFollower(job_id, after=after)
+        if not streams(await self.get(job_id)):  # its text comes whole at its end: wait for that (pub/sub, no polling)
+            for item in follower.from_record_with_ids(await self.wait(job_id, timeout)):
+                yield item
+            return
         while not follower.done:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise JobTimeoutError(job_id, timeout, (await self.get(job_id)).state.value)
-            events = follower.take_with_ids(await self.redis.xread(follower.streams(), count=READ_COUNT, block=max(1, int(min(remaining, 1.0) * 1000))))
+            events = follower.take_with_ids(await self.redis.xread(follower.streams(), count=READ_COUNT,
+                                                                   block=max(1, int(min(remaining, RECHECK_S) * 1000))))
             if not events:
                 record = await self.get(job_id)
                 if record.is_final:
@@ -131,8 +135,8 @@ class AsyncJobClient:
     @typed_redis_errors
     async def workers(self) -> list[WorkerInfo]:
         """As ``JobClient.workers``."""
-        names = sorted([name async for name in self.redis.scan_iter(match=WORKERS_MATCH, count=100)])
-        return parse_workers(await self.redis.mget(names) if names else [])
+        names = await self.redis.zrangebyscore(keys.WORKERS_SEEN, seen_since(), "+inf")
+        return parse_workers(await self.redis.mget(live_worker_keys(names)) if names else [])
 
     @typed_redis_errors
     async def cancel(self, job_id: str) -> CancelOutcome:

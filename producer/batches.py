@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict
 
 from producer import keys
 from producer.connection import describe_error
-from producer.enqueue import ENQUEUE_SCRIPT, Enqueue, derived_job_id
+from producer.enqueue import ENQUEUE_SCRIPT, Enqueue, derived_job_id, webhook_fields
 from producer.errors import BelleError, InvalidRequestError
 from producer.jsontext import parse_json
 from producer.openai_compat import openai_job_fields, openai_request
@@ -39,7 +39,7 @@ from producer.progress import Progress
 from producer.records import JobError, JobResult, JobState
 from producer.schemas import parse_request
 from producer.settings import Settings
-from producer.store import CANCEL_SCRIPT, cancel_call, canonical_json, now
+from producer.store import CANCEL_SCRIPT, EVENTS_LUA, cancel_call, canonical_json, now
 
 CHUNK = 1_000  # jobs per pipeline (one round trip)
 COUNTED = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
@@ -56,9 +56,10 @@ return {'new', '', ''}
 """
 
 # KEYS: batch. ARGV: now. A batch whose lines are all in: submitted (unless cancelled meanwhile).
-SUBMITTED_SCRIPT = """
+SUBMITTED_SCRIPT = EVENTS_LUA + """
 if redis.call('HGET', KEYS[1], 'state') == 'submitting' then
   redis.call('HSET', KEYS[1], 'state', 'submitted', 'submitted_at', ARGV[1])
+  batch_completed(KEYS[1])
 end
 return 1
 """
@@ -391,7 +392,7 @@ class Batches:
                 wire = request.to_wire()
                 if deadline is not None and wire["deadline"] is None:  # the batch's completion window
                     wire["deadline"] = deadline
-                chunk.append(Enqueue(derived_job_id(f"batch:{batch_id}:{line}"), wire, queue, batch_id, custom_id, line, fields))
+                chunk.append(Enqueue(derived_job_id(f"batch:{batch_id}:{line}"), wire, queue, batch_id, custom_id, line, fields + webhook_fields(request)))
                 if len(chunk) >= CHUNK:
                     created += flush()
                     chunk = []

@@ -17,7 +17,7 @@ from producer.records import JobError, JobRecord, JobResult, JobState, StreamEve
 from producer.schemas import GenerationRequest, parse_request
 from producer.settings import Settings, get_settings
 from producer.store import CancelOutcome, JobStore, is_final_event, now
-from producer.streaming import READ_COUNT, StreamFollower
+from producer.streaming import READ_COUNT, RECHECK_S, StreamFollower, streams
 from producer.workers import WorkerInfo, check_against_workers, live_workers
 
 RequestLike = GenerationRequest | Mapping[str, Any]
@@ -88,8 +88,8 @@ class JobClient:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise JobTimeoutError(job_id, timeout, record.state.value)
-                # Wake on the final event; re-read at least once a second in case it was missed.
-                until = time.monotonic() + min(remaining, 1.0)
+                # Wake on the final event; re-read now and then in case it was missed.
+                until = time.monotonic() + min(remaining, RECHECK_S)
                 while (left := until - time.monotonic()) > 0 and not is_final_event(pubsub.get_message(timeout=left)):
                     pass
         finally:
@@ -102,15 +102,17 @@ class JobClient:
         as one chunk per sequence when it ends. Raises JobTimeoutError when the job has not ended
         within ``timeout`` seconds of the call."""
         deadline = time.monotonic() + timeout
-        self.get(job_id)
         follower = StreamFollower(job_id)
+        if not streams(self.get(job_id)):  # its text comes whole at its end: wait for that
+            yield from follower.from_record(self.wait(job_id, timeout))
+            return
         while not follower.done:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise JobTimeoutError(job_id, timeout, self.get(job_id).state.value)
-            events = follower.take(self.redis.xread(follower.streams(), count=READ_COUNT, block=max(1, int(min(remaining, 1.0) * 1000))))
+            events = follower.take(self.redis.xread(follower.streams(), count=READ_COUNT, block=max(1, int(min(remaining, RECHECK_S) * 1000))))
             if not events:
-                # Quiet for a second: the job may be queued, or it ended without streaming.
+                # Quiet a while: the job may be queued, or its record may have ended it (or expired) without an end event.
                 record = self.get(job_id)
                 if record.is_final:
                     events = follower.take(self.redis.xread(follower.streams(), count=READ_COUNT))

@@ -24,18 +24,21 @@ from redis.retry import Retry
 from producer.errors import InvalidRequestError, RedisFullError
 
 CLIENT_RETRIES = 3
+# Connections one client may open (redis-py's default is 100: a worker's 128 task threads, or a gateway's
+# open streams, each holding one, would be refused). Redis's own default maxclients is 10,000.
+MAX_CONNECTIONS = 10_000
 WORKER_RETRIES = 40  # with the back-off capped at 1 s: about 35 s in all
 
 
 def redis_client(url: str, *, retries: int = CLIENT_RETRIES) -> redis.Redis:
     check_url(url)
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30, max_connections=MAX_CONNECTIONS, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
                                 retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
 
 def async_redis_client(url: str, *, retries: int = CLIENT_RETRIES) -> redis.asyncio.Redis:
     check_url(url)
-    return redis.asyncio.Redis.from_url(url, decode_responses=True, health_check_interval=30,
+    return redis.asyncio.Redis.from_url(url, decode_responses=True, health_check_interval=30, max_connections=MAX_CONNECTIONS,
                                         retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), retries),
                                         retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 

@@ -88,8 +88,15 @@ def job_id_for(request: GenerationRequest, tenant: str = "") -> str:
 
 def enqueue_item(validated: GenerationRequest, queue: str, fields: tuple[tuple[str, str], ...] = ()) -> Enqueue:
     """A single (not batch) job to enqueue: a fresh id, or the idempotency key's. ``fields``: what the
-    record holds besides (``tenant``, ``webhook``...)."""
-    return Enqueue(job_id_for(validated, dict(fields).get("tenant", "")), validated.to_wire(), queue, fields=fields)
+    record holds besides (``tenant``...)."""
+    return Enqueue(job_id_for(validated, dict(fields).get("tenant", "")), validated.to_wire(), queue, fields=fields + webhook_fields(validated))
+
+
+def webhook_fields(request: GenerationRequest) -> tuple[tuple[str, str], ...]:
+    """The record fields the transition scripts read to append the job's webhook events (store.py)."""
+    if request.webhook is None:
+        return ()
+    return ("webhook", request.webhook), ("webhook_events", ",".join(request.webhook_events_filter))
 
 
 def task_message(job_id: str, request_wire: dict[str, Any], queue: str) -> str:

@@ -110,10 +110,22 @@ def worker(name: str) -> str:
     return f"{PREFIX}:worker:{name}"
 
 
+# Sorted set of worker names by their last heartbeat: where the live announcements are found (without
+# scanning the keyspace, which holds every job).
+WORKERS_SEEN = f"{PREFIX}:workers"
+
+
 def rate(tenant: str, minute: int) -> str:
     """Counter of a gateway tenant's requests in one minute (expires after two)."""
     return f"{PREFIX}:rate:{tenant}:{minute}"
 
+
+# Stream of webhook events (job start and completion, batch completion), appended by the transition
+# scripts and consumed by the gateways' deliverers (consumer group WEBHOOK_GROUP).
+WEBHOOKS = f"{PREFIX}:webhooks"
+WEBHOOK_GROUP = "deliverers"
+# Hash: a webhook event's delivery attempts so far (event id → JSON), while it is retried.
+WEBHOOK_ATTEMPTS = f"{PREFIX}:webhooks:attempts"
 
 # Every worker listens here for the ids of running jobs whose cancellation was requested.
 CANCEL_CHANNEL = f"{PREFIX}:cancel"

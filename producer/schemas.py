@@ -16,6 +16,7 @@ import reprlib
 import time
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from annotated_types import Ge, Le
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -75,6 +76,9 @@ class GenerationRequest(BaseModel):
     adapter: str | None = Field(None, pattern=ADAPTER_NAME.pattern, description="LoRA adapter name served by the worker.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Caller's data, stored with the job and returned as is.")
     deadline: float | None = Field(None, gt=0, description="Unix time (seconds): a job not started by then ends expired without running.")
+    webhook: str | None = Field(None, max_length=2048, description="URL that gets the job's events (POST, signed: Standard Webhooks); http or https.")
+    webhook_events_filter: list[Literal["start", "completed"]] = Field(default_factory=lambda: ["completed"],
+                                                                       description="Which events go to the webhook: start, completed.")
     idempotency_key: str | None = Field(None, min_length=1, max_length=128,
                                         description="Submitting the same key again returns the same job id and enqueues nothing (while its record lives).")
 
@@ -116,6 +120,13 @@ class GenerationRequest(BaseModel):
             raise _problem(f"stop must hold at most {limits.max_stop_strings} strings, got {len(value)}")
         for i, s in enumerate(value):
             _check_text(f"stop[{i}]", s, limits.max_stop_chars, "BELLE_MAX_STOP_CHARS", allow_blank=True)
+        return value
+
+    @field_validator("webhook")
+    @classmethod
+    def _check_webhook(cls, value: str | None) -> str | None:
+        if value is not None and (problem := webhook_url_problem(value)):
+            raise _problem(f"webhook {problem}")
         return value
 
     @field_validator("metadata")
@@ -234,6 +245,21 @@ def _check_text(name: str, value: str, max_chars: int, setting: str, *, allow_bl
     if control := CONTROL_CHARACTERS.search(value):
         raise _problem(f"{name} must not hold control characters other than tab, newline and carriage return, got U+{ord(control.group()):04X} "
                        f"at position {control.start()}; remove it (binary data or terminal codes do not belong in text)")
+
+
+def webhook_url_problem(url: str) -> str | None:
+    """What makes a webhook URL unusable, before any address is looked up (the gateway and the deliverer
+    refuse private addresses: producer/gateway/webhooks.py)."""
+    try:
+        parts = urlsplit(url)
+        parts.port
+    except ValueError as exc:
+        return f"must be an http(s) URL, got {url[:100]!r} ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"must be an http or https URL with a host, got {url[:100]!r}"
+    if parts.username or parts.password:
+        return "must not carry credentials (user:password@); the signature authenticates the sender"
+    return None
 
 
 def _nesting(value: Any) -> int:

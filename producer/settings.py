@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     gateway_wait_s: float = Field(600.0, gt=0, description="How long a non-streaming completion waits for its job before answering 504 with the job id to poll.")
     gateway_max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body the gateway reads (413 above), files excepted.")
     max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="Largest batch input file uploaded to the gateway (413 above).")
+    webhook_deliver: bool = Field(True, description="Each gateway process delivers webhooks (a consumer of the webhooks stream); false: leave it to others.")
     webhook_allow_private: bool = Field(False, description="Let webhooks target loopback and private addresses (tests, a trusted network).")
     webhook_timeout_s: float = Field(10.0, gt=0, description="A webhook receiver that has not answered within this is cut off (the delivery is retried).")
     webhook_retry_for_s: float = Field(3600.0, gt=0, description="How long a webhook delivery is retried (exponential back-off) before it is given up.")

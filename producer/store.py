@@ -25,7 +25,30 @@ _FINAL = "{" + ", ".join(f"['{s.value}']=true" for s in FINAL_STATES) + "}"
 # A batch job's record holds its batch's key ('batch'): each state change moves one count there, in
 # the same script, so the batch's counts are always those of its jobs. A job leaves its queue's
 # waiting set (named in its record: 'k_waiting') when it starts or ends.
-_BATCH_MOVE = """
+# A job's or a batch's webhook event, appended to the webhooks stream in the script of the transition
+# itself (durable: the gateway's deliverers consume it, producer/gateway/webhooks.py). A batch that has
+# ended (none of its jobs queued or running, its submission done) is marked completed, once.
+WEBHOOK_STREAM_MAX = 1_000_000  # the webhooks stream keeps about this many events (delivered ones are acknowledged, not deleted)
+
+EVENTS_LUA = f"""
+local function webhook_event(hash, kind, id, event)
+  local hook = redis.call('HGET', hash, 'webhook')
+  if hook and string.find(',' .. (redis.call('HGET', hash, 'webhook_events') or '') .. ',', ',' .. event .. ',', 1, true) then
+    redis.call('XADD', '{keys.WEBHOOKS}', 'MAXLEN', '~', '{WEBHOOK_STREAM_MAX}', '*', 'kind', kind, 'event', event, 'id', id, 'url', hook,
+               'tenant', redis.call('HGET', hash, 'tenant') or '')
+  end
+end
+
+local function batch_completed(batch)
+  local counts = redis.call('HMGET', batch, 'state', 'queued', 'running')
+  if counts[1] ~= 'submitting' and tonumber(counts[2] or '0') <= 0 and tonumber(counts[3] or '0') <= 0
+     and redis.call('HSETNX', batch, 'completed_at', redis.call('TIME')[1]) == 1 then
+    webhook_event(batch, 'batch', redis.call('HGET', batch, 'batch_id') or '', 'completed')
+  end
+end
+"""
+
+_BATCH_MOVE = EVENTS_LUA + """
 local function stop_waiting()
   local waiting = redis.call('HGET', KEYS[1], 'k_waiting')
   if waiting then
@@ -41,6 +64,9 @@ local function batch_move(from, to)
   if from and from ~= to then
     redis.call('HINCRBY', batch, from, -1)
     redis.call('HINCRBY', batch, to, 1)
+    if to ~= 'queued' and to ~= 'running' then
+      batch_completed(batch)
+    end
   end
   return batch
 end
@@ -114,6 +140,7 @@ end
 redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2], 'worker', ARGV[1], 'holder', ARGV[9])
 redis.call('DEL', KEYS[2])  -- chunks of an earlier attempt: this one streams from the start
 redis.call('PUBLISH', ARGV[5], cjson.encode({{event='state', state='running', attempts=done}}))
+webhook_event(KEYS[1], 'job', ARGV[7], 'start')
 return {{'run', done, redis.call('HGET', KEYS[1], 'created_at')}}
 """
 
@@ -164,6 +191,7 @@ local function finalize(state, now, ttl, field, payload, channel, end_event, str
     redis.call('EXPIRE', KEYS[2], ttl)
   end
   redis.call('PUBLISH', channel, end_event)
+  webhook_event(KEYS[1], 'job', redis.call('HGET', KEYS[1], 'job_id') or '', 'completed')
 end
 """
 

@@ -15,6 +15,9 @@ from producer import keys
 from producer.records import JobRecord, StreamChunk, StreamEnd, StreamEvent
 
 READ_COUNT = 1_000  # entries per XREAD
+# A waiting reader re-reads the record this often, in case it missed the end (pub/sub or the stream's end
+# event wake it first); below redis-py's 5 s socket timeout, which a longer blocking read would meet.
+RECHECK_S = 4.0
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 
@@ -34,6 +37,11 @@ def parse_event(data: str) -> StreamEvent | None:
 
 
 RECORD_EVENT_ID = "r-"  # ids of the events made from a final record (a job that did not stream): r-<seq>, r-end
+
+
+def streams(record: JobRecord) -> bool:
+    """Whether a job sends chunks (stream=true): its stream then always ends with its end event."""
+    return isinstance(record.request, dict) and record.request.get("stream") is True
 
 
 class StreamFollower:

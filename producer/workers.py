@@ -6,6 +6,8 @@ short expiry, so the keys present are the workers alive now (``belle-queue worke
 
 from __future__ import annotations
 
+import time
+
 from pydantic import BaseModel, ConfigDict
 
 from producer import keys
@@ -38,12 +40,21 @@ class WorkerInfo(BaseModel):
     redis_refusing_writes_since: float | None = None  # Redis refuses this worker's writes (out of memory) since then
 
 
-WORKERS_MATCH = keys.worker("*")
+def live_worker_keys(names: list[str]) -> list[str]:
+    return [keys.worker(name) for name in sorted(names)]
+
+
+SEEN_FOR_S = 3600  # a worker stays in the index of announcements this long after its last heartbeat
+
+
+def seen_since() -> float:
+    """The index's workers seen since this (Unix time); whether one lives is whether its announcement does."""
+    return time.time() - SEEN_FOR_S
 
 
 def live_workers(redis) -> list[WorkerInfo]:
-    names = sorted(redis.scan_iter(match=WORKERS_MATCH, count=100))
-    return parse_workers(redis.mget(names) if names else [])
+    names = redis.zrangebyscore(keys.WORKERS_SEEN, seen_since(), "+inf")
+    return parse_workers(redis.mget(live_worker_keys(names)) if names else [])
 
 
 def parse_workers(values: list[str | None]) -> list[WorkerInfo]:

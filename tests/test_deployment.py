@@ -67,3 +67,10 @@ def test_the_dockerfile_copies_what_exists_and_installs_extras_that_exist():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert all(re.search(rf"^{extra} = ", pyproject, flags=re.MULTILINE) for extra in extras)
     assert 'ENTRYPOINT ["belle-queue"]' in dockerfile and "BELLE_CONFIGS_DIR=/app/configs" in dockerfile
+
+
+def test_the_gateway_service_runs_a_valid_gateway_command():
+    service = COMPOSE["services"]["gateway"]
+    args = build_parser().parse_args(service["command"])
+    assert args.command == "gateway" and args.host == "0.0.0.0" and args.port == 8000
+    assert service["environment"]["BELLE_REDIS_URL"] == "redis://redis:6379/0"

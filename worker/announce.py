@@ -19,7 +19,7 @@ from collections.abc import Callable
 import redis
 
 from producer import keys
-from producer.workers import EXPIRES_S, HEARTBEAT_S, WorkerInfo
+from producer.workers import EXPIRES_S, HEARTBEAT_S, SEEN_FOR_S, WorkerInfo
 from worker.redis_writes import RedisWrites
 
 log = logging.getLogger("belle.announce")
@@ -56,7 +56,10 @@ class Announcer:
         self._stopping.set()
         self._thread.join(5)
         try:
-            self.redis.delete(keys.worker(self.info.name), keys.worker_alive(self.info.incarnation))
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.delete(keys.worker(self.info.name), keys.worker_alive(self.info.incarnation))
+            pipe.zrem(keys.WORKERS_SEEN, self.info.name)
+            pipe.execute()
         except redis.RedisError as exc:
             log.warning("could not withdraw the announcement of %s: %s", self.info.name, exc)
 
@@ -74,6 +77,8 @@ class Announcer:
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.set(announcement, info.model_dump_json(), ex=EXPIRES_S)
+            pipe.zadd(keys.WORKERS_SEEN, {info.name: info.heartbeat_at})
+            pipe.zremrangebyscore(keys.WORKERS_SEEN, "-inf", info.heartbeat_at - SEEN_FOR_S)
             if healthy:
                 pipe.set(alive, 1, ex=EXPIRES_S)
                 pipe.sadd(keys.HOLDERS, info.incarnation)

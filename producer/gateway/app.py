@@ -7,7 +7,9 @@ GPU stack.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 import time
 
@@ -15,9 +17,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from producer import keys
 from producer.aio import AsyncJobClient
+from producer.errors import JobNotFoundError
 from producer.gateway import batch_routes, errors, job_routes, openai_routes
 from producer.gateway.auth import KeyRing
+from producer.gateway.webhooks import WebhookDeliverer
 from producer.presets import load_presets
 from producer.settings import Settings, get_settings
 
@@ -34,18 +39,70 @@ class GatewayMetrics:
         self.open_streams = Gauge("belle_gateway_open_streams", "Server-sent event streams open now", registry=r)
 
 
+async def webhook_payload(client: AsyncJobClient, kind: str, item_id: str) -> dict | None:
+    """A webhook event's data, as read now: the job's record (as GET /v1/jobs/{id}), or the batch (as
+    GET /v1/batches/{id} for an OpenAI batch); None once it is gone."""
+    if kind == "job":
+        try:
+            return job_routes.record_body(await client.get(item_id))
+        except JobNotFoundError:
+            return None
+    fields = await client.redis.hgetall(keys.batch(item_id))
+    if not fields:
+        return None
+    status = await client.batch_status(item_id)
+    return batch_routes.openai_batch(status, fields) if fields.get("openai_endpoint") else status.model_dump(mode="json")
+
+
+class Measured:
+    """Counts requests by route and status, times them to their response's start, and counts open
+    event streams (a plain ASGI middleware: nothing added to a stream's chunks)."""
+
+    def __init__(self, app, metrics: GatewayMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, streaming = time.perf_counter(), False
+
+        async def measured_send(message):
+            nonlocal streaming
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", "unmatched")
+                self.metrics.requests.labels(route, str(message["status"])).inc()
+                self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+                streaming = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in message.get("headers", []))
+                if streaming:
+                    self.metrics.open_streams.inc()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, measured_send)
+        finally:
+            if streaming:
+                self.metrics.open_streams.dec()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.client = AsyncJobClient(settings)
+        app.state.client = client = AsyncJobClient(settings)
         if app.state.keyring.open:
             log.warning("no API key is configured (BELLE_API_KEYS, BELLE_API_KEYS_FILE): the gateway serves anyone who reaches it")
+        stopping, delivering = asyncio.Event(), None
+        if settings.webhook_deliver:
+            deliverer = WebhookDeliverer(client, app.state.keyring, settings, functools.partial(webhook_payload, client))
+            delivering = asyncio.create_task(deliverer.run(stopping))
         try:
             yield
         finally:
-            await app.state.client.close()
+            stopping.set()
+            if delivering is not None:
+                await delivering
+            await client.close()
 
     app = FastAPI(title="belle-queue gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
@@ -57,27 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(job_routes.router)
     app.include_router(batch_routes.router)
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        metrics.requests.labels(name, str(response.status_code)).inc()
-        metrics.latency.labels(name).observe(time.perf_counter() - started)
-        if response.headers.get("content-type", "").startswith("text/event-stream"):
-            metrics.open_streams.inc()
-            iterator = response.body_iterator
-
-            async def counted():
-                try:
-                    async for part in iterator:
-                        yield part
-                finally:
-                    metrics.open_streams.dec()
-
-            response.body_iterator = counted()
-        return response
+    app.add_middleware(Measured, metrics=metrics)
 
     @app.get("/health")
     async def health(request: Request):

@@ -65,6 +65,10 @@ class KeyRing:
     def open(self) -> bool:
         return not self._keys
 
+    def webhook_secret(self, tenant: str) -> str:
+        """The secret signing a tenant's webhooks."""
+        return next((t.webhook_secret for _, t in self._keys if t.name == tenant), self.anonymous.webhook_secret)
+
     def tenant_of(self, authorization: str | None) -> Tenant | None:
         """The tenant of a ``Bearer`` key, or None. Every key is compared, in constant time."""
         if self.open:

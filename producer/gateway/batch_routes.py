@@ -32,7 +32,9 @@ from producer.gateway.auth import Tenant, authenticate
 from producer.gateway.common import client, json_body
 from producer.gateway.errors import JOB_ERROR_STATUS, ApiError
 from producer.openai_compat import OPENAI_URLS, completion
+from producer.gateway.webhooks import target_problem
 from producer.records import JobState
+from producer.schemas import webhook_url_problem
 
 router = APIRouter()
 
@@ -165,7 +167,7 @@ async def delete_file(request: Request, file_id: str, tenant: Tenant = Depends(a
 @router.post("/v1/batches")
 async def create_batch(request: Request, tenant: Tenant = Depends(authenticate)):
     body = await json_body(request)
-    unknown = sorted(set(body) - {"input_file_id", "endpoint", "completion_window", "metadata"})
+    unknown = sorted(set(body) - {"input_file_id", "endpoint", "completion_window", "metadata", "webhook"})
     if unknown:
         raise ApiError(400, f"{unknown[0]} is not supported here; remove it", param=unknown[0], code="invalid_request")
     endpoint = body.get("endpoint")
@@ -181,11 +183,17 @@ async def create_batch(request: Request, tenant: Tenant = Depends(authenticate))
     input_file_id = body.get("input_file_id")
     if not isinstance(input_file_id, str):
         raise ApiError(400, "input_file_id is required", param="input_file_id", code="invalid_request")
+    webhook = body.get("webhook")
+    if webhook is not None:
+        problem = webhook_url_problem(webhook) if isinstance(webhook, str) else "must be a URL"
+        problem = problem or await target_problem(webhook, request.app.state.settings.webhook_allow_private)
+        if problem:
+            raise ApiError(400, f"webhook {problem}", param="webhook", code="invalid_request")
     info = await _owned_file(request, tenant, input_file_id)
     batch_id = f"batch_{uuid.uuid4().hex}"
     jobs = client(request)
     fields = {"openai_endpoint": endpoint, "input_file_id": input_file_id, "completion_window": window, "metadata": json.dumps(metadata),
-              "tenant": tenant.name}
+              "tenant": tenant.name, **({"webhook": webhook, "webhook_events": "completed"} if webhook else {})}
     submission = await jobs.submit_batch(RedisListSource(jobs.sync.redis, keys.file_lines(input_file_id)), batch_id=batch_id,
                                          completion_window_s=window_s, skip_invalid=True, name=info.get("filename"),
                                          record_fields=tenant.record_fields, batch_fields=fields, openai_url=endpoint)
@@ -227,7 +235,8 @@ def openai_batch(status: BatchStatus, fields: dict[str, str]) -> dict[str, Any]:
         "input_file_id": fields.get("input_file_id"), "completion_window": fields.get("completion_window", "24h"), "status": state,
         "output_file_id": OUTPUT + status.batch_id, "error_file_id": ERRORS + status.batch_id, "created_at": created,
         "in_progress_at": int(status.first_started_at) if status.first_started_at else None,
-        "expires_at": int(status.deadline) if status.deadline else None, "finalizing_at": None, "completed_at": None, "failed_at": None,
+        "expires_at": int(status.deadline) if status.deadline else None, "finalizing_at": None,
+        "completed_at": int(fields["completed_at"]) if fields.get("completed_at") else None, "failed_at": None,
         "expired_at": None, "cancelling_at": None, "cancelled_at": None,
         "request_counts": {"total": status.total + status.refused, "completed": status.succeeded, "failed": failed},
         "metadata": json.loads(fields.get("metadata") or "{}"),

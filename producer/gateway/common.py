@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 from fastapi import Request
@@ -15,7 +16,8 @@ from producer.errors import JobNotFoundError
 from producer.gateway.auth import Tenant
 from producer.gateway.errors import ApiError
 from producer.jsontext import parse_json
-from producer.records import JobRecord, StreamChunk, StreamEvent
+from producer.records import JobRecord
+from producer.workers import WorkerInfo
 
 log = logging.getLogger("belle.gateway")
 
@@ -24,6 +26,17 @@ _background: set[asyncio.Task] = set()  # tasks that must outlive the request th
 
 def client(request: Request) -> AsyncJobClient:
     return request.app.state.client
+
+
+WORKERS_FRESH_S = 1.0  # the live workers, as read at most this long ago: a model check per request costs no round trip
+
+
+async def live_workers(request: Request) -> list[WorkerInfo]:
+    state = request.app.state
+    seen = getattr(state, "workers_seen", None)
+    if seen is None or time.monotonic() - seen[0] > WORKERS_FRESH_S:
+        seen = state.workers_seen = (time.monotonic(), await client(request).workers())
+    return seen[1]
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -79,14 +92,6 @@ def cancel_later(request: Request, job_id: str) -> None:
     task = asyncio.get_running_loop().create_task(cancel())
     _background.add(task)
     task.add_done_callback(_background.discard)
-
-
-def event_data(event: StreamEvent) -> str:
-    return event.model_dump_json()
-
-
-def is_chunk(event: StreamEvent) -> bool:
-    return isinstance(event, StreamChunk)
 
 
 def dumps(value: Any) -> str:

@@ -20,7 +20,9 @@ from producer.errors import JobTimeoutError
 from producer.gateway.auth import Tenant, authenticate
 from producer.gateway.common import cancel_later, client, json_body, owned_record
 from producer.gateway.errors import ApiError
+from producer.gateway.webhooks import target_problem
 from producer.records import StreamChunk
+from producer.schemas import webhook_url_problem
 
 router = APIRouter()
 
@@ -44,6 +46,9 @@ async def submit(request: Request, tenant: Tenant = Depends(authenticate)):
             raise ApiError(400, "the Idempotency-Key header and the body's idempotency_key differ; give one", param="idempotency_key",
                            code="invalid_request")
         body["idempotency_key"] = header_key
+    if isinstance(body.get("webhook"), str) and not webhook_url_problem(body["webhook"]):
+        if problem := await target_problem(body["webhook"], request.app.state.settings.webhook_allow_private):
+            raise ApiError(400, f"webhook {problem}", param="webhook", code="invalid_request")
     job_id = await client(request).submit(body, queue=QUEUES[queue], record_fields=tenant.record_fields)
     record = await owned_record(request, tenant, job_id)
     return JSONResponse({"job_id": job_id, "state": record.state.value}, status_code=202,

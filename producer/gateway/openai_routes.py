@@ -17,7 +17,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from producer.errors import JobTimeoutError
 from producer.gateway.auth import Tenant, authenticate
-from producer.gateway.common import cancel_later, client, dumps, json_body
+from producer.gateway.common import cancel_later, client, dumps, json_body, live_workers
 from producer.gateway.errors import ApiError, job_error, unavailable
 from producer.openai_compat import FINISH_REASONS, body_fields, chunk, completion, openai_job_fields, usage_chunk
 from producer.records import StreamChunk
@@ -45,7 +45,7 @@ async def _completion(request: Request, tenant: Tenant, *, chat: bool):
     stream = mapped.pop("stream", False) is True
     include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
     jobs = client(request)
-    model = served_model(body.get("model"), await jobs.workers())
+    model = served_model(body.get("model"), await live_workers(request))
     fields = openai_job_fields(mapped, request.app.state.presets)
     if stream:
         fields["stream"] = True
@@ -106,7 +106,7 @@ async def completions(request: Request, tenant: Tenant = Depends(authenticate)):
 
 @router.get("/v1/models")
 async def models(request: Request, tenant: Tenant = Depends(authenticate)):
-    workers = await client(request).workers()
+    workers = await live_workers(request)
     first_seen: dict[str, float] = {}
     for w in workers:
         first_seen[w.model] = min(first_seen.get(w.model, w.started_at), w.started_at)
