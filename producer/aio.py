@@ -17,7 +17,7 @@ from producer.enqueue import ENQUEUE_SCRIPT, check_outcome, enqueue_item
 from producer.records import JobRecord, JobState, StreamEvent
 from producer.settings import Settings, get_settings
 from producer.store import CANCEL_SCRIPT, CancelOutcome, cancel_call, cancel_outcome, is_final_event, now, record_from_hash
-from producer.streaming import READ_COUNT, RECHECK_S, StreamFollower, streams
+from producer.streaming import READ_COUNT, RECHECK_S, StreamFollower, streams, texts_so_far
 from producer.workers import WorkerInfo, check_against_workers, live_worker_keys, parse_workers, seen_since
 
 
@@ -51,6 +51,12 @@ class AsyncJobClient:
         if record is None:
             raise JobNotFoundError(job_id)
         return record
+
+    @typed_redis_errors
+    async def texts_so_far(self, job_id: str) -> list[str]:
+        """A streaming job's text per sequence as streamed so far (its final text once it has succeeded:
+        ``get``'s result)."""
+        return texts_so_far(await self.redis.xrange(keys.job_chunks(keys.checked_id("job_id", job_id))))
 
     async def status(self, job_id: str) -> JobState:
         return (await self.get(job_id)).state

@@ -59,6 +59,7 @@ return {'new', '', ''}
 SUBMITTED_SCRIPT = EVENTS_LUA + """
 if redis.call('HGET', KEYS[1], 'state') == 'submitting' then
   redis.call('HSET', KEYS[1], 'state', 'submitted', 'submitted_at', ARGV[1])
+  webhook_event(KEYS[1], 'batch', redis.call('HGET', KEYS[1], 'batch_id') or '', 'start')
   batch_completed(KEYS[1])
 end
 return 1

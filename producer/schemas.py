@@ -77,8 +77,8 @@ class GenerationRequest(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict, description="Caller's data, stored with the job and returned as is.")
     deadline: float | None = Field(None, gt=0, description="Unix time (seconds): a job not started by then ends expired without running.")
     webhook: str | None = Field(None, max_length=2048, description="URL that gets the job's events (POST, signed: Standard Webhooks); http or https.")
-    webhook_events_filter: list[Literal["start", "completed"]] = Field(default_factory=lambda: ["completed"],
-                                                                       description="Which events go to the webhook: start, completed.")
+    webhook_events_filter: list[Literal["start", "output", "completed"]] = Field(
+        default_factory=lambda: ["completed"], description="Which events go to the webhook: start, output, completed (Replicate's names).")
     idempotency_key: str | None = Field(None, min_length=1, max_length=128,
                                         description="Submitting the same key again returns the same job id and enqueues nothing (while its record lives).")
 

@@ -153,25 +153,32 @@ end
 return 0
 """
 
+# A running job back to queued, its message back on its queue: numbered ``seq`` (when given) in its
+# queue's waiting set, so that the sweeper finds it should its message be lost again (worker/sweeper.py).
+REQUEUE_LUA = _BATCH_MOVE + """
+local function requeue(seq, channel)
+  batch_move('running', 'queued')
+  redis.call('HSET', KEYS[1], 'state', 'queued')
+  local waiting = redis.call('HGET', KEYS[1], 'k_waiting')
+  if waiting and seq then
+    redis.call('HSET', KEYS[1], 'seq', seq)
+    redis.call('ZADD', waiting, seq, redis.call('HGET', KEYS[1], 'job_id'))
+  end
+  redis.call('HDEL', KEYS[1], 'started_at', 'worker', 'holder')
+  redis.call('PUBLISH', channel, cjson.encode({event='state', state='queued'}))
+end
+"""
+
 # KEYS: record. ARGV: holder, channel. A job its worker took but did not start (the worker is
 # stopping): back to queued (it was never charged an attempt), unless it has ended or another worker
-# took it.
-RELEASE_SCRIPT = _BATCH_MOVE + """
+# took it. Its message goes back to the far end of its queue: it waits there, numbered as the last.
+RELEASE_SCRIPT = REQUEUE_LUA + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'holder') ~= ARGV[1] then
   return 0
 end
-batch_move('running', 'queued')
-redis.call('HSET', KEYS[1], 'state', 'queued')
 redis.call('HINCRBY', KEYS[1], 'deliveries', -1)
--- Its message goes back to the far end of its queue: it waits there, numbered as the last.
-local waiting, sequence = redis.call('HGET', KEYS[1], 'k_waiting'), redis.call('HGET', KEYS[1], 'k_sequence')
-if waiting and sequence then
-  local seq = redis.call('INCR', sequence)
-  redis.call('HSET', KEYS[1], 'seq', seq)
-  redis.call('ZADD', waiting, seq, redis.call('HGET', KEYS[1], 'job_id'))
-end
-redis.call('HDEL', KEYS[1], 'started_at', 'worker', 'holder')
-redis.call('PUBLISH', ARGV[2], cjson.encode({event='state', state='queued'}))
+local sequence = redis.call('HGET', KEYS[1], 'k_sequence')
+requeue(sequence and redis.call('INCR', sequence), ARGV[2])
 return 1
 """
 
@@ -191,9 +198,23 @@ local function finalize(state, now, ttl, field, payload, channel, end_event, str
     redis.call('EXPIRE', KEYS[2], ttl)
   end
   redis.call('PUBLISH', channel, end_event)
-  webhook_event(KEYS[1], 'job', redis.call('HGET', KEYS[1], 'job_id') or '', 'completed')
+  local job_id = redis.call('HGET', KEYS[1], 'job_id') or ''
+  if state == 'succeeded' then
+    webhook_event(KEYS[1], 'job', job_id, 'output')
+  end
+  webhook_event(KEYS[1], 'job', job_id, 'completed')
 end
 """
+
+# KEYS: record. ARGV: job id. A streaming job's new text, for a webhook that asked for output events
+# (the publisher calls it at most every OUTPUT_EVENT_EVERY_S per job); nothing once the job has ended.
+OUTPUT_EVENT_SCRIPT = EVENTS_LUA + """
+if redis.call('HGET', KEYS[1], 'state') == 'running' then
+  webhook_event(KEYS[1], 'job', ARGV[1], 'output')
+end
+return 0
+"""
+OUTPUT_EVENT_EVERY_S = 0.5
 
 # KEYS: record, chunks. ARGV: state, now, ttl, field name ('result', 'error' or ''), JSON, channel,
 # request JSON or '', end event JSON, '1' for a streaming job. Returns 'ok', or the final state

@@ -36,6 +36,18 @@ def parse_event(data: str) -> StreamEvent | None:
     return None
 
 
+def texts_so_far(entries: Any) -> list[str]:
+    """Each sequence's text as a job's stream entries (XRANGE) give it so far: the chunks of its latest
+    attempt (a redelivered job streams from the start again), concatenated per sequence."""
+    chunks = [e for _, fields in entries or [] if isinstance(e := parse_event(fields.get("event")), StreamChunk)]
+    latest = max((c.attempt for c in chunks), default=0)
+    texts: dict[int, str] = {}
+    for chunk in chunks:
+        if chunk.attempt == latest:
+            texts[chunk.index] = texts.get(chunk.index, "") + chunk.text
+    return [texts.get(i, "") for i in range(max(texts, default=-1) + 1)]
+
+
 RECORD_EVENT_ID = "r-"  # ids of the events made from a final record (a job that did not stream): r-<seq>, r-end
 
 

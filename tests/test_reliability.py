@@ -23,6 +23,7 @@ from producer.records import JobState
 from producer.settings import Settings
 from tests.conftest import WorkerProcess
 from tests.waiting import wait_for
+from worker.held import HeldMessages
 
 # Redelivery within seconds instead of an hour (see the README's "Guarantees" for production values).
 FAST_REDELIVERY = {"BELLE_VISIBILITY_TIMEOUT_S": "4", "BELLE_UNACKED_RESTORE_INTERVAL_S": "1", "BELLE_UNACKED_RESTORE_THROTTLE": "1",
@@ -305,3 +306,27 @@ def test_a_dead_workers_messages_go_back_to_the_queue_within_seconds_not_the_vis
     assert f"worker process {holder} is dead: " in survivor.log
     assert recovered_s < 60, f"back within seconds of the liveness key's expiry, not the visibility timeout (3600 s): {recovered_s:.1f} s"
     print(f"{len(held)} jobs held by a SIGKILLed worker all started again on another worker {recovered_s:.1f} s after the kill")
+
+
+def test_a_dead_workers_job_whose_returned_message_is_lost_again_is_sent_again(new_database, start_worker, bloom_config):
+    """A message sent back from a dead worker can be lost once more (the next worker dies between
+    BRPOP and its record of it): the job is queued again with its message, so the lost-message sweep
+    finds it, instead of a record left running under a dead holder with no message anywhere."""
+    url = new_database()
+    with JobClient(Settings(redis_url=url)) as client:
+        doomed = start_worker(bloom_config, name="first@tests", redis_url=url, env={"BELLE_BATCH_MAX_SIZE": "1"})
+        job_id = client.submit({"prompt": "lost twice", **LONG})
+        wait_for(lambda: client.redis.hget(keys.job(job_id), "state") == "running", 60, "the job started")
+        holder = client.redis.hget(keys.job(job_id), "holder")
+        doomed.process.send_signal(signal.SIGKILL)
+        doomed.process.wait(10)
+        held = HeldMessages(client.redis, confirm_after_s=0)
+        wait_for(lambda: held.reclaim_dead().get(holder), 60, "the dead worker's message went back to its queue")
+        record = client.redis.hgetall(keys.job(job_id))
+        assert record["state"] == "queued" and "holder" not in record, record
+        assert client.redis.zscore(keys.queue_waiting(keys.QUEUE_INTERACTIVE), job_id) is not None, "it waits on its queue, numbered"
+        assert job_id in client.redis.rpop(keys.QUEUE_INTERACTIVE), "(its message, taken and lost)"
+        survivor = start_worker(bloom_config, name="second@tests", redis_url=url, env=FAST_REDELIVERY)
+        record = client.wait(job_id, 120)
+    assert record.state is JobState.SUCCEEDED and record.worker == "second@tests"
+    assert f"job {job_id}: its message was lost" in survivor.log

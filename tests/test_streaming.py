@@ -9,7 +9,7 @@ import pytest
 from producer.records import FinishReason, JobRecord, JobState, StreamChunk, StreamEnd
 from producer.schemas import parse_request
 from producer.settings import Settings
-from producer.streaming import StreamFollower
+from producer.streaming import StreamFollower, texts_so_far
 from worker.batcher import Batcher
 from worker.engine import Engine
 from worker.model_config import ModelConfig
@@ -203,3 +203,16 @@ def test_the_follower_replays_in_order_and_ends_once():
     quiet = StreamFollower("k")
     events = quiet.from_record(JobRecord(job_id="k", state=JobState.FAILED))
     assert events == [StreamEnd(job_id="k", state=JobState.FAILED)] and quiet.done
+
+
+def test_texts_so_far_are_the_latest_attempts_chunks_per_sequence():
+    def entry(n, event):
+        return (f"{n}-0", {"event": event.model_dump_json()})
+
+    chunks = [StreamChunk(job_id="j", seq=0, index=0, text="old", tokens=1, attempt=1),
+              StreamChunk(job_id="j", seq=0, index=1, text="b", tokens=1, attempt=2),
+              StreamChunk(job_id="j", seq=1, index=0, text="a", tokens=1, attempt=2),
+              StreamChunk(job_id="j", seq=2, index=1, text="c", tokens=2, attempt=2)]
+    entries = [entry(n, c) for n, c in enumerate(chunks)] + [("9-0", {"event": "not json"})]
+    assert texts_so_far(entries) == ["a", "bc"]
+    assert texts_so_far([]) == [] and texts_so_far(None) == []

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import yaml
 
+from producer import keys
 from producer.client import JobClient
 from producer.records import JobState
 from producer.settings import Settings
@@ -131,6 +132,27 @@ def test_start_and_completion_arrive_signed_and_a_failing_receiver_gets_the_same
     assert all(verify(r["headers"], r["body"]) for r in receiver.received)
 
 
+def test_output_events_carry_the_text_so_far_then_the_whole_text(setup, gateways, receiver):
+    url, env, client = setup
+    gateway = gateways(url, env=env)
+    streamed = submit(gateway, {"prompt": "tell", "num_beams": 1, "do_sample": True, "seed": 3, "max_new_tokens": 24, "stream": True,
+                                "webhook": receiver.url, "webhook_events_filter": ["output", "completed"]})
+    plain = submit(gateway, {**QUICK, "webhook": receiver.url, "webhook_events_filter": ["output"]})
+    wait_for(lambda: len(receiver.events("job.completed")) == 1 and any(e["data"]["job_id"] == plain for e in receiver.events("job.output")), 60,
+             lambda: f"both jobs' events arrived: {[e['type'] for e in receiver.events()]}")
+    record = client.get(streamed)
+    assert record.state is JobState.SUCCEEDED and client.redis.xlen(keys.job_chunks(streamed)) > 1, "the job streamed"
+    outputs = [e["data"] for e in receiver.events("job.output") if e["data"]["job_id"] == streamed]
+    assert len(outputs) >= 2, "one with the first chunk, one at the end"
+    for data in outputs:  # read at delivery: the text so far while it ran, the whole result once it had ended
+        text = data["output"][0] if data["state"] == "running" else data["result"]["sequences"][0]["text"]
+        assert record.text.startswith(text)
+    assert any(d["state"] == "succeeded" and d["result"]["sequences"][0]["text"] == record.text for d in outputs)
+    plain_events = [e for e in receiver.events() if e["data"]["job_id"] == plain]
+    assert [e["type"] for e in plain_events] == ["job.output"], "a job that does not stream: one output event, at its end; no completion asked"
+    assert plain_events[0]["data"]["result"]["sequences"][0]["text"] == client.get(plain).text
+
+
 def test_a_deliverer_killed_mid_delivery_loses_nothing(setup, gateways, receiver):
     url, env, client = setup
     first = gateways(url, env=env)
@@ -167,9 +189,14 @@ def test_a_batch_says_when_it_has_completed(setup, gateways, receiver, tmp_path)
     with httpx.Client(base_url=gateway.url, headers=headers, timeout=60) as http:
         file_id = http.post("/v1/files", files={"file": ("b.jsonl", lines.encode())}, data={"purpose": "batch"}).json()["id"]
         batch = http.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/completions", "completion_window": "24h",
-                                               "webhook": receiver.url}).json()
+                                               "webhook": receiver.url, "webhook_events_filter": ["start", "completed"]}).json()
+        refused = http.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/completions", "webhook": receiver.url,
+                                                 "webhook_events_filter": ["output"]})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "webhook_events_filter"
     wait_for(lambda: receiver.events("batch.completed"), 60, lambda: f"the batch's completion arrived: {receiver.events()}")
     (event,) = receiver.events("batch.completed")
+    (start,) = receiver.events("batch.start")
+    assert start["data"]["id"] == batch["id"] and start["data"]["request_counts"]["total"] == 5
     assert event["data"]["id"] == batch["id"] and event["data"]["status"] == "completed" and event["data"]["request_counts"]["completed"] == 5
     assert event["data"]["completed_at"] and verify(event["_headers"], receiver.received[-1]["body"])
     assert all(client.get(j).state is JobState.SUCCEEDED for j in client.redis.lrange(f"belle:batch:{batch['id']}:jobs", 0, -1))

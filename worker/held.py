@@ -11,9 +11,10 @@ lapsed, live workers' too, until their next beat); ``reclaim_dead`` then sends e
 recorded as its own back to the head of its queue, in one script per message that
 checks again that the holder is dead and still the message's holder, and takes the message out of
 both records: so a message goes back once, by one worker, and never while its holder lives (a
-message that kombu already sent back and another process took is that process's now). What follows
-is what follows any redelivery (producer/store.py, START_SCRIPT): the job runs again, its attempts
-counted as before.
+message that kombu already sent back and another process took is that process's now). The job's
+record goes back to queued in the same script (numbered on its queue, so that the lost-message sweep
+covers it should its message be lost again). What follows is what follows any redelivery
+(producer/store.py, START_SCRIPT): the job runs again, its attempts counted as before.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from collections import Counter, defaultdict
 import redis
 
 from producer import keys
+from producer.store import REQUEUE_LUA
 from producer.workers import EXPIRES_S, HEARTBEAT_S
+from worker.intake import named_job
 
 log = logging.getLogger("belle.held")
 
@@ -35,23 +38,34 @@ UNACKED_INDEX = "unacked_index"
 SCAN_COUNT = 1_000
 CONFIRM_AFTER_S = 1.5 * HEARTBEAT_S  # a live worker renews its key within this of any look
 
-# KEYS: holder-of hash, unacked hash, unacked index, queue. ARGV: delivery tag, the dead holder, its
-# liveness key, the unacked entry as read, the message to put back. Returns 'alive', 'gone' (no longer
-# that holder's: acknowledged, or sent back by another sweeper or by kombu) or 'sent'.
-RECLAIM_SCRIPT = """
+# KEYS: the job's record, holder-of hash, unacked hash, unacked index, queue. ARGV: delivery tag, the
+# dead holder, its liveness key, the unacked entry as read, the message to put back, the job's channel.
+# Returns 'alive', 'gone' (no longer that holder's: acknowledged, or sent back by another sweeper or by
+# kombu) or 'sent'. A job the dead holder had started goes back to queued with its message, numbered
+# as the latest started on its queue (its message is at the head), so that the sweeper sends its
+# message again should it be lost once more (taken by a worker that dies before recording it).
+RECLAIM_SCRIPT = REQUEUE_LUA + """
 if redis.call('EXISTS', ARGV[3]) == 1 then
   return 'alive'
 end
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then
   return 'gone'
 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[4] then
-  return 'gone'
-end
-redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('RPUSH', KEYS[4], ARGV[5])
+if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[4] then
+  return 'gone'
+end
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('RPUSH', KEYS[5], ARGV[5])
+if redis.call('HGET', KEYS[1], 'state') == 'running' and redis.call('HGET', KEYS[1], 'holder') == ARGV[2] then
+  local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '')
+  local taken = redis.call('HGET', KEYS[1], 'k_taken')
+  if seq and taken then
+    seq = math.max(seq, tonumber(redis.call('GET', taken) or '0'))
+  end
+  requeue(seq, ARGV[6])
+end
 return 'sent'
 """
 
@@ -102,30 +116,33 @@ class HeldMessages:
         entries = self.redis.hmget(keys.UNACKED, tags)
         pipe = self.redis.pipeline(transaction=False)
         for tag, entry in zip(tags, entries, strict=True):
-            message, queue = _returned(entry)
+            message, queue, job_id = _returned(entry)
             if entry is not None and message is None:  # not a message this can put back: kombu's visibility timeout will
                 pipe.echo("left")
                 continue
             # (An entry acknowledged meanwhile: the script only clears the holder's record of it, if still there.)
-            self._reclaim(keys=[keys.HOLDER_OF, keys.UNACKED, UNACKED_INDEX, queue or keys.QUEUE_INTERACTIVE],
-                          args=[tag, incarnation, alive, entry or "", message or ""], client=pipe)
+            record = keys.job(job_id) if job_id else keys.job("-")  # (no job named: no record is touched)
+            self._reclaim(keys=[record, keys.HOLDER_OF, keys.UNACKED, UNACKED_INDEX, queue or keys.QUEUE_INTERACTIVE],
+                          args=[tag, incarnation, alive, entry or "", message or "", keys.job_channel(job_id or "-")], client=pipe)
         outcomes = Counter(pipe.execute())
         if outcomes["sent"]:
             log.warning("worker process %s is dead: %d messages it held went back to their queues", incarnation, outcomes["sent"])
         return outcomes
 
 
-def _returned(entry: str | None) -> tuple[str | None, str]:
-    """The message of an unacked entry as kombu would put it back (marked redelivered), and its queue;
-    (None, '') for an entry that is not one this can put back (a named exchange, a priority queue)."""
+def _returned(entry: str | None) -> tuple[str | None, str, str | None]:
+    """The message of an unacked entry as kombu would put it back (marked redelivered), its queue and
+    the job it names; (None, '', None) for an entry that is not one this can put back (a named
+    exchange, a priority queue)."""
     if entry is None:
-        return None, ""
+        return None, "", None
     try:
         message, exchange, routing_key = json.loads(entry)
         if exchange or not isinstance(routing_key, str) or (message.get("properties") or {}).get("priority") not in (None, 0):
             return None, ""
         message["headers"]["redelivered"] = True
         message["properties"]["delivery_info"]["redelivered"] = True
+        job_id = named_job(message["headers"])
     except (ValueError, TypeError, KeyError, AttributeError):
-        return None, ""
-    return json.dumps(message), routing_key
+        return None, "", None
+    return json.dumps(message), routing_key, job_id

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 import redis
 
 from producer import keys
 from producer.records import StreamChunk
-from producer.store import STREAM_MAX_ENTRIES
+from producer.store import OUTPUT_EVENT_EVERY_S, OUTPUT_EVENT_SCRIPT, STREAM_MAX_ENTRIES
 
 log = logging.getLogger("belle.publisher")
 
@@ -31,6 +32,8 @@ class ChunkPublisher:
         self.ttl_s = ttl_s  # until the job ends; then the stream takes the record's result TTL
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="belle-publisher", daemon=True)
+        self._output_event = client.register_script(OUTPUT_EVENT_SCRIPT)
+        self._output_at: dict[str, float] = {}  # job → when its last output event was offered (publisher thread only)
 
     def start(self) -> ChunkPublisher:
         self._thread.start()
@@ -64,9 +67,16 @@ class ChunkPublisher:
         """Append each chunk to its job's stream and publish it on its job's channel, in one pipeline.
 
         Streaming is best effort against Redis failures: generation goes on, and the final record
-        still holds the whole text."""
+        still holds the whole text. A job whose webhook asked for output events gets one with its
+        first chunk and then at most every OUTPUT_EVENT_EVERY_S (the script checks the webhook)."""
         pipe = self.redis.pipeline(transaction=False)
+        now = time.monotonic()
+        if len(self._output_at) > 10_000:
+            self._output_at = {job: at for job, at in self._output_at.items() if now - at < 60}
         for chunk in chunks:
+            if now - self._output_at.get(chunk.job_id, float("-inf")) >= OUTPUT_EVENT_EVERY_S:
+                self._output_at[chunk.job_id] = now
+                self._output_event(keys=[keys.job(chunk.job_id)], args=[chunk.job_id], client=pipe)
             data = chunk.model_dump_json()
             stream = keys.job_chunks(chunk.job_id)
             pipe.xadd(stream, {"event": data}, maxlen=STREAM_MAX_ENTRIES, approximate=True)

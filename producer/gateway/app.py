@@ -39,14 +39,19 @@ class GatewayMetrics:
         self.open_streams = Gauge("belle_gateway_open_streams", "Server-sent event streams open now", registry=r)
 
 
-async def webhook_payload(client: AsyncJobClient, kind: str, item_id: str) -> dict | None:
-    """A webhook event's data, as read now: the job's record (as GET /v1/jobs/{id}), or the batch (as
-    GET /v1/batches/{id} for an OpenAI batch); None once it is gone."""
+async def webhook_payload(client: AsyncJobClient, kind: str, item_id: str, event: str) -> dict | None:
+    """A webhook event's data, as read now: the job's record (as GET /v1/jobs/{id}; an output event of a
+    job still running adds ``output``, its text per sequence so far), or the batch (as GET
+    /v1/batches/{id} for an OpenAI batch); None once it is gone."""
     if kind == "job":
         try:
-            return job_routes.record_body(await client.get(item_id))
+            record = await client.get(item_id)
         except JobNotFoundError:
             return None
+        body = job_routes.record_body(record)
+        if event == "output" and not record.is_final:
+            body["output"] = await client.texts_so_far(item_id)
+        return body
     fields = await client.redis.hgetall(keys.batch(item_id))
     if not fields:
         return None

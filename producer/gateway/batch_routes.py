@@ -164,10 +164,13 @@ async def delete_file(request: Request, file_id: str, tenant: Tenant = Depends(a
 # --- batches ---
 
 
+BATCH_EVENTS = {"start", "completed"}  # a batch's webhook events: its lines are all in (it runs), it has ended
+
+
 @router.post("/v1/batches")
 async def create_batch(request: Request, tenant: Tenant = Depends(authenticate)):
     body = await json_body(request)
-    unknown = sorted(set(body) - {"input_file_id", "endpoint", "completion_window", "metadata", "webhook"})
+    unknown = sorted(set(body) - {"input_file_id", "endpoint", "completion_window", "metadata", "webhook", "webhook_events_filter"})
     if unknown:
         raise ApiError(400, f"{unknown[0]} is not supported here; remove it", param=unknown[0], code="invalid_request")
     endpoint = body.get("endpoint")
@@ -189,11 +192,15 @@ async def create_batch(request: Request, tenant: Tenant = Depends(authenticate))
         problem = problem or await target_problem(webhook, request.app.state.settings.webhook_allow_private)
         if problem:
             raise ApiError(400, f"webhook {problem}", param="webhook", code="invalid_request")
+    events = body.get("webhook_events_filter", ["completed"])
+    if not isinstance(events, list) or not events or not set(events) <= BATCH_EVENTS:
+        raise ApiError(400, f"webhook_events_filter of a batch is a list of {sorted(BATCH_EVENTS)}, got {events!r}",
+                       param="webhook_events_filter", code="invalid_request")
     info = await _owned_file(request, tenant, input_file_id)
     batch_id = f"batch_{uuid.uuid4().hex}"
     jobs = client(request)
     fields = {"openai_endpoint": endpoint, "input_file_id": input_file_id, "completion_window": window, "metadata": json.dumps(metadata),
-              "tenant": tenant.name, **({"webhook": webhook, "webhook_events": "completed"} if webhook else {})}
+              "tenant": tenant.name, **({"webhook": webhook, "webhook_events": ",".join(events)} if webhook else {})}
     submission = await jobs.submit_batch(RedisListSource(jobs.sync.redis, keys.file_lines(input_file_id)), batch_id=batch_id,
                                          completion_window_s=window_s, skip_invalid=True, name=info.get("filename"),
                                          record_fields=tenant.record_fields, batch_fields=fields, openai_url=endpoint)

@@ -1,4 +1,4 @@
-"""Webhooks: a job's start and completion, and a batch's completion, POSTed to the URL the caller gave.
+"""Webhooks: a job's start, output and completion, and a batch's start and completion, POSTed to the URL the caller gave.
 
 Durable, at least once: the transition scripts append each event to the stream ``keys.WEBHOOKS`` in
 the same step as the state they report (producer/store.py). Every gateway process runs a deliverer
@@ -77,7 +77,7 @@ class WebhookDeliverer:
         self.redis = client.redis
         self.keyring = keyring
         self.settings = settings
-        self.payload = payload  # async (kind, id) -> dict | None: the event's data (a job record, a batch), None once gone
+        self.payload = payload  # async (kind, id, event) -> dict | None: the event's data (a job record, a batch), None once gone
         self.consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.claim_after_ms = int(max(1.0, 2 * settings.webhook_timeout_s) * 1000)
         self._slots = asyncio.Semaphore(CONCURRENCY)
@@ -126,7 +126,7 @@ class WebhookDeliverer:
         if tried["next"] > now:
             return  # not due: it comes back (claimed) later
         url, webhook_id = fields.get("url", ""), f"msg_{entry_id}"
-        data = await self.payload(fields.get("kind"), fields.get("id", ""))
+        data = await self.payload(fields.get("kind"), fields.get("id", ""), fields.get("event", ""))
         problem = await target_problem(url, self.settings.webhook_allow_private)
         if data is None or problem:
             log.warning("webhook %s (%s %s %s) dropped: %s", webhook_id, fields.get("kind"), fields.get("id"), fields.get("event"),
