@@ -3,8 +3,9 @@
 1. Throughput: the same 64 jobs (32 tokens each) sent at once with the async `openai` client through
    the gateway, and with `AsyncJobClient` directly (submit, then wait), against one worker (the ~50M
    BLOOM); median of --runs, as a ratio.
-2. Added latency of a 1-token job, one at a time: gateway (the `openai` client, non-streaming) vs
-   `AsyncJobClient` (submit + wait), p50 and p99 (tiny BLOOM worker).
+2. Added latency of a 1-token job, one at a time: gateway (plain HTTP, and the `openai` client, whose
+   own overhead is part of what a user sees; non-streaming) vs `AsyncJobClient` (submit + wait), p50
+   and p99 (tiny BLOOM worker), the three paths taking turns.
 3. Open streams: --streams idle server-sent event streams (`/v1/jobs/{id}/events` of jobs no worker
    takes) held by one gateway process: its RSS and CPU while they are open, then every job cancelled
    and every stream's end event counted.
@@ -93,22 +94,29 @@ async def direct(redis_url: str, prompts: list[str]) -> float:
     return sum(r.result.usage.completion_tokens for r in records) / elapsed
 
 
-async def latencies(url: str, redis_url: str, model: str, n: int) -> tuple[list[float], list[float]]:
+async def latencies(url: str, redis_url: str, model: str, n: int) -> dict[str, list[float]]:
+    """Milliseconds per 1-token job, one at a time, the three paths taking turns: the `openai` client
+    through the gateway, plain HTTP (httpx) through the gateway, and AsyncJobClient directly."""
     api = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0)
-    via_gateway, via_client = [], []
-    async with AsyncJobClient(Settings(redis_url=redis_url)) as client:
+    times: dict[str, list[float]] = {"openai": [], "http": [], "client": []}
+    async with AsyncJobClient(Settings(redis_url=redis_url)) as client, httpx.AsyncClient(base_url=url) as http:
         for i in range(n + 5):  # 5 warm-up rounds
             started = time.perf_counter()
             await api.completions.create(model=model, prompt=f"hi {i}", max_tokens=1, temperature=0)
-            gateway_s = time.perf_counter() - started
+            openai_s = time.perf_counter() - started
+            started = time.perf_counter()
+            response = await http.post("/v1/completions", json={"model": model, "prompt": f"hi {i}", "max_tokens": 1, "temperature": 0},
+                                       headers={"Authorization": "Bearer bench"})
+            http_s = time.perf_counter() - started
+            assert response.status_code == 200, response.text
             started = time.perf_counter()
             await client.wait(await client.submit({"prompt": f"hi {i}", "num_beams": 1, "max_new_tokens": 1}), 60)
             client_s = time.perf_counter() - started
             if i >= 5:
-                via_gateway.append(gateway_s * 1000)
-                via_client.append(client_s * 1000)
+                for path, seconds in (("openai", openai_s), ("http", http_s), ("client", client_s)):
+                    times[path].append(seconds * 1000)
     await api.close()
-    return via_gateway, via_client
+    return times
 
 
 async def open_streams(gateway: Gateway, redis_url: str, n: int, hold_s: float) -> dict:
@@ -175,12 +183,13 @@ def main() -> None:
             worker = WorkerSubprocess(tiny, build_tiny_model(get_settings().cache_dir / "tiny-bloom"))
             worker.wait_ready(client)
             gateway = Gateway(tiny)
-            via_gateway, via_client = asyncio.run(latencies(gateway.url, tiny, model_name(client), args.latency_jobs))
+            times = asyncio.run(latencies(gateway.url, tiny, model_name(client), args.latency_jobs))
             q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1]  # noqa: E731
-            print(f"latency of a 1-token job, {args.latency_jobs} one at a time: client p50 {statistics.median(via_client):.2f} ms, "
-                  f"p99 {q(via_client, 99):.2f} ms; gateway p50 {statistics.median(via_gateway):.2f} ms, p99 {q(via_gateway, 99):.2f} ms; "
-                  f"added p50 {statistics.median(via_gateway) - statistics.median(via_client):.2f} ms, "
-                  f"added p99 {q(via_gateway, 99) - q(via_client, 99):.2f} ms")
+            direct_p50, direct_p99 = statistics.median(times["client"]), q(times["client"], 99)
+            print(f"latency of a 1-token job, {args.latency_jobs} rounds one at a time: AsyncJobClient p50 {direct_p50:.2f} ms, p99 {direct_p99:.2f} ms")
+            for path, label in (("http", "gateway, plain HTTP (httpx)"), ("openai", "gateway, the openai client")):
+                p50, p99 = statistics.median(times[path]), q(times[path], 99)
+                print(f"  {label}: p50 {p50:.2f} ms, p99 {p99:.2f} ms; added p50 {p50 - direct_p50:.2f} ms, added p99 {p99 - direct_p99:.2f} ms")
             gateway.stop()
             worker.stop()
         gateway = Gateway(idle)

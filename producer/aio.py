@@ -17,7 +17,7 @@ from producer.enqueue import ENQUEUE_SCRIPT, check_outcome, enqueue_item
 from producer.records import JobRecord, JobState, StreamEvent
 from producer.settings import Settings, get_settings
 from producer.store import CANCEL_SCRIPT, CancelOutcome, cancel_call, cancel_outcome, is_final_event, now, record_from_hash
-from producer.streaming import READ_COUNT, RECHECK_S, StreamFollower, streams, texts_so_far
+from producer.streaming import PUBSUB_RECHECK_S, READ_COUNT, RECHECK_S, StreamFollower, streams, texts_so_far
 from producer.workers import WorkerInfo, check_against_workers, live_worker_keys, parse_workers, seen_since
 
 
@@ -75,7 +75,7 @@ class AsyncJobClient:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise JobTimeoutError(job_id, timeout, record.state.value)
-                until = time.monotonic() + min(remaining, RECHECK_S)
+                until = time.monotonic() + min(remaining, PUBSUB_RECHECK_S)
                 while (left := until - time.monotonic()) > 0 and not is_final_event(await pubsub.get_message(timeout=left)):
                     pass
         finally:

@@ -17,7 +17,7 @@ from producer.records import JobError, JobRecord, JobResult, JobState, StreamEve
 from producer.schemas import GenerationRequest, parse_request
 from producer.settings import Settings, get_settings
 from producer.store import CancelOutcome, JobStore, is_final_event, now
-from producer.streaming import READ_COUNT, RECHECK_S, StreamFollower, streams
+from producer.streaming import PUBSUB_RECHECK_S, READ_COUNT, RECHECK_S, StreamFollower, streams
 from producer.workers import WorkerInfo, check_against_workers, live_workers
 
 RequestLike = GenerationRequest | Mapping[str, Any]
@@ -89,7 +89,7 @@ class JobClient:
                 if remaining <= 0:
                     raise JobTimeoutError(job_id, timeout, record.state.value)
                 # Wake on the final event; re-read now and then in case it was missed.
-                until = time.monotonic() + min(remaining, RECHECK_S)
+                until = time.monotonic() + min(remaining, PUBSUB_RECHECK_S)
                 while (left := until - time.monotonic()) > 0 and not is_final_event(pubsub.get_message(timeout=left)):
                     pass
         finally:

@@ -18,6 +18,9 @@ READ_COUNT = 1_000  # entries per XREAD
 # A waiting reader re-reads the record this often, in case it missed the end (pub/sub or the stream's end
 # event wake it first); below redis-py's 5 s socket timeout, which a longer blocking read would meet.
 RECHECK_S = 4.0
+# A reader waiting on pub/sub alone (a job that does not stream) re-reads the record this often: only a
+# pub/sub connection that reconnected (Redis restarted) can have missed the end event.
+PUBSUB_RECHECK_S = 15.0
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 
