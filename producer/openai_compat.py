@@ -69,7 +69,13 @@ def body_fields(url: str, body: Any, *, where: str = "", streaming: bool = False
             else:
                 out.update(do_sample=True, temperature=value)
         elif name == "logprobs":
-            out["output_scores"] = bool(value)
+            if OPENAI_URLS[url] == "prompt" and (isinstance(value, bool) or not isinstance(value, int) or value != 0):
+                # (completions: the number of alternatives per token; only each chosen token's own is given)
+                raise InvalidRequestError.single(field, value, f"{field} must be 0 here (the chosen tokens' log-probabilities; "
+                                                               "alternatives are not given), got {value!r}")
+            if OPENAI_URLS[url] == "messages" and not isinstance(value, bool):
+                raise InvalidRequestError.single(field, value, f"{field} must be true or false, got {value!r}")
+            out["output_scores"] = value is True or OPENAI_URLS[url] == "prompt"
         elif streaming and name == "stream":
             out["stream"] = value
         elif streaming and name == "stream_options":
@@ -139,15 +145,21 @@ def _prompt(prompt: Any, where: str) -> Any:
 
 
 def _logprobs(sequence, chat: bool) -> dict[str, Any] | None:
-    """Per-token log-probabilities as OpenAI shapes them. The gateway has no tokenizer: a token is named
-    by its id (``token_id``), its text left empty."""
+    """Per-token log-probabilities as OpenAI shapes them: each token's text as the worker decoded it
+    alone (``token_id`` too), and no alternatives (``top_logprobs`` is refused above 0)."""
     if sequence.logprobs is None:
         return None
+    count = len(sequence.logprobs)
+    texts = list(sequence.tokens or [])[:count] + [""] * (count - len(sequence.tokens or []))
     if chat:
-        return {"content": [{"token": "", "token_id": t, "logprob": lp, "bytes": None, "top_logprobs": []}
-                            for t, lp in zip(sequence.token_ids, sequence.logprobs, strict=False)]}
-    return {"tokens": [""] * len(sequence.logprobs), "token_ids": sequence.token_ids[: len(sequence.logprobs)], "token_logprobs": sequence.logprobs,
-            "top_logprobs": None, "text_offset": None}
+        return {"content": [{"token": text, "token_id": t, "logprob": lp, "bytes": list(text.encode()), "top_logprobs": []}
+                            for text, t, lp in zip(texts, sequence.token_ids, sequence.logprobs, strict=False)]}
+    offsets, at = [], 0
+    for text in texts:
+        offsets.append(at)
+        at += len(text)
+    return {"tokens": texts, "token_ids": sequence.token_ids[:count], "token_logprobs": sequence.logprobs, "top_logprobs": None,
+            "text_offset": offsets}
 
 
 def usage(result: JobResult) -> dict[str, int]:

@@ -50,6 +50,7 @@ class SequenceResult(_Frozen):
     finish_reason: FinishReason
     score: float | None = None  # beam score (length-normalised log-probability) where beams ran
     logprobs: list[float] | None = None  # per generated token, when output_scores was set
+    tokens: list[str] | None = None  # with logprobs: each generated token's own text (decoded alone)
 
 
 class Usage(_Frozen):

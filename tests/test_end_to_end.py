@@ -112,7 +112,7 @@ def test_output_scores_gives_one_logprob_per_token(live_client):
     ])
     for record in (greedy, beams):
         for seq in record.result.sequences:
-            assert len(seq.logprobs) == len(seq.token_ids) > 0
+            assert len(seq.logprobs) == len(seq.token_ids) == len(seq.tokens) > 0
             assert all(v <= 0 for v in seq.logprobs)
 
 

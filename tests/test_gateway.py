@@ -107,6 +107,21 @@ def test_belle_parameters_pass_as_extra_body_fields_and_models_are_the_workers(s
     assert [m.id for m in api.models.list().data] == [MODEL]
 
 
+def test_logprobs_name_each_token_by_its_text_and_id(stack):
+    gateway, _, client, _ = stack
+    api = oa(gateway)
+    chat = api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, logprobs=True, temperature=0,
+                                       extra_body={"min_new_tokens": 8})
+    sequence = client.get(chat.id).result.sequences[0]
+    content = chat.choices[0].logprobs.content
+    assert [t.token for t in content] == sequence.tokens and len(content) == len(sequence.token_ids) == 8
+    assert all(t.logprob <= 0 and t.bytes == list(t.token.encode()) for t in content) and any(t.token for t in content)
+    text = api.completions.create(model=MODEL, prompt="hi", max_tokens=8, logprobs=0, temperature=0, extra_body={"min_new_tokens": 8})
+    logprobs = text.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 8
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(8)]
+
+
 def test_the_async_openai_client(stack):
     gateway, _, client, _ = stack
 

