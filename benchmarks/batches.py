@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import WorkerSubprocess, machine
+from benchmarks.common import WorkerSubprocess, machine, model_for
 from producer import keys
 from producer.batches import FileSource
 from producer.client import JobClient
@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--skip-enqueue", action="store_true", help="only the priority part")
     parser.add_argument("--backlog", type=int, default=10_000)
     parser.add_argument("--interactive", type=int, default=7, help="interactive jobs sent behind the backlog, one at a time")
+    parser.add_argument("--model", help="the priority part's model config (e.g. smollm2-135m, the real trained model); default: the tiny BLOOM")
     args = parser.parse_args()
     print(f"machine: {machine()}")
 
@@ -92,7 +93,7 @@ def main() -> None:
             print(f"  client.submit_batch (validated, in memory)   {a:10,.0f} jobs/s   ratio to raw {a / r:.2f}   (target ≥ 5,000 jobs/s)")
             print(f"  batch submit from a JSONL file               {f:10,.0f} jobs/s   ratio to raw {f / r:.2f}")
 
-        model = build_tiny_model(get_settings().cache_dir / "tiny-bloom")
+        name, model = model_for(args.model, lambda: build_tiny_model(get_settings().cache_dir / "tiny-bloom"))
         with JobClient(Settings(redis_url=backlog_url)) as client:
             backlog = client.submit_batch(lines(args.backlog, "bulk"), new=True)
             worker = WorkerSubprocess(backlog_url, model)
@@ -113,7 +114,7 @@ def main() -> None:
             client.cancel_batch(backlog.batch_id)
             worker.stop()
         cycle = statistics.median(cycles)
-        print(f"\n(2) interactive jobs behind a {args.backlog}-job bulk backlog (tiny BLOOM, 4 new tokens), {args.interactive} jobs")
+        print(f"\n(2) interactive jobs behind a {args.backlog}-job bulk backlog ({name}, 4 new tokens), {args.interactive} jobs")
         print(f"  submitted → started   median {statistics.median(start_waits) * 1000:7.1f} ms   max {max(start_waits) * 1000:7.1f} ms")
         print(f"  submitted → result    median {statistics.median(totals) * 1000:7.1f} ms   max {max(totals) * 1000:7.1f} ms")
         print(f"  decoding cycle (a bulk job's first join to its end, median of the last 500): {cycle * 1000:.1f} ms")

@@ -24,6 +24,21 @@ def benchmark_model() -> Path:
     return build_tiny_model(get_settings().cache_dir / "bench-bloom-50m", BENCHMARK_SPEC)
 
 
+def model_for(ref: str | None, default) -> tuple[str, Path | str]:
+    """(label, the worker's --model) for a benchmark's --model: ``default()`` (a checkpoint it builds)
+    when none is named, else a config name (configs/models), a packaged one prepared into the cache first."""
+    if ref is None:
+        path = default()
+        return path.name, path
+    from worker.model_config import load_model_config
+    from worker.packaged_model import prepare
+
+    config = load_model_config(ref, get_settings())
+    if config.source is not None:
+        prepare(config.source, config.path)
+    return config.name, ref
+
+
 def mixed_prompts(n: int, seed: int = 0, *, max_words: int = 20) -> list[str]:
     """Prompts of mixed lengths: 2 to ``max_words`` words (20: chat questions; 60: long prompts)."""
     rnd = random.Random(seed)

@@ -103,7 +103,8 @@ def main() -> None:
             rates.setdefault(name, []).append(tokens / (time.perf_counter() - started))
             firsts[name] = first
 
-    requests = [{"prompt": t, "num_beams": 1, "max_new_tokens": n, "min_new_tokens": n} for t in texts]
+    # Plain greedy everywhere (the contract's default repetition_penalty, 1.2, is set to 1.0 as for the peers).
+    requests = [{"prompt": t, "num_beams": 1, "max_new_tokens": n, "min_new_tokens": n, "repetition_penalty": 1.0} for t in texts]
 
     def belle(reqs) -> tuple[int, list[int]]:
         jobs = [engine.prepare(f"j{i}", parse_request(r)) for i, r in enumerate(reqs)]
@@ -131,8 +132,8 @@ def main() -> None:
     pad = engine.pad_token_id
 
     def greedy_config(**extra) -> GenerationConfig:
-        return GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=n, min_new_tokens=n, pad_token_id=pad,
-                                eos_token_id=engine.eos_token_id, **extra)
+        return GenerationConfig(**{"do_sample": False, "num_beams": 1, "max_new_tokens": n, "min_new_tokens": n, "repetition_penalty": 1.0,
+                                   "pad_token_id": pad, "eos_token_id": engine.eos_token_id, **extra})
 
     def static(ids: list[list[int]], size: int, gen: GenerationConfig) -> tuple[int, list[int]]:
         total, first = 0, None
@@ -191,7 +192,7 @@ def main() -> None:
         beam_texts = texts[:args.beam_jobs]
         beam_ids = prompt_ids[:args.beam_jobs]
         beam_rates: dict[str, list[float]] = {}
-        beam_requests = [{"prompt": t, "num_beams": 4, "max_new_tokens": n, "min_new_tokens": n} for t in beam_texts]
+        beam_requests = [{"prompt": t, "num_beams": 4, "max_new_tokens": n, "min_new_tokens": n, "repetition_penalty": 1.0} for t in beam_texts]
         beam_config = greedy_config(num_beams=4)
         for name, run in (("belle-queue engine", lambda: belle(beam_requests)),
                           ("seed loop", lambda: on_own_thread(lambda: static(beam_ids[:max(2, args.seed_jobs // 2)], 1, beam_config))),

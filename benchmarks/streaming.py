@@ -15,7 +15,7 @@ import asyncio
 import statistics
 import time
 
-from benchmarks.common import WorkerSubprocess, benchmark_model, machine, mixed_prompts
+from benchmarks.common import WorkerSubprocess, benchmark_model, machine, mixed_prompts, model_for
 from producer.aio import AsyncJobClient
 from producer.client import JobClient
 from producer.embedded_redis import EmbeddedRedis
@@ -50,13 +50,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3, help="alternating pairs of runs; medians are reported")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", help="a model config (e.g. smollm2-135m, the real trained model); default: the ~50M BLOOM")
     args = parser.parse_args()
 
-    path = benchmark_model()
+    name, path = model_for(args.model, benchmark_model)
     prompts = mixed_prompts(args.jobs, seed=1)
     requests = [{"prompt": p, "num_beams": 1, "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens} for p in prompts]
     tokens = args.jobs * args.new_tokens
-    print(f"model: {path.name}; machine: {machine()}")
+    print(f"model: {name}; machine: {machine()}")
     print(f"{args.jobs} jobs × {args.new_tokens} tokens (greedy) through Redis + Celery + 1 worker; {args.runs} alternating pairs")
 
     with EmbeddedRedis() as server:
