@@ -16,9 +16,10 @@ from producer.errors import ErrorCode
 from producer.schemas import parse_request
 from producer.settings import Settings
 from worker.batcher import Batcher, TokenBudget
-from worker.decoding import TRIM_AT, DecodeBatch
+from worker.decoding import SHARED_PREFIX_MIN, TRIM_AT, DecodeBatch, shared_prefix
 from worker.engine import Engine, batch_cost
 from worker.errors import JobFailure
+from worker.kv_cache import KVArena
 from worker.model_config import ModelConfig
 
 PROMPTS = [
@@ -88,6 +89,37 @@ def test_greedy_output_is_the_same_alone_and_in_a_mixed_batch_of_32(engine):
         assert_same_output(results[job.job_id].sequences, reference[job.job_id], job.job_id)
     assert results["beam"].timings.batch_size == 1 and len(results["beam"].sequences) == 2
     assert_same_output(results["beam"].sequences, alone(engine, others[0]), "beam")
+
+
+def test_a_prefix_the_rows_share_is_computed_once_and_every_output_stays_the_same(engine, monkeypatch):
+    """Jobs with one long system message (a chat template's, in real use) and their own questions: the
+    shared prefix is prefilled once and copied, and each job's output is the one it has alone, whether
+    it joins with the others or later, beside rows that do not share it."""
+    system = {"role": "system", "content": "You are a careful assistant. Answer briefly and politely, in the language of the question."}
+    questions = ["Hi", "你好", "What is machine learning?", "北京", "The quick brown fox", "温度控制输出的随机性"]
+    shared = [prepare(engine, f"s{i}", **{"messages": [system, {"role": "user", "content": q}], "num_beams": 1, "max_new_tokens": 12,
+                                          **VARIANTS[i % len(VARIANTS)]}) for i, q in enumerate(questions)]
+    assert shared_prefix([job.input_ids for job in shared]) >= SHARED_PREFIX_MIN, "the test's jobs share a prefix worth sharing"
+    own = [prepare(engine, f"o{i}", prompt=PROMPTS[i], num_beams=1, max_new_tokens=12) for i in range(3)]
+    reference = {job.job_id: alone(engine, job) for job in shared + own}
+    copied = []
+    copy_columns = KVArena.copy_columns
+    monkeypatch.setattr(KVArena, "copy_columns", lambda self, *args: copied.append(args) or copy_columns(self, *args))
+    batcher = batcher_for(engine)
+    try:
+        results = run_all(batcher, shared[:4] + own)
+        results.update(run_all(batcher, shared[4:]))
+    finally:
+        batcher.stop()
+    assert copied, "the shared prefix was copied, not computed for every row"
+    for job in shared + own:
+        assert_same_output(results[job.job_id].sequences, reference[job.job_id], job.job_id)
+
+
+def test_shared_prefix_leaves_every_row_a_token_of_its_own():
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3, 4, 6]]) == 3
+    assert shared_prefix([[1, 2], [1, 2, 3]]) == 1, "the shorter one keeps its last token"
+    assert shared_prefix([[7, 1], [8, 1]]) == 0 and shared_prefix([[5, 5, 5]]) == 2
 
 
 def test_jobs_that_join_a_running_batch_and_leave_it_at_different_steps_keep_their_output(engine, caplog):

@@ -26,6 +26,7 @@ from worker.streaming import IncrementalText, JobStream, cut_at_stop
 
 PREFILL_EFFICIENCY = 0.8  # real tokens / padded tokens of one prefill call, at least
 TRIM_AT = 64  # columns of padding shared by every row at which the arena drops them
+SHARED_PREFIX_MIN = 16  # prompt tokens that the rows of a prefill call all start with, worth computing once
 SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads the seeds of one job's returned sequences
 
 
@@ -129,6 +130,16 @@ def joined_cost(rows: int, length: int, remaining: int) -> int:
     return rows * (length + remaining)
 
 
+def shared_prefix(inputs: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all of ``inputs`` share, leaving each at least one token of its own
+    (its last position gives its first logits)."""
+    first, most = inputs[0], min(len(x) for x in inputs) - 1
+    n = 0
+    while n < most and all(x[n] == first[n] for x in inputs):
+        n += 1
+    return n
+
+
 class DecodeBatch:
     """The decoding rows: slot i of the arena and row i of ``mask``, ``seen`` and ``logits`` belong
     to ``rows[i]``."""
@@ -215,14 +226,27 @@ class DecodeBatch:
                 firsts.append(row)
         width = max(len(r.inputs) for r in firsts)
         start = self.length - width
-        input_ids = torch.full((len(firsts), width), self.engine.pad_token_id, dtype=torch.long)
+        adapters = [r.active.job.request.adapter for r in firsts]
+        # A prefix every row starts with (a chat template's system message) is computed once, in the first
+        # row, and its keys and values copied to the others; the rest of each row follows it, right-aligned
+        # (keys carry their positions, so the gap of padding between the two parts is only masked out).
+        prefix = shared_prefix([r.inputs for r in firsts]) if len(firsts) > 1 and len(set(adapters)) == 1 else 0
+        if prefix < SHARED_PREFIX_MIN:
+            prefix = 0
+        else:
+            ids = torch.tensor([firsts[0].inputs[:prefix]], dtype=torch.long, device=self.engine.device)
+            self.engine.forward(ids, torch.ones_like(ids), self.arena.view(slice(at, at + 1), start, start), adapters[:1])
+            self.arena.copy_columns(at, slice(at + 1, at + len(firsts)), start, start + prefix)
+        rest = width - prefix
+        input_ids = torch.full((len(firsts), rest), self.engine.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(firsts), width), dtype=torch.long)
+        attention[:, :prefix] = 1
         for i, row in enumerate(firsts):
-            input_ids[i, width - len(row.inputs):] = torch.tensor(row.inputs, dtype=torch.long)
-            attention[i, width - len(row.inputs):] = 1
+            own = row.inputs[prefix:]
+            input_ids[i, rest - len(own):] = torch.tensor(own, dtype=torch.long)
+            attention[i, width - len(own):] = 1
         input_ids, attention = input_ids.to(self.engine.device), attention.to(self.engine.device)
-        logits = self.engine.forward(input_ids, attention, self.arena.view(slice(at, at + len(firsts)), start, start),
-                                     [r.active.job.request.adapter for r in firsts])
+        logits = self.engine.forward(input_ids, attention, self.arena.view(slice(at, at + len(firsts)), start, start + prefix), adapters)
         self.arena.zero(slice(at, at + len(firsts)), start)
         for k, (_, first) in enumerate(copies):
             self.arena.move_row(at + first, at + len(firsts) + k, self.length)

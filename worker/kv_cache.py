@@ -69,6 +69,11 @@ class KVArena:
         for t in self.keys + self.values:
             t[target, :, :length] = t[source, :, :length]
 
+    def copy_columns(self, source: int, rows: slice, start: int, end: int) -> None:
+        """Columns ``[start, end)`` of slot ``source`` into the slots ``rows`` (a prefix computed once)."""
+        for t in self.keys + self.values:
+            t[rows, :, start:end] = t[source, :, start:end]
+
     def zero(self, rows: slice, columns: int) -> None:
         """Zero the first ``columns`` columns of these rows: padding that attention reads (masked,
         so multiplied by 0, which would not hide a NaN left in recycled memory)."""
