@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+from statistics import median
 import subprocess
 import tempfile
 import textwrap
@@ -63,10 +63,6 @@ VLLM_SCRIPT = textwrap.dedent("""
             rates.append(sum(len(o.outputs[0].token_ids) for o in outputs) / seconds)
         print("RESULT " + json.dumps({"rates": rates, "first": list(outputs[0].outputs[0].token_ids)}))
 """)
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
 
 
 def main() -> None:

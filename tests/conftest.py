@@ -18,6 +18,7 @@ import yaml
 from producer.client import JobClient
 from producer.embedded_redis import EmbeddedRedis
 from producer.settings import Settings
+from tests.waiting import wait_for
 
 
 @pytest.fixture(scope="session")
@@ -136,16 +137,16 @@ class GatewayProcess:
     def wait_ready(self, timeout: float = 60) -> GatewayProcess:
         import httpx
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def answers() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log}")
             try:
-                httpx.get(self.url + "/health", timeout=1)
-                return self
+                return httpx.get(self.url + "/health", timeout=1) is not None
             except httpx.HTTPError:
-                time.sleep(0.1)
-        raise TimeoutError(f"gateway not ready after {timeout} s:\n{self.log}")
+                return False
+
+        wait_for(answers, timeout, lambda: f"the gateway answers; its log:\n{self.log}")
+        return self
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -82,8 +82,13 @@ class WebhookDeliverer:
         self.claim_after_ms = int(max(1.0, 2 * settings.webhook_timeout_s) * 1000)
         self._slots = asyncio.Semaphore(CONCURRENCY)
         self._tasks: set[asyncio.Task] = set()
+        self._http: httpx.AsyncClient | None = None  # one pool of connections for every delivery (while run() runs)
 
     async def run(self, stopping: asyncio.Event) -> None:
+        async with httpx.AsyncClient(follow_redirects=False, timeout=self.settings.webhook_timeout_s) as self._http:
+            await self._run(stopping)
+
+    async def _run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             try:
                 await self._group()
@@ -139,8 +144,7 @@ class WebhookDeliverer:
         headers = {"content-type": "application/json", "user-agent": "belle-queue-webhooks", "webhook-id": webhook_id,
                    "webhook-timestamp": timestamp, "webhook-signature": signature(secret, webhook_id, timestamp, body)}
         try:
-            async with httpx.AsyncClient(follow_redirects=False, timeout=self.settings.webhook_timeout_s) as http:
-                response = await http.post(url, content=body, headers=headers)
+            response = await self._http.post(url, content=body, headers=headers)
             delivered, why = 200 <= response.status_code < 300, f"HTTP {response.status_code}"
         except httpx.HTTPError as exc:
             delivered, why = False, f"{type(exc).__name__}: {exc}"
