@@ -208,11 +208,16 @@ end
 
 # KEYS: record. ARGV: job id. A streaming job's new text, for a webhook that asked for output events
 # (the publisher calls it at most every OUTPUT_EVENT_EVERY_S per job); nothing once the job has ended.
+# Returns 0 when the job's webhook does not want output events (the publisher then stops asking).
 OUTPUT_EVENT_SCRIPT = EVENTS_LUA + """
+local events = ',' .. (redis.call('HGET', KEYS[1], 'webhook_events') or '') .. ','
+if not redis.call('HGET', KEYS[1], 'webhook') or not string.find(events, ',output,', 1, true) then
+  return 0
+end
 if redis.call('HGET', KEYS[1], 'state') == 'running' then
   webhook_event(KEYS[1], 'job', ARGV[1], 'output')
 end
-return 0
+return 1
 """
 OUTPUT_EVENT_EVERY_S = 0.5
 

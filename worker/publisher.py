@@ -33,7 +33,8 @@ class ChunkPublisher:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="belle-publisher", daemon=True)
         self._output_event = client.register_script(OUTPUT_EVENT_SCRIPT)
-        self._output_at: dict[str, float] = {}  # job → when its last output event was offered (publisher thread only)
+        # job → (when it was last offered an output event, whether its webhook wants them); publisher thread only
+        self._output_at: dict[str, tuple[float, bool]] = {}
 
     def start(self) -> ChunkPublisher:
         self._thread.start()
@@ -68,14 +69,18 @@ class ChunkPublisher:
 
         Streaming is best effort against Redis failures: generation goes on, and the final record
         still holds the whole text. A job whose webhook asked for output events gets one with its
-        first chunk and then at most every OUTPUT_EVENT_EVERY_S (the script checks the webhook)."""
+        first chunk and then at most every OUTPUT_EVENT_EVERY_S; a job whose webhook does not is asked
+        once (the script checks the record) and then left alone."""
         pipe = self.redis.pipeline(transaction=False)
         now = time.monotonic()
         if len(self._output_at) > 10_000:
-            self._output_at = {job: at for job, at in self._output_at.items() if now - at < 60}
+            self._output_at = {job: seen for job, seen in self._output_at.items() if now - seen[0] < 60}
+        asked: list[tuple[int, str]] = []  # (its reply's place in the pipeline, job)
         for chunk in chunks:
-            if now - self._output_at.get(chunk.job_id, float("-inf")) >= OUTPUT_EVENT_EVERY_S:
-                self._output_at[chunk.job_id] = now
+            at, wants = self._output_at.get(chunk.job_id, (float("-inf"), True))
+            if wants and now - at >= OUTPUT_EVENT_EVERY_S:
+                self._output_at[chunk.job_id] = (now, True)
+                asked.append((len(pipe), chunk.job_id))
                 self._output_event(keys=[keys.job(chunk.job_id)], args=[chunk.job_id], client=pipe)
             data = chunk.model_dump_json()
             stream = keys.job_chunks(chunk.job_id)
@@ -84,7 +89,10 @@ class ChunkPublisher:
                 pipe.expire(stream, self.ttl_s)
             pipe.publish(keys.job_channel(chunk.job_id), data)
         try:
-            pipe.execute()
+            replies = pipe.execute()
+            for place, job in asked:
+                if replies[place] == 0:
+                    self._output_at[job] = (now, False)
         except redis.RedisError as exc:
             if self.writes is None or not self.writes.refused(exc, "publishing chunks"):
                 log.warning("could not publish %d chunks: %s", len(chunks), exc)
