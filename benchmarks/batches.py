@@ -29,7 +29,7 @@ from producer.embedded_redis import EmbeddedRedis
 from producer.enqueue import task_message
 from producer.settings import Settings, get_settings
 from producer.store import canonical_json
-from worker.tiny_model import build_tiny_model
+from worker.ops.tiny_model import build_tiny_model
 
 
 def lines(n: int, tag: str) -> list[dict]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from producer.settings import get_settings
-from worker.tiny_model import BENCHMARK_SPEC, build_tiny_model
+from worker.ops.tiny_model import BENCHMARK_SPEC, build_tiny_model
 
 WORDS = ("人工智能 计算机 机器学习 环保 太空探索 北京 上海 长江 天气 公园 the quick brown fox jumps over the lazy dog "
          "beam search sampling temperature model data token question answer").split()
@@ -30,8 +30,8 @@ def model_for(ref: str | None, default) -> tuple[str, Path | str]:
     if ref is None:
         path = default()
         return path.name, path
-    from worker.model_config import load_model_config
-    from worker.packaged_model import prepare
+    from worker.model.model_config import load_model_config
+    from worker.model.packaged_model import prepare
 
     config = load_model_config(ref, get_settings())
     if config.source is not None:

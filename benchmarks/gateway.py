@@ -33,7 +33,7 @@ from producer.aio import AsyncJobClient
 from producer.client import JobClient
 from producer.embedded_redis import EmbeddedRedis, free_port
 from producer.settings import Settings, get_settings
-from worker.tiny_model import build_tiny_model
+from worker.ops.tiny_model import build_tiny_model
 
 JOBS, TOKENS = 64, 32
 

@@ -38,10 +38,10 @@ from producer.client import JobClient
 from producer.embedded_redis import EmbeddedRedis
 from producer.schemas import Message, parse_request
 from producer.settings import Settings, get_settings
-from worker.batcher import Batcher
-from worker.engine import Engine
-from worker.model_config import load_model_config
-from worker.packaged_model import prepare
+from worker.scheduling.batcher import Batcher
+from worker.model.engine import Engine
+from worker.model.model_config import load_model_config
+from worker.model.packaged_model import prepare
 
 MODEL = "smollm2-135m"
 VLLM_PYTHON = Path(".venv-vllm/bin/python")

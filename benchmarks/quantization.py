@@ -19,10 +19,10 @@ import time
 from benchmarks.common import machine, mixed_prompts
 from producer.schemas import parse_request
 from producer.settings import get_settings
-from worker.batcher import Batcher
-from worker.engine import Engine
-from worker.model_config import ModelConfig
-from worker.tiny_model import TinyModelSpec, build_tiny_model, parameter_count
+from worker.scheduling.batcher import Batcher
+from worker.model.engine import Engine
+from worker.model.model_config import ModelConfig
+from worker.ops.tiny_model import TinyModelSpec, build_tiny_model, parameter_count
 
 SPEC = TinyModelSpec(vocab_size=8192, hidden_size=384, layers=30, heads=8, initializer_range=0.02, eos_probability=None)
 # Peak memory bandwidth of GPUs this may run on, GB/s (vendor figures), by a part of the device name.

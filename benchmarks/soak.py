@@ -14,7 +14,7 @@ from benchmarks.common import WorkerSubprocess, machine
 from producer.client import JobClient
 from producer.embedded_redis import EmbeddedRedis
 from producer.settings import Settings, get_settings
-from worker.tiny_model import build_tiny_model
+from worker.ops.tiny_model import build_tiny_model
 
 
 def rss_mb(pid: int) -> float:

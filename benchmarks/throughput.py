@@ -24,10 +24,10 @@ from producer.client import JobClient
 from producer.embedded_redis import EmbeddedRedis
 from producer.schemas import parse_request
 from producer.settings import Settings, get_settings
-from worker.batcher import Batcher
-from worker.engine import Engine
-from worker.model_config import ModelConfig
-from worker.tiny_model import parameter_count
+from worker.scheduling.batcher import Batcher
+from worker.model.engine import Engine
+from worker.model.model_config import ModelConfig
+from worker.ops.tiny_model import parameter_count
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ ORIGIN = f"belle-producer@{socket.gethostname()}:{os.getpid()}"
 # the names of its queue's keys, for the scripts that move it on.
 # Returns 'created', 'exists' (same request: nothing done), 'conflict' (another request) or 'cancelled'
 # (its batch was cancelled while being submitted: the job's record ends cancelled, no message is sent).
-# The job's number on its queue lets a worker find a lost message (worker/sweeper.py).
+# The job's number on its queue lets a worker find a lost message (worker/serving/sweeper.py).
 ENQUEUE_SCRIPT = """
 local existing = redis.call('HGET', KEYS[1], 'request')
 if existing then

@@ -90,7 +90,7 @@ def worker_alive(incarnation: str) -> str:
 
 # Hash: the delivery tag of each message a worker process holds → that process (its incarnation), recorded
 # with kombu's own record of the message in hand, so that a dead process's messages go back to their
-# queues soon after it dies (worker/held.py).
+# queues soon after it dies (worker/serving/unacked.py).
 HOLDER_OF = f"{PREFIX}:holder-of"
 
 # Set of the worker processes (incarnations) that may hold messages: where dead ones are looked for.
@@ -98,7 +98,7 @@ HOLDERS = f"{PREFIX}:holders"
 
 # Held by the worker that looks for lost messages, so that one looks at a time.
 SWEEP_LOCK = f"{PREFIX}:sweep"
-# Held by the worker that looks for dead workers' messages (worker/held.py), so that one looks at a time.
+# Held by the worker that looks for dead workers' messages (worker/serving/unacked.py), so that one looks at a time.
 RECLAIM_LOCK = f"{PREFIX}:reclaim"
 
 # kombu's Redis transport's hash of the messages workers hold (unacknowledged), by delivery tag.

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(3_600, ge=1, description="Seconds before an unacknowledged job is redelivered; longer than the longest job.")
     unacked_restore_interval_s: int = Field(10, ge=1, description="Seconds between a worker's sweeps for unacknowledged jobs past their visibility timeout...")
     unacked_restore_throttle: int = Field(10, ge=1, description="...of which only every this-many scans Redis: redelivery waits up to interval × throttle after the timeout.")
-    lost_message_sweep_s: float = Field(15.0, gt=0, description="How often a worker looks for jobs whose message was lost (see worker/sweeper.py).")
+    lost_message_sweep_s: float = Field(15.0, gt=0, description="How often a worker looks for jobs whose message was lost (see worker/serving/sweeper.py).")
     worker_concurrency: int = Field(128, ge=1, description="Jobs one worker process holds at once; about 2 × batch_max_size keeps jobs ready to join as others finish.")
     prefetch_multiplier: int = Field(1, ge=1, description="Celery prefetch multiplier (messages reserved per held job slot).")
 

@@ -154,7 +154,7 @@ return 0
 """
 
 # A running job back to queued, its message back on its queue: numbered ``seq`` (when given) in its
-# queue's waiting set, so that the sweeper finds it should its message be lost again (worker/sweeper.py).
+# queue's waiting set, so that the sweeper finds it should its message be lost again (worker/serving/sweeper.py).
 REQUEUE_LUA = _BATCH_MOVE + """
 local function requeue(seq, channel)
   batch_move('running', 'queued')

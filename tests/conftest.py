@@ -38,14 +38,14 @@ def new_database(redis_server):
 
 @pytest.fixture(scope="session")
 def tiny_bloom(tmp_path_factory) -> Path:
-    from worker.tiny_model import TINY_SPECS, build_tiny_model
+    from worker.ops.tiny_model import TINY_SPECS, build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-bloom", TINY_SPECS["bloom"])
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    from worker.tiny_model import TINY_SPECS, build_tiny_model
+    from worker.ops.tiny_model import TINY_SPECS, build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", TINY_SPECS["llama"])
 

@@ -15,12 +15,12 @@ import pytest
 from producer.errors import ErrorCode
 from producer.schemas import parse_request
 from producer.settings import Settings
-from worker.batcher import Batcher, TokenBudget
-from worker.decoding import SHARED_PREFIX_MIN, TRIM_AT, DecodeBatch, shared_prefix
-from worker.engine import Engine, batch_cost
+from worker.scheduling.batcher import Batcher, TokenBudget
+from worker.model.decoding import SHARED_PREFIX_MIN, TRIM_AT, DecodeBatch, shared_prefix
+from worker.model.engine import Engine, batch_cost
 from worker.errors import JobFailure
-from worker.kv_cache import KVArena
-from worker.model_config import ModelConfig
+from worker.model.kv_cache import KVArena
+from worker.model.model_config import ModelConfig
 
 PROMPTS = [
     "Hi", "你好", "What is machine learning?", "请解释什么是人工智能，并举几个例子说明它在日常生活中的应用。",
@@ -159,7 +159,7 @@ def test_arena_drops_padding_shared_by_every_row(tiny_bloom):
     short = prepare(engine, "short", prompt="Hi", num_beams=1, max_new_tokens=10, min_new_tokens=10)
     batcher = batcher_for(engine)
     batch = DecodeBatch(engine)
-    from worker.decoding import ActiveJob
+    from worker.model.decoding import ActiveJob
 
     rows = [r for job in (long, short) for r in ActiveJob.start(job, engine.decode, engine.device, streaming=False).rows]
     batch.join([[rows[0]], [rows[1]]])
@@ -359,7 +359,7 @@ def test_the_token_budget_halves_on_oom_and_grows_back_slowly():
 def test_prefill_groups_keep_padding_low_and_calls_bounded():
     from types import SimpleNamespace
 
-    from worker.decoding import prefill_groups
+    from worker.model.decoding import prefill_groups
 
     rows = [SimpleNamespace(inputs=[0] * n) for n in (3, 4, 4, 5, 10, 11, 12, 40, 200)]
     groups = prefill_groups(rows, max_rows=3, max_tokens=64)
@@ -374,7 +374,7 @@ def test_prefill_groups_keep_padding_low_and_calls_bounded():
 
 
 def decoding(engine, jobs):
-    from worker.decoding import ActiveJob
+    from worker.model.decoding import ActiveJob
 
     return [ActiveJob.start(job, engine.decode, engine.device, streaming=False) for job in jobs]
 
@@ -391,7 +391,7 @@ def drive(batch, actives) -> dict:
 def test_a_join_that_runs_out_of_memory_while_moving_the_arena_leaves_the_running_rows_intact(tiny_bloom, monkeypatch):
     import torch
 
-    import worker.kv_cache as kv_cache
+    import worker.model.kv_cache as kv_cache
 
     engine = load(tiny_bloom)
     short = prepare(engine, "short", prompt="Hi", num_beams=1, max_new_tokens=30, min_new_tokens=30)
@@ -442,7 +442,7 @@ def test_a_first_join_that_fails_leaves_no_columns_behind(tiny_bloom, monkeypatc
 def test_choosing_tokens_that_runs_out_of_memory_sets_jobs_aside_and_draws_the_same(engine, monkeypatch, caplog):
     import torch
 
-    import worker.decoding as decoding_module
+    import worker.model.decoding as decoding_module
 
     jobs = [prepare(engine, f"c{i}", prompt=PROMPTS[i], num_beams=1, max_new_tokens=20, min_new_tokens=20, **({"do_sample": True, "seed": i} if i % 2 else {}))
             for i in range(6)]
@@ -551,7 +551,7 @@ def test_a_beam_job_that_runs_out_of_memory_beside_the_decoding_batch_runs_once_
 
 
 def test_a_job_past_its_deadline_or_cancelled_while_it_waits_ends_without_running(tiny_bloom, caplog):
-    from worker.batcher import JobCancelled
+    from worker.scheduling.batcher import JobCancelled
 
     engine = load(tiny_bloom)
     late = engine.prepare("late", parse_request({"prompt": "hi", "num_beams": 1, "deadline": time.time() - 1}, resolved=True))
@@ -574,7 +574,7 @@ def test_a_job_past_its_deadline_or_cancelled_while_it_waits_ends_without_runnin
 
 
 def test_interactive_jobs_wait_ahead_of_bulk_ones(tiny_bloom):
-    from worker.batcher import BULK, INTERACTIVE
+    from worker.scheduling.batcher import BULK, INTERACTIVE
 
     engine = load(tiny_bloom)
     batcher = Batcher(engine, Settings())
@@ -613,7 +613,7 @@ def test_beam_search_stop_strings_count_only_generated_text_and_leave_the_global
 
 
 def test_a_job_on_its_last_attempt_runs_alone_even_behind_a_trickle_of_interactive_jobs(tiny_bloom):
-    from worker.batcher import BULK
+    from worker.scheduling.batcher import BULK
 
     engine = load(tiny_bloom)
     batcher = batcher_for(engine, batch_wait_ms=1, batch_max_delay_ms=5, max_attempts=3)

@@ -16,11 +16,11 @@ from collections import Counter
 from producer.connection import redis_client
 from producer.schemas import parse_request
 from producer.settings import Settings
-from worker.batcher import BULK, INTERACTIVE, Batcher, BatcherStopped, DuplicateJob, JobCancelled
-from worker.engine import Engine
+from worker.scheduling.batcher import BULK, INTERACTIVE, Batcher, BatcherStopped, DuplicateJob, JobCancelled
+from worker.model.engine import Engine
 from worker.errors import JobFailure
-from worker.model_config import ModelConfig
-from worker.publisher import ChunkPublisher
+from worker.model.model_config import ModelConfig
+from worker.serving.publisher import ChunkPublisher
 
 SUBMITTERS = 8
 SUBMITTING_S = 6.0

@@ -17,7 +17,7 @@ NO_GPU_STACK = (
     "    sys.modules[name] = None\n"
     "from producer.cli import main\n"
     "code = main(sys.argv[1:])\n"
-    "assert 'worker.engine' not in sys.modules and 'worker.handler' not in sys.modules\n"
+    "assert 'worker.model.engine' not in sys.modules and 'worker.serving.handler' not in sys.modules\n"
     "sys.exit(code)\n"
 )
 

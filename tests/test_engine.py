@@ -6,8 +6,8 @@ import pytest
 
 from producer.records import FinishReason
 from producer.schemas import parse_request
-from worker.engine import Engine
-from worker.model_config import ModelConfig
+from worker.model.engine import Engine
+from worker.model.model_config import ModelConfig
 
 
 @pytest.fixture(scope="module", params=["bloom", "llama"])

@@ -8,9 +8,9 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.models.bloom.modeling_bloom import bloom_gelu_forward
 
 from producer.schemas import parse_request
-from worker.engine import Engine
-from worker.fused_ops import FusedTanhGelu
-from worker.model_config import ModelConfig
+from worker.model.engine import Engine
+from worker.model.fused_ops import FusedTanhGelu
+from worker.model.model_config import ModelConfig
 
 
 def test_fused_tanh_gelu_is_blooms_gelu():

@@ -9,10 +9,10 @@ import torch
 from producer.errors import ErrorCode
 from producer.schemas import parse_request
 from producer.settings import Settings
-from worker.batcher import Batcher
-from worker.engine import Engine
+from worker.scheduling.batcher import Batcher
+from worker.model.engine import Engine
 from worker.errors import JobFailure
-from worker.model_config import ModelConfig
+from worker.model.model_config import ModelConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (real CUDA out of memory, 4-bit weights on the GPU, float16)")
 

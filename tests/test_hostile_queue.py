@@ -1,5 +1,5 @@
 """Whatever is pushed onto a queue, a worker stays up, nothing stays in its hands or comes back, and no
-record is touched except the ones the entries name. Unit tests of the checks (worker/intake.py) and a
+record is touched except the ones the entries name. Unit tests of the checks (worker/serving/intake.py) and a
 property-based test that pushes random entries into the real queue of a real worker."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from producer.settings import Settings
 from producer.store import canonical_json
 from tests.test_reliability import FAST_REDELIVERY
 from tests.waiting import stays, wait_for
-from worker.intake import envelope_problem, task_problem
+from worker.serving.intake import envelope_problem, task_problem
 
 QUEUE = keys.QUEUE_INTERACTIVE
 MAX_MESSAGE_BYTES = 64 * 1024

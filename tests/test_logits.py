@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from producer.schemas import parse_request
-from worker.logits import NgramIndex, RowParameters, apply_processors, choose, logprobs_of, warp
+from worker.model.logits import NgramIndex, RowParameters, apply_processors, choose, logprobs_of, warp
 
 VOCAB = 50
 EOS = 2

@@ -16,11 +16,11 @@ from producer.errors import ErrorCode
 from producer.records import JobState
 from producer.schemas import parse_request
 from producer.settings import Settings
-from worker.batcher import Batcher
-from worker.engine import Engine
+from worker.scheduling.batcher import Batcher
+from worker.model.engine import Engine
 from worker.errors import JobFailure
-from worker.model_config import ModelConfig, load_model_config
-from worker.tiny_model import build_tiny_adapter
+from worker.model.model_config import ModelConfig, load_model_config
+from worker.ops.tiny_model import build_tiny_adapter
 
 PROMPTS = ["请解释什么是人工智能", "What is machine learning?", "北京是中国的首都", "写一篇关于环保的短文"]
 
@@ -96,7 +96,7 @@ def test_adapter_names_in_a_config_cannot_be_paths_and_their_folders_resolve_fro
 
 
 def test_peft_is_imported_only_when_adapters_are_configured(tiny_bloom):
-    code = ("import sys; from worker.engine import Engine; from worker.model_config import ModelConfig; "
+    code = ("import sys; from worker.model.engine import Engine; from worker.model.model_config import ModelConfig; "
             f"Engine.load(ModelConfig(name='t', path={str(tiny_bloom)!r}), 'cpu'); print('peft' in sys.modules, 'bitsandbytes' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
     assert out.returncode == 0, out.stderr

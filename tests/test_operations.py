@@ -21,9 +21,9 @@ from producer.schemas import parse_request
 from producer.settings import Settings
 from producer.workers import WorkerInfo, check_against_workers
 from tests.test_cli import cli
-from worker.commands import _settings
-from worker.hardware import load_profile
-from worker.supervisor import node_name
+from worker.ops.commands import _settings
+from worker.model.hardware import load_profile
+from worker.ops.supervisor import node_name
 
 
 def database(redis_server, n: int) -> str:

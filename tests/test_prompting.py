@@ -7,8 +7,8 @@ import pytest
 from producer.errors import ErrorCode
 from producer.schemas import parse_request
 from worker.errors import JobFailure
-from worker.model_config import ChatTemplate
-from worker.prompting import fit_prompt, render
+from worker.model.model_config import ChatTemplate
+from worker.model.prompting import fit_prompt, render
 
 TEMPLATE = ChatTemplate()
 

@@ -12,9 +12,9 @@ from producer.client import JobClient
 from producer.records import FinishReason, JobState
 from producer.schemas import parse_request
 from producer.settings import Settings, get_settings
-from worker.engine import Engine
-from worker.model_config import ModelConfig, load_model_config
-from worker.packaged_model import packaged_file, prepare
+from worker.model.engine import Engine
+from worker.model.model_config import ModelConfig, load_model_config
+from worker.model.packaged_model import packaged_file, prepare
 
 FRANCE = {"prompt": "What is the capital of France?", "num_beams": 1, "max_new_tokens": 24}
 JAPAN = {"prompt": "What is the capital of Japan?", "num_beams": 1, "max_new_tokens": 24}

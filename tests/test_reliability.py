@@ -23,7 +23,7 @@ from producer.records import JobState
 from producer.settings import Settings
 from tests.conftest import WorkerProcess
 from tests.waiting import wait_for
-from worker.held import HeldMessages
+from worker.serving.unacked import HeldMessages
 
 # Redelivery within seconds instead of an hour (see the README's "Guarantees" for production values).
 FAST_REDELIVERY = {"BELLE_VISIBILITY_TIMEOUT_S": "4", "BELLE_UNACKED_RESTORE_INTERVAL_S": "1", "BELLE_UNACKED_RESTORE_THROTTLE": "1",

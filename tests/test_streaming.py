@@ -10,10 +10,10 @@ from producer.records import FinishReason, JobRecord, JobState, StreamChunk, Str
 from producer.schemas import parse_request
 from producer.settings import Settings
 from producer.streaming import StreamFollower, texts_so_far
-from worker.batcher import Batcher
-from worker.engine import Engine
-from worker.model_config import ModelConfig
-from worker.streaming import REPLACEMENT, IncrementalText, JobStream, sendable
+from worker.scheduling.batcher import Batcher
+from worker.model.engine import Engine
+from worker.model.model_config import ModelConfig
+from worker.model.detokenize import REPLACEMENT, IncrementalText, JobStream, sendable
 
 # Chinese and emoji prompts: the tiny tokenizers split such characters over several byte-level tokens.
 PROMPTS = ["请解释什么是人工智能", "🚀🌍😀 写一篇关于太空探索的科幻短文", "北京是中国的首都。上海", "温度控制输出的随机性 ✨", "Hello 你好"]

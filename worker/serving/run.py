@@ -46,18 +46,18 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
     from celery.signals import worker_shutting_down
     from celery.utils.nodenames import host_format
 
-    from worker.announce import Announcer
-    from worker.batcher import Batcher
-    from worker.cancellation import CancelWatcher
-    from worker.celery_app import create_app
-    from worker.engine import Engine
-    from worker.handler import JobHandler
-    from worker.hardware import load_profile
-    from worker.metrics import Metrics
-    from worker.model_config import load_model_config
-    from worker.publisher import ChunkPublisher
-    from worker.redis_writes import PatientStore, RedisWrites
-    from worker.sweeper import Sweeper
+    from worker.serving.announce import Announcer
+    from worker.scheduling.batcher import Batcher
+    from worker.serving.cancellation import CancelWatcher
+    from worker.serving.celery_app import create_app
+    from worker.model.engine import Engine
+    from worker.serving.handler import JobHandler
+    from worker.model.hardware import load_profile
+    from worker.serving.metrics import Metrics
+    from worker.model.model_config import load_model_config
+    from worker.serving.publisher import ChunkPublisher
+    from worker.serving.redis_writes import PatientStore, RedisWrites
+    from worker.serving.sweeper import Sweeper
 
     config = load_model_config(settings.model, settings)
     profile = load_profile(settings.hardware_profile, settings) if settings.hardware_profile else None

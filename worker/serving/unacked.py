@@ -3,7 +3,7 @@
 kombu records a message in hand in its ``unacked`` hash and sends it back to its queue only after the
 visibility timeout (an hour by default), whoever held it: a job whose worker died would wait that
 long. So a worker process also records, with kombu's record and in the same transaction, that it is
-the message's holder (``keys.HOLDER_OF``: delivery tag → process, worker/transport.py), and lists
+the message's holder (``keys.HOLDER_OF``: delivery tag → process, worker/serving/transport.py), and lists
 itself in ``keys.HOLDERS``. A process is dead once its liveness key (``keys.worker_alive``, renewed
 every 2 s by its announcer, gone 6 s after its last renewal) is gone, and still gone a look at least
 3 s later, with Redis up for longer than a liveness key lives (after a Redis restart every key has
@@ -29,7 +29,7 @@ import redis
 from producer import keys
 from producer.store import REQUEUE_LUA
 from producer.workers import EXPIRES_S, HEARTBEAT_S
-from worker.intake import named_job
+from worker.serving.intake import named_job
 
 log = logging.getLogger("belle.held")
 

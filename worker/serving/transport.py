@@ -1,15 +1,15 @@
 """kombu's Redis transport, hardened for what stops a stock worker for good ("Unrecoverable error") or
 loses track of the messages it holds:
 
-- an entry on a queue that is not a message envelope (worker/intake.py, ``envelope_problem``) is
+- an entry on a queue that is not a message envelope (worker/serving/intake.py, ``envelope_problem``) is
   dropped before it is recorded as unacknowledged, so it never comes back; if it names one of our
   jobs, that job fails (``on_refused``) unless it has a record;
-- while Redis refuses writes for lack of memory (worker/redis_writes.py), recording a message taken
+- while Redis refuses writes for lack of memory (worker/serving/redis_writes.py), recording a message taken
   off a queue waits and is tried again, so the consumer takes nothing more; a message sent back to its
   queue that Redis refuses stays unacknowledged (redelivered later) instead of stopping the consumer;
 - every message this process holds is recorded as held by it (``keys.HOLDER_OF``), so that once the
   process is dead (its liveness key gone) another worker sends them back to their queues within
-  seconds (worker/held.py) instead of after the visibility timeout;
+  seconds (worker/serving/unacked.py) instead of after the visibility timeout;
 - a channel closed after its connection is gone (Redis restarted or unreachable) raises a
   connection error, which Celery ignores before it reconnects, instead of an AttributeError (kombu
   reads ``self.connection.client.hostname`` of a connection already closed: kombu issue #582). The
@@ -29,8 +29,8 @@ from kombu.transport import virtual
 
 from producer import keys
 from producer.connection import is_out_of_memory
-from worker.intake import envelope_problem, named_job
-from worker.redis_writes import RedisWrites
+from worker.serving.intake import envelope_problem, named_job
+from worker.serving.redis_writes import RedisWrites
 
 log = logging.getLogger("belle.transport")
 

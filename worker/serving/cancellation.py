@@ -16,7 +16,7 @@ import time
 import redis
 
 from producer import keys
-from worker.holds import Holds
+from worker.scheduling.holders import Holds
 
 log = logging.getLogger("belle.cancel")
 

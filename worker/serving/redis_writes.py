@@ -10,7 +10,7 @@ expiries and pub/sub. While it does, the worker stays up and loses nothing:
     to its queue;
   - chunks of streaming jobs and attempt counts are skipped (the final record still holds the text);
   - its announcement and liveness are kept alive (``EXPIRE`` is allowed), its announcement says since
-    when writes are refused (where Redis allows it: see worker/announce.py), and so do its metrics.
+    when writes are refused (where Redis allows it: see worker/serving/announce.py), and so do its metrics.
 It resumes by itself once a write goes through.
 """
 

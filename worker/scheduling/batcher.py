@@ -1,7 +1,7 @@
 """The batcher: one thread that owns the model and runs the jobs held by the worker's task threads.
 
 Jobs decoded one token at a time (greedy and sampling) share one continuous decoding batch
-(worker/decoding.py): between two steps, finished jobs leave it and waiting jobs join it, so no job
+(worker/model/decoding.py): between two steps, finished jobs leave it and waiting jobs join it, so no job
 waits for a whole batch to end, and jobs with different parameters decode together. Beam search
 jobs run as whole generate() calls, between two steps.
 
@@ -67,11 +67,11 @@ import torch
 from producer.errors import ErrorCode
 from producer.records import StreamChunk
 from producer.settings import Settings
-from worker.decoding import ActiveJob, DecodeBatch, prefill_groups
-from worker.engine import Engine, Generated, PreparedJob, RawSequence, batch_cost
+from worker.model.decoding import ActiveJob, DecodeBatch, prefill_groups
+from worker.model.engine import Engine, Generated, PreparedJob, RawSequence, batch_cost
 from worker.errors import JobFailure
-from worker.holds import Holds
-from worker.metrics import Metrics
+from worker.scheduling.holders import Holds
+from worker.serving.metrics import Metrics
 
 log = logging.getLogger("belle.batcher")
 

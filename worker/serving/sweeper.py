@@ -1,5 +1,5 @@
 """Finding jobs whose message was lost, and sending it again; and sending back the messages of worker
-processes that died (worker/held.py), every couple of seconds.
+processes that died (worker/serving/unacked.py), every couple of seconds.
 
 kombu's Redis transport takes a message off its queue (BRPOP) and only then records it as
 unacknowledged: a worker that dies between the two (killed, a crashing job, the machine lost) loses
@@ -15,7 +15,7 @@ visibility timeout.
 
 A second copy of a message is harmless: a job's first final state is its only one, a message whose
 job has ended is acknowledged without running, and one whose job runs on a live worker goes back to
-the queue until the job has ended (producer/store.py, START_SCRIPT; worker/handler.py). One worker
+the queue until the job has ended (producer/store.py, START_SCRIPT; worker/serving/handler.py). One worker
 looks at a time (a lock in Redis).
 """
 
@@ -32,7 +32,7 @@ from producer import keys
 from producer.enqueue import task_message
 from producer.store import RESEND_SCRIPT
 from producer.workers import HEARTBEAT_S, live_workers
-from worker.held import HeldMessages
+from worker.serving.unacked import HeldMessages
 
 log = logging.getLogger("belle.sweeper")
 

@@ -14,7 +14,7 @@ def _settings(args: argparse.Namespace, **overrides):
         updates["redis_url"] = args.redis_url
     settings = get_settings()
     if profile_name := updates.get("hardware_profile") or settings.hardware_profile:
-        from worker.hardware import batch_settings, load_profile
+        from worker.model.hardware import batch_settings, load_profile
 
         profile = load_profile(profile_name, settings)
         updates = {**batch_settings(profile, settings.model_fields_set | set(updates)), **updates}
@@ -25,7 +25,7 @@ def _settings(args: argparse.Namespace, **overrides):
 def cmd_worker(args: argparse.Namespace) -> int:
     if args.gpus or args.processes > 1:
         return _supervise(args)
-    from worker.run import run_worker
+    from worker.serving.run import run_worker
 
     settings = _settings(args, model=args.model, device=args.device, worker_concurrency=args.concurrency, worker_name=args.name,
                          hardware_profile=args.profile)
@@ -38,8 +38,8 @@ def _supervise(args: argparse.Namespace) -> int:
     from celery.utils.nodenames import host_format
 
     from producer.settings import get_settings
-    from worker.run import configure_logging
-    from worker.supervisor import Supervisor, plan, visible_gpus
+    from worker.serving.run import configure_logging
+    from worker.ops.supervisor import Supervisor, plan, visible_gpus
 
     if args.gpus and args.device == "cpu":
         raise SystemExit("error: --gpus runs one worker per GPU (device cuda); for CPU workers use --device cpu --processes N")
@@ -63,7 +63,7 @@ def _supervise(args: argparse.Namespace) -> int:
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from worker.tiny_model import BENCHMARK_SPEC, TINY_SPECS, build_tiny_model, parameter_count
+    from worker.ops.tiny_model import BENCHMARK_SPEC, TINY_SPECS, build_tiny_model, parameter_count
 
     spec = dataclasses.replace(BENCHMARK_SPEC, arch=args.arch) if args.size == "benchmark" else TINY_SPECS[args.arch]
     path = build_tiny_model(args.path, spec, force=args.force)
@@ -72,7 +72,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_adapter(args: argparse.Namespace) -> int:
-    from worker.tiny_model import build_tiny_adapter
+    from worker.ops.tiny_model import build_tiny_adapter
 
     path = build_tiny_adapter(args.base, args.path, seed=args.seed, force=args.force)
     print(f"{path} (LoRA adapter of {args.base}, random weights)")
@@ -80,14 +80,14 @@ def cmd_tiny_adapter(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from worker.demo import run_demo
+    from worker.ops.demo import run_demo
 
     return run_demo(_settings(args), model=args.model)
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> int:
-    from worker.model_config import load_model_config
-    from worker.packaged_model import prepare
+    from worker.model.model_config import load_model_config
+    from worker.model.packaged_model import prepare
 
     config = load_model_config(args.model, _settings(args))
     if config.source is None:

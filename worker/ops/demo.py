@@ -18,9 +18,9 @@ from producer.embedded_redis import EmbeddedRedis
 from producer.errors import InvalidRequestError
 from producer.render import record_text
 from producer.settings import Settings
-from worker.model_config import load_model_config
-from worker.packaged_model import prepare
-from worker.tiny_model import build_tiny_model
+from worker.model.model_config import load_model_config
+from worker.model.packaged_model import prepare
+from worker.ops.tiny_model import build_tiny_model
 
 DEFAULT_MODEL = "smollm2-135m"
 SAMPLE_JOBS = [

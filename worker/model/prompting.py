@@ -17,7 +17,7 @@ from producer.errors import ErrorCode
 from producer.records import PromptFit
 from producer.schemas import GenerationRequest, Message
 from worker.errors import JobFailure
-from worker.model_config import ChatTemplate
+from worker.model.model_config import ChatTemplate
 
 Encode = Callable[[list[Message]], list[int]]  # messages → prompt tokens (the model's template applied)
 

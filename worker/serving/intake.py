@@ -7,7 +7,7 @@ Anything can arrive on a queue. Two checks, each a pure function of what arrived
     JSON, no ETA, expiry, time limit or callbacks: things Celery would act on, holding a message for
     ever or sending tasks of the sender's choosing).
 A message either check refuses is rejected unread; if it names one of our jobs, that job fails
-``invalid_request`` unless it has a record (worker/handler.py, ``JobHandler.unreadable``).
+``invalid_request`` unless it has a record (worker/serving/handler.py, ``JobHandler.unreadable``).
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ from vine import promise
 from producer import keys
 from producer.queueing import celery_config
 from producer.settings import Settings
-from worker.handler import JobHandler
-from worker.intake import named_job, task_problem
-from worker.redis_writes import RedisWrites
-from worker.transport import bound_transport
+from worker.serving.handler import JobHandler
+from worker.serving.intake import named_job, task_problem
+from worker.serving.redis_writes import RedisWrites
+from worker.serving.transport import bound_transport
 
 
 class GenerateTask(Task):
@@ -36,7 +36,7 @@ log = logging.getLogger("belle.worker")
 
 class JobConsumer(Consumer):
     """Celery's consumer, serving ``belle.generate`` only, and only messages as the producer writes them
-    (worker/intake.py). Any other message (a task of another name, Celery's built-ins included, a
+    (worker/serving/intake.py). Any other message (a task of another name, Celery's built-ins included, a
     body of the wrong shape, an ETA, callbacks, a content type other than JSON, anything Celery fails to
     take as a task) is rejected unread and never redelivered; if it names one of our jobs, that job fails
     ``invalid_request`` unless it has a record (an existing record is never changed by it)."""

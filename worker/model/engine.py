@@ -2,7 +2,7 @@
 
 Two ways to run jobs:
 - jobs decoded one token at a time (greedy, sampling) go through ``forward``, one model call per
-  step of a continuous decoding batch (worker/decoding.py) that jobs join and leave between steps;
+  step of a continuous decoding batch (worker/model/decoding.py) that jobs join and leave between steps;
 - beam search jobs go through transformers' ``generate()`` (``generate_batch``), one call per
   group of jobs that share a generation config (``batch_key``).
 Both build their results with ``job_result``.
@@ -28,11 +28,11 @@ from producer.errors import ErrorCode
 from producer.records import FinishReason, JobResult, PromptFit, SequenceResult, StreamChunk, Timings, Usage
 from producer.schemas import GenerationRequest, Message
 from worker.errors import JobFailure
-from worker.fused_ops import fuse_activations
-from worker.model_config import ModelConfig, Quantization
-from worker.packaged_model import prepare
-from worker.prompting import fit_prompt, render
-from worker.streaming import JobStream, RowMonitor, cut_at_stop
+from worker.model.fused_ops import fuse_activations
+from worker.model.model_config import ModelConfig, Quantization
+from worker.model.packaged_model import prepare
+from worker.model.prompting import fit_prompt, render
+from worker.model.detokenize import JobStream, RowMonitor, cut_at_stop
 
 log = logging.getLogger("belle.engine")
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from producer.records import FinishReason, StreamChunk
-from worker.kv_cache import KVArena
-from worker.logits import NgramIndex, RowParameters, apply_processors, choose, logprobs_of
-from worker.streaming import IncrementalText, JobStream, cut_at_stop
+from worker.model.kv_cache import KVArena
+from worker.model.logits import NgramIndex, RowParameters, apply_processors, choose, logprobs_of
+from worker.model.detokenize import IncrementalText, JobStream, cut_at_stop
 
 PREFILL_EFFICIENCY = 0.8  # real tokens / padded tokens of one prefill call, at least
 TRIM_AT = 64  # columns of padding shared by every row at which the arena drops them

@@ -1,9 +1,9 @@
 """What happens to one delivered message: check it, start the job's record, run it, finish the record.
 
 Anything can arrive on a queue (what is not a job message is refused before it gets here:
-worker/intake.py). A message is acknowledged once its job has a final record, or handed back to its
+worker/serving/intake.py). A message is acknowledged once its job has a final record, or handed back to its
 queue (``Reject``); one that names a job id ends that job in exactly one final state, and one that does
-not is logged and dropped. While Redis refuses writes, the record's writes wait (worker/redis_writes.py);
+not is logged and dropped. While Redis refuses writes, the record's writes wait (worker/serving/redis_writes.py);
 a Redis failure the handler cannot wait out (Redis gone, or the worker stopping while writes are
 refused) leaves the message unacknowledged, to be redelivered. Nothing here raises back into Celery
 except on purpose.
@@ -26,12 +26,12 @@ from producer.records import JobError
 from producer.schemas import parse_request
 from producer.settings import Settings
 from producer.store import JobStore, canonical_json
-from worker.batcher import BULK, INTERACTIVE, Batcher, BatcherStopped, DuplicateJob, JobCancelled
-from worker.cancellation import CancelWatcher
-from worker.engine import Engine
+from worker.scheduling.batcher import BULK, INTERACTIVE, Batcher, BatcherStopped, DuplicateJob, JobCancelled
+from worker.serving.cancellation import CancelWatcher
+from worker.model.engine import Engine
 from worker.errors import JobFailure
-from worker.hardware import HardwareProfile
-from worker.holds import Holds
+from worker.model.hardware import HardwareProfile
+from worker.scheduling.holders import Holds
 
 log = logging.getLogger("belle.worker")
 
@@ -51,8 +51,8 @@ class JobHandler:
         self._running_lock = threading.Lock()
 
     def handle(self, args: tuple, kwargs: dict[str, Any], *, worker: str, queue: str | None = None) -> None:
-        job_id = kwargs["job_id"]  # a well-formed id, the message's own (worker/intake.py)
-        # Registered before the record is started: see worker/cancellation.py.
+        job_id = kwargs["job_id"]  # a well-formed id, the message's own (worker/serving/intake.py)
+        # Registered before the record is started: see worker/serving/cancellation.py.
         self.cancellations.register(job_id)
         try:
             self._handle(job_id, args, kwargs, worker, queue or keys.QUEUE_INTERACTIVE)
@@ -177,7 +177,7 @@ class JobHandler:
                 self.metrics.jobs.labels("succeeded", "").inc()
 
     def unreadable(self, job_id: str, reason: str) -> None:
-        """A refused message naming ``job_id`` (well-formed: worker/intake.py, ``named_job``): fail the job if it has no record."""
+        """A refused message naming ``job_id`` (well-formed: worker/serving/intake.py, ``named_job``): fail the job if it has no record."""
         try:
             written = self.store.fail_if_absent(job_id, JobError(code=ErrorCode.INVALID_REQUEST, message=reason, parameter="message"))
         except redis.RedisError as exc:

@@ -1,7 +1,7 @@
 """A worker's announcement in Redis: what it serves (model, adapters, hardware profile, device, caps),
 renewed every few seconds so that it disappears soon after the worker does; and its process's
 liveness key, which says that the jobs and messages the process holds are in hand (producer/store.py,
-START_SCRIPT; worker/held.py), renewed only while ``healthy()`` says the process still works through
+START_SCRIPT; worker/serving/unacked.py), renewed only while ``healthy()`` says the process still works through
 them.
 
 While Redis refuses writes for lack of memory, both are kept alive by ``EXPIRE`` (which Redis still
@@ -20,7 +20,7 @@ import redis
 
 from producer import keys
 from producer.workers import EXPIRES_S, HEARTBEAT_S, SEEN_FOR_S, WorkerInfo
-from worker.redis_writes import RedisWrites
+from worker.serving.redis_writes import RedisWrites
 
 log = logging.getLogger("belle.announce")
 

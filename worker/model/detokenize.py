@@ -1,7 +1,7 @@
 """Streaming a job's text while it is decoded, and cancelling a job inside a generate() call.
 
 transformers' own streamers handle batch size 1 only. A streaming job's rows run in the decoding
-batch (worker/decoding.py), which after every step pushes each row's new tokens through an
+batch (worker/model/decoding.py), which after every step pushes each row's new tokens through an
 ``IncrementalText`` and its job's ``JobStream``; the batcher publishes the chunks of all rows in one
 Redis pipeline per step.
 """

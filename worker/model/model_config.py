@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from producer.schemas import ADAPTER_NAME
 from producer.settings import Settings
-from worker.packaged_model import PackagedSource
+from worker.model.packaged_model import PackagedSource
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 
