@@ -8,17 +8,17 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from producer import keys
+from producer import keys, lua
 from producer.batches import BatchResultLine, BatchStatus, BatchSubmission
 from producer.client import RequestLike, prepare
 from producer.connection import async_redis_client, typed_redis_errors
 from producer.errors import JobNotFoundError, JobTimeoutError
-from producer.enqueue import ENQUEUE_SCRIPT, check_outcome, enqueue_item
+from producer.enqueue import check_outcome, enqueue_item
 from producer.records import JobRecord, JobState, StreamEvent
 from producer.settings import Settings, get_settings
-from producer.store import CANCEL_SCRIPT, CancelOutcome, cancel_call, cancel_outcome, is_final_event, now, record_from_hash
+from producer.store import CancelOutcome, cancel_call, cancel_outcome, is_final_event, now, record_from_hash
 from producer.streaming import PUBSUB_RECHECK_S, READ_COUNT, RECHECK_S, StreamFollower, streams, texts_so_far
-from producer.workers import WorkerInfo, check_against_workers, live_worker_keys, parse_workers, seen_since
+from producer.fleet import WorkerInfo, check_against_workers, live_worker_keys, parse_workers, seen_since
 
 
 class AsyncJobClient:
@@ -27,8 +27,8 @@ class AsyncJobClient:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or get_settings()
         self.redis = async_redis_client(self.settings.redis_url)
-        self._enqueue = self.redis.register_script(ENQUEUE_SCRIPT)
-        self._cancel = self.redis.register_script(CANCEL_SCRIPT)
+        self._enqueue = self.redis.register_script(lua.script("enqueue"))
+        self._cancel = self.redis.register_script(lua.script("cancel"))
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> AsyncJobClient:

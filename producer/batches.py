@@ -29,9 +29,9 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ConfigDict
 
-from producer import keys
+from producer import keys, lua
 from producer.connection import describe_error
-from producer.enqueue import ENQUEUE_SCRIPT, Enqueue, derived_job_id, webhook_fields
+from producer.enqueue import Enqueue, derived_job_id, webhook_fields
 from producer.errors import BelleError, InvalidRequestError
 from producer.jsontext import parse_json
 from producer.openai_compat import openai_job_fields, openai_request
@@ -39,31 +39,10 @@ from producer.progress import Progress
 from producer.records import JobError, JobResult, JobState
 from producer.schemas import parse_request
 from producer.settings import Settings
-from producer.store import CANCEL_SCRIPT, EVENTS_LUA, cancel_call, canonical_json, now
+from producer.store import cancel_call, canonical_json, now
 
 CHUNK = 1_000  # jobs per pipeline (one round trip)
 COUNTED = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
-
-# KEYS: batch. ARGV: ttl, then field, value pairs. Creates the batch's hash unless it exists; returns
-# {state ('new' when created), deadline, digest}.
-OPEN_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {redis.call('HGET', KEYS[1], 'state') or '', redis.call('HGET', KEYS[1], 'deadline') or '', redis.call('HGET', KEYS[1], 'digest') or ''}
-end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return {'new', '', ''}
-"""
-
-# KEYS: batch. ARGV: now. A batch whose lines are all in: submitted (unless cancelled meanwhile).
-SUBMITTED_SCRIPT = EVENTS_LUA + """
-if redis.call('HGET', KEYS[1], 'state') == 'submitting' then
-  redis.call('HSET', KEYS[1], 'state', 'submitted', 'submitted_at', ARGV[1])
-  webhook_event(KEYS[1], 'batch', redis.call('HGET', KEYS[1], 'batch_id') or '', 'start')
-  batch_completed(KEYS[1])
-end
-return 1
-"""
 
 
 class BatchError(BelleError):
@@ -245,10 +224,10 @@ class Batches:
         self.redis = redis
         self.settings = settings
         self._presets_loader = presets_loader
-        self._enqueue = redis.register_script(ENQUEUE_SCRIPT)
-        self._cancel = redis.register_script(CANCEL_SCRIPT)
-        self._submitted = redis.register_script(SUBMITTED_SCRIPT)
-        self._open_script = redis.register_script(OPEN_SCRIPT)
+        self._enqueue = redis.register_script(lua.script("enqueue"))
+        self._cancel = redis.register_script(lua.script("cancel"))
+        self._submitted = redis.register_script(lua.script("batch_submitted"))
+        self._open_script = redis.register_script(lua.script("batch_open"))
 
     def submit(self, source, *, defaults: Mapping[str, Any] | None = None, batch_id: str | None = None, new: bool = False,
                completion_window_s: float | None = None, skip_invalid: bool = False, queue: str = keys.QUEUE_BULK,

@@ -8,17 +8,17 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from producer import keys
+from producer import keys, lua
 from producer.connection import redis_client, typed_redis_errors
 from producer.errors import JobNotFoundError, JobTimeoutError
-from producer.enqueue import ENQUEUE_SCRIPT, check_outcome, enqueue_item
+from producer.enqueue import check_outcome, enqueue_item
 from producer.batches import Batches, BatchResultLine, BatchStatus, BatchSubmission, FileSource, ListSource, RedisListSource
 from producer.records import JobError, JobRecord, JobResult, JobState, StreamEvent
 from producer.schemas import GenerationRequest, parse_request
 from producer.settings import Settings, get_settings
 from producer.store import CancelOutcome, JobStore, is_final_event, now
 from producer.streaming import PUBSUB_RECHECK_S, READ_COUNT, RECHECK_S, StreamFollower, streams
-from producer.workers import WorkerInfo, check_against_workers, live_workers
+from producer.fleet import WorkerInfo, check_against_workers, live_workers
 
 RequestLike = GenerationRequest | Mapping[str, Any]
 
@@ -42,7 +42,7 @@ class JobClient:
         self.settings = settings or get_settings()
         self.redis = redis_client(self.settings.redis_url)
         self.store = JobStore(self.redis, result_ttl_s=self.settings.result_ttl_s, pending_ttl_s=self.settings.pending_ttl_s)
-        self._enqueue = self.redis.register_script(ENQUEUE_SCRIPT)
+        self._enqueue = self.redis.register_script(lua.script("enqueue"))
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> JobClient:

@@ -1,4 +1,4 @@
-"""Enqueueing jobs: the job's record and its Celery message written by one Lua script, atomically.
+"""Enqueueing jobs: the job's record and its Celery message written by one Lua script (producer/lua/enqueue.lua), atomically.
 
 A job is either wholly enqueued (record, message on its queue, batch bookkeeping) or not at all,
 whatever happens to the submitting process; and submitting it again (same job id: see ``job_id_for``)
@@ -26,44 +26,6 @@ from producer.store import canonical_json
 # Job ids derived from an idempotency key (or a batch id and line) are UUID5s in this namespace.
 NAMESPACE = uuid.UUID("6c0f1e8a-2f5d-4f2b-9a4e-5b1d0c3e7a91")
 ORIGIN = f"belle-producer@{socket.gethostname()}:{os.getpid()}"
-
-# KEYS: record, queue, batch hash and batch job list (the record's key, unused, when none), queue sequence, queue waiting
-# set. ARGV: request JSON, now, pending ttl, message envelope, job id, batch key ('' when none),
-# batch id, custom id, line, queue name, the queue's taken-mark key, the error JSON of a job whose batch
-# was cancelled, then field/value pairs the record also holds (its tenant, its webhook). The record keeps
-# the names of its queue's keys, for the scripts that move it on.
-# Returns 'created', 'exists' (same request: nothing done), 'conflict' (another request) or 'cancelled'
-# (its batch was cancelled while being submitted: the job's record ends cancelled, no message is sent).
-# The job's number on its queue lets a worker find a lost message (worker/serving/sweeper.py).
-ENQUEUE_SCRIPT = """
-local existing = redis.call('HGET', KEYS[1], 'request')
-if existing then
-  if existing == ARGV[1] then return 'exists' end
-  return 'conflict'
-end
-if ARGV[6] ~= '' and redis.call('HGET', KEYS[3], 'state') == 'cancelled' then
-  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'created_at', ARGV[2], 'finished_at', ARGV[2], 'attempts', 0, 'request', ARGV[1],
-             'error', ARGV[12], 'job_id', ARGV[5], 'batch', ARGV[6], 'batch_id', ARGV[7], 'custom_id', ARGV[8], 'line', ARGV[9])
-  for i = 13, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-  redis.call('HINCRBY', KEYS[3], 'cancelled', 1)
-  redis.call('RPUSH', KEYS[4], ARGV[5])
-  return 'cancelled'
-end
-redis.call('HSET', KEYS[1], 'state', 'queued', 'created_at', ARGV[2], 'attempts', 0, 'request', ARGV[1])
-for i = 13, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-if ARGV[6] ~= '' then
-  redis.call('HSET', KEYS[1], 'batch', ARGV[6], 'batch_id', ARGV[7], 'custom_id', ARGV[8], 'line', ARGV[9])
-  redis.call('HINCRBY', KEYS[3], 'queued', 1)
-  redis.call('RPUSH', KEYS[4], ARGV[5])
-end
-local seq = redis.call('INCR', KEYS[5])
-redis.call('HSET', KEYS[1], 'job_id', ARGV[5], 'queue', ARGV[10], 'seq', seq, 'k_sequence', KEYS[5], 'k_waiting', KEYS[6], 'k_taken', ARGV[11])
-redis.call('ZADD', KEYS[6], seq, ARGV[5])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('LPUSH', KEYS[2], ARGV[4])
-return 'created'
-"""
 
 BATCH_CANCELLED_JSON = JobError(code=ErrorCode.CANCELLED, message="the batch was cancelled while it was being submitted; this job never ran").model_dump_json()
 
@@ -93,7 +55,7 @@ def enqueue_item(validated: GenerationRequest, queue: str, fields: tuple[tuple[s
 
 
 def webhook_fields(request: GenerationRequest) -> tuple[tuple[str, str], ...]:
-    """The record fields the transition scripts read to append the job's webhook events (store.py)."""
+    """The record fields the transition scripts read to append the job's webhook events (producer/lua/events.lua)."""
     if request.webhook is None:
         return ()
     return ("webhook", request.webhook), ("webhook_events", ",".join(request.webhook_events_filter))
@@ -134,7 +96,7 @@ class Enqueue:
     fields: tuple[tuple[str, str], ...] = ()  # more record fields: tenant, webhook, webhook_events
 
     def call(self, now: float, pending_ttl_s: int) -> dict[str, list]:
-        """ENQUEUE_SCRIPT's keys and arguments."""
+        """The keys and arguments of producer/lua/enqueue.lua."""
         batch = keys.batch(self.batch_id) if self.batch_id else ""
         return {
             "keys": [keys.job(self.job_id), self.queue, batch or keys.job(self.job_id), keys.batch_jobs(self.batch_id) if self.batch_id else keys.job(self.job_id),

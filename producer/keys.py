@@ -29,8 +29,10 @@ def job(job_id: str) -> str:
 
 
 def job_channel(job_id: str) -> str:
-    """Pub/sub channel with a job's live events (state changes, chunks)."""
-    return f"{PREFIX}:job:{job_id}"
+    """Pub/sub channel with a job's live events (state changes, chunks, its end). It has the name of the job's
+    record on purpose, and that is no clash: pub/sub channels are not keys (Redis keeps them apart), and
+    subscribers outside this code know the channel by that name (README, Streaming and cancellation)."""
+    return job(job_id)
 
 
 def job_chunks(job_id: str) -> str:

@@ -31,6 +31,7 @@ class FinishReason(StrEnum):
     LENGTH = "length"  # max_new_tokens (or the context window) was reached
     STOP = "stop"  # a stop string matched; the text ends before it
     CANCELLED = "cancelled"  # the job was cancelled while running
+    FAILED = "failed"  # a worker-side mark of a row whose job failed while decoding: never in a result (the job fails)
 
 
 class _Frozen(BaseModel):
@@ -61,8 +62,10 @@ class Usage(_Frozen):
 
 class Timings(_Frozen):
     queued_s: float  # submission to start of the attempt that finished it
-    generation_s: float  # wall time of the generate() call the job ran in
-    batch_size: int  # jobs in that call
+    generation_s: float  # from joining the decoding batch (or the start of its generate() call) to its end
+    batch_size: int  # most jobs decoded beside it (or jobs in its generate() call)
+    admission_s: float | None = None  # start of the attempt to joining the decoding batch (or its generate() call)
+    first_token_s: float | None = None  # joining the decoding batch to its first token (None for beam search)
 
 
 class PromptFit(_Frozen):

@@ -162,10 +162,6 @@ class GenerationRequest(BaseModel):
             raise _cross("stream", True, f"stream requires num_beams=1 (beam search knows its best sequence only at the end), got num_beams={beams}; set num_beams=1 or stream=false")
         return self
 
-    @property
-    def is_greedy(self) -> bool:
-        return not self.do_sample and self.num_beams == 1
-
     def to_wire(self) -> dict[str, Any]:
         """The JSON-ready form sent to workers: every field explicit, so re-validation there is exact."""
         return self.model_dump(mode="json")

@@ -2,14 +2,16 @@
 an optional YAML file named by ``BELLE_SETTINGS_FILE``, and the files under ``configs/``.
 
 Every setting is documented here and in the README's settings table (``belle-queue settings``
-prints the effective values).
+prints the effective values, secrets masked: ``shown_settings``).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
@@ -60,8 +62,8 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(64, ge=1, description="Most jobs decoded together, and most jobs in one generate() call (beam search).")
     batch_max_tokens: int = Field(65_536, ge=1, description="Token budget of a batch: rows (beams or returned sequences) × (longest prompt + most new tokens still to come).")
     batch_max_prefill_tokens: int = Field(8_192, ge=1, description="Most padded prompt tokens in one prefill call of joining jobs (bounds its activations' memory).")
-    batch_wait_ms: float = Field(20.0, ge=0, description="Waiting jobs are taken in once no new job has arrived for this long...")
-    batch_max_delay_ms: float = Field(200.0, ge=0, description="...or once the oldest has waited this long, whichever comes first.")
+    batch_wait_ms: float = Field(0.0, ge=0, description="0: waiting jobs are taken in at once (a running batch takes them at its next step). Above 0: once no new job has arrived for this long...")
+    batch_max_delay_ms: float = Field(200.0, ge=0, description="...or once the oldest has waited this long, whichever comes first (with BELLE_BATCH_WAIT_MS above 0).")
     stream_interval_ms: float = Field(100.0, ge=0, description="Least time between two chunk sends of one streaming job (its first goes out at once); 0 sends every step.")
     fault_crash_on: str | None = Field(None, description="Fault injection: a job whose prompt holds this text kills its worker process as it starts generating (tests poison jobs).")
     fault_memory_budget_tokens: int | None = Field(None, ge=1, description="Fault injection: a batch costing more tokens raises a real torch.OutOfMemoryError (tests OOM handling on CPU).")
@@ -115,3 +117,40 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Settings from the environment, read once per process."""
     return Settings()
+
+
+MASK = "***"
+# A setting (or a URL's query parameter) whose name ends so holds a secret: shown as MASK.
+_SECRET_NAME = re.compile(r"(^|_)(password|passwd|pass|secret|token|api_?keys?|credentials?|auth)$", re.IGNORECASE)
+
+
+def is_secret(name: str) -> bool:
+    """Whether a setting named ``name`` holds a secret (a password, token, API key, webhook secret)."""
+    return bool(_SECRET_NAME.search(name))
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password, and any query parameter named like a secret, replaced by MASK."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            user, _, host = netloc.rpartition("@")
+            netloc = f"{user.partition(':')[0]}:{MASK}@{host}"
+        query = urlencode([(k, MASK if is_secret(k) else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
+    except ValueError:
+        return MASK  # (a URL too malformed to take apart: it may hold anything)
+
+
+def shown_settings(settings: Settings) -> dict[str, Any]:
+    """Every setting's value as JSON, secrets masked: a secret-named setting that is set shows MASK, and
+    a URL its user but not its password."""
+    shown: dict[str, Any] = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is not None and is_secret(name):
+            value = MASK
+        elif isinstance(value, str) and "://" in value:
+            value = masked_url(value)
+        shown[name] = value
+    return shown

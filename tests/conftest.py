@@ -21,19 +21,53 @@ from producer.settings import Settings
 from tests.waiting import wait_for
 
 
+# The fixtures that start worker processes: a test using one (directly or through another fixture) is
+# marked slow. A test that starts a worker by hand carries @pytest.mark.slow itself.
+WORKER_FIXTURES = frozenset({"worker", "start_worker"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Apply the markers declared in pyproject.toml: ``slow`` on every test that starts worker processes
+    (``-m "not slow"`` runs the others), and a skip on every ``gpu`` test where there is no CUDA device.
+    ``make test`` selects no marker: it runs them all."""
+    for item in items:
+        if WORKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_tests:
+        import torch
+
+        if not torch.cuda.is_available():
+            skip = pytest.mark.skip(reason="needs a CUDA GPU")
+            for item in gpu_tests:
+                item.add_marker(skip)
+
+
+DATABASES = 128
+
+
 @pytest.fixture(scope="session")
 def redis_server():
-    # Tests that need a quiet queue use a database of their own.
-    with EmbeddedRedis(args=["--databases", "64"]) as server:
+    # Tests that need a quiet queue use a database of their own (new_database); 0 is the shared worker's.
+    with EmbeddedRedis(args=["--databases", str(DATABASES)]) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def new_database(redis_server):
-    """``new_database()``: the URL of a database of the shared server that no other test uses (from 32 up;
-    older tests number theirs by hand below 32)."""
-    numbers = itertools.count(32)
-    return lambda: redis_server.url.rsplit("/", 1)[0] + f"/{next(numbers)}"
+    """``new_database()``: the URL of a database of the shared server that no other test uses. The one
+    place that numbers databases: tests never type a number (database 0 is the shared worker's). Session
+    scoped, so that module fixtures can take one too."""
+    numbers = itertools.count(1)
+    base = redis_server.url.rsplit("/", 1)[0]
+
+    def new() -> str:
+        number = next(numbers)
+        if number >= DATABASES:
+            raise RuntimeError(f"all {DATABASES - 1} test databases are handed out; raise DATABASES in tests/conftest.py")
+        return f"{base}/{number}"
+
+    return new
 
 
 @pytest.fixture(scope="session")

@@ -15,12 +15,14 @@ import pytest
 from producer.errors import ErrorCode
 from producer.schemas import parse_request
 from producer.settings import Settings
-from worker.scheduling.batcher import Batcher, TokenBudget
+from tests.waiting import wait_for
+from worker.errors import JobFailure
 from worker.model.decoding import SHARED_PREFIX_MIN, TRIM_AT, DecodeBatch, shared_prefix
 from worker.model.engine import Engine, batch_cost
-from worker.errors import JobFailure
 from worker.model.kv_cache import KVArena
 from worker.model.model_config import ModelConfig
+from worker.scheduling.batcher import Batcher
+from worker.scheduling.oom import TokenBudget
 
 PROMPTS = [
     "Hi", "你好", "What is machine learning?", "请解释什么是人工智能，并举几个例子说明它在日常生活中的应用。",
@@ -136,9 +138,9 @@ def test_jobs_that_join_a_running_batch_and_leave_it_at_different_steps_keep_the
     batcher = batcher_for(engine, batch_wait_ms=5, batch_max_delay_ms=20)
     try:
         early = [batcher.submit(job) for job in first]
-        time.sleep(0.3)
+        wait_for(lambda: batcher.decoding, 60, "the first jobs decode")
         mid = [batcher.submit(job) for job in later]
-        time.sleep(0.2)
+        wait_for(lambda: not batcher.waiting_ids(), 60, "the later jobs joined")
         last = batcher.submit(long_prompt)
         results = {g.job_id: g.result for g in (f.result(timeout=120) for f in early + mid + [last])}
         widest = batcher._batch.arena.column_capacity
@@ -157,7 +159,6 @@ def test_arena_drops_padding_shared_by_every_row(tiny_bloom):
     engine = load(tiny_bloom)
     long = prepare(engine, "long", prompt="天气很好 " * 30, num_beams=1, max_new_tokens=2, min_new_tokens=2)
     short = prepare(engine, "short", prompt="Hi", num_beams=1, max_new_tokens=10, min_new_tokens=10)
-    batcher = batcher_for(engine)
     batch = DecodeBatch(engine)
     from worker.model.decoding import ActiveJob
 
@@ -167,51 +168,31 @@ def test_arena_drops_padding_shared_by_every_row(tiny_bloom):
     assert width == len(long.input_ids) > TRIM_AT
     batch.choose()
     batch.forward()
-    finished = batch.choose()
+    finished = batch.choose().finished
     assert finished == [rows[0]]
     batch.remove(finished)
     assert batch.length == len(short.input_ids) + 1, "only the short row's columns are left"
     batch.forward()
-    assert batch.choose() == [] and batch.length == len(short.input_ids) + 2
-    batcher.stop()
+    assert batch.choose().finished == [] and batch.length == len(short.input_ids) + 2
 
 
 def test_a_burst_becomes_one_batch_and_a_lone_job_is_not_held_back(tiny_bloom):
     engine = load(tiny_bloom)
-    batcher = Batcher(engine, Settings(batch_wait_ms=20, batch_max_delay_ms=3000)).start()
+    # A full batch starts once it is there, however long the wait for company would be.
+    batcher = Batcher(engine, Settings(batch_max_size=8, batch_wait_ms=60_000, batch_max_delay_ms=120_000)).start()
     try:
         burst = [batcher.submit(prepare(engine, f"b{i}", prompt=f"question number {i}", num_beams=1, max_new_tokens=4, min_new_tokens=4)) for i in range(8)]
         assert {f.result(timeout=60).result.timings.batch_size for f in burst} == {8}
+    finally:
+        batcher.stop()
+    batcher = Batcher(engine, Settings(batch_wait_ms=20, batch_max_delay_ms=3000)).start()
+    try:
         started = time.monotonic()
         lone = batcher.run(prepare(engine, "lone", prompt="Hi", num_beams=1, max_new_tokens=4))
         # Released once 20 ms pass without another arrival, not after the 3 s cap.
         assert lone.result.timings.batch_size == 1 and time.monotonic() - started < 1.5
     finally:
         batcher.stop()
-
-
-def test_joining_respects_size_token_budget_and_arrival_order(tiny_bloom):
-    engine = load(tiny_bloom)
-    short = [prepare(engine, f"s{i}", prompt="Hi", num_beams=1, max_new_tokens=4) for i in range(6)]
-    long = prepare(engine, "long", prompt="天气很好 " * 60, num_beams=1, max_new_tokens=4)
-    one_cost = batch_cost([short[0]])
-    batcher = Batcher(engine, Settings(batch_max_size=4, batch_max_tokens=one_cost * 3, batch_wait_ms=50, batch_max_delay_ms=500))
-    batcher._batch = DecodeBatch(engine)
-    for job in short[:2] + [long] + short[2:]:
-        batcher.submit(job)
-    with batcher._cond:
-        kind, first = batcher._select()
-        assert kind == "join" and [p.job.job_id for p in first] == ["s0", "s1"]  # the long prompt does not fit the budget: it stops the rest
-        kind, second = batcher._select()
-        assert [p.job.job_id for p in second] == ["long"]  # an empty batch takes its first job whatever its cost
-    # Beam search jobs run in generate() calls of jobs nearest in prompt length, within the padding limit.
-    beams = Batcher(engine, Settings(batch_max_size=4, batch_wait_ms=50, batch_max_delay_ms=500))
-    beams._batch = DecodeBatch(engine)
-    for job in [prepare(engine, f"k{i}", prompt="Hi", num_beams=2, max_new_tokens=4) for i in range(6)] + [prepare(engine, "klong", prompt="天气很好 " * 60, num_beams=2, max_new_tokens=4)]:
-        beams.submit(job)
-    with beams._cond:
-        assert [(kind, [p.job.job_id for p in batch]) for kind, batch in (beams._select(), beams._select(), beams._select())] == [
-            ("generate", ["k0", "k1", "k2", "k3"]), ("generate", ["k4", "k5"]), ("generate", ["klong"])]
 
 
 def test_an_over_budget_burst_waits_and_joins_in_parts_and_all_jobs_succeed(tiny_bloom, caplog):
@@ -254,8 +235,7 @@ def test_a_step_that_runs_out_of_memory_sets_jobs_aside_and_they_finish_with_the
     batcher = batcher_for(engine)
     try:
         futures = [batcher.submit(job) for job in jobs]
-        while "jobs joined" not in caplog.text:
-            time.sleep(0.005)
+        wait_for(lambda: "jobs joined" in caplog.text, 60, "the jobs joined")
         full = batcher._batch.cost()
         engine.fault_memory_budget_tokens = full // 3  # the running batch no longer fits
         results = {g.job_id: g.result for g in (f.result(timeout=120) for f in futures)}
@@ -332,10 +312,14 @@ def test_seeded_sampling_gives_the_same_text_whatever_decodes_beside_it(engine):
     batcher = batcher_for(engine)
     try:
         (solo,) = run_all(batcher, [job]).values()
-        crowded = run_all(batcher, [*neighbours, job])["seeded"]
         other_seed = run_all(batcher, [dataclasses.replace(job, request=job.request.model_copy(update={"seed": 12}))])["seeded"]
     finally:
         batcher.stop()
+    together = batcher_for(engine, batch_max_size=6, batch_wait_ms=60_000, batch_max_delay_ms=120_000)  # the six start together once all are there
+    try:
+        crowded = run_all(together, [*neighbours, job])["seeded"]
+    finally:
+        together.stop()
     assert crowded.timings.batch_size == 6 and solo.timings.batch_size == 1
     assert crowded.sequences == solo.sequences
     assert len({tuple(s.token_ids) for s in solo.sequences}) == 3, "the three sequences were drawn apart"
@@ -382,7 +366,7 @@ def decoding(engine, jobs):
 def drive(batch, actives) -> dict:
     """Step a DecodeBatch until its rows are done; the generated tokens of each job's first row."""
     while len(batch):
-        batch.remove(batch.choose())
+        batch.remove(batch.choose().finished)
         if len(batch):
             batch.forward()
     return {a.job_id: a.rows[0].tokens for a in actives}
@@ -400,7 +384,7 @@ def test_a_join_that_runs_out_of_memory_while_moving_the_arena_leaves_the_runnin
     batch = DecodeBatch(engine)
     (a,) = decoding(engine, [short])
     batch.join([a.rows])
-    batch.remove(batch.choose())
+    batch.remove(batch.choose().finished)
     batch.forward()
     moved = kv_cache._moved
     calls = {"n": 0}
@@ -518,8 +502,7 @@ def test_a_batcher_bug_fails_only_the_jobs_it_was_running(tiny_bloom, monkeypatc
     batcher = batcher_for(engine, batch_wait_ms=1, batch_max_delay_ms=5)
     try:
         running = batcher.submit(greedy)
-        while not batcher._decoding:
-            time.sleep(0.001)
+        wait_for(lambda: batcher.decoding, 60, "the first job decodes")
         beam_future = batcher.submit(beam)
         assert beam_future.result(timeout=60).result.sequences, "the beam job that finished keeps its result"
         with pytest.raises(JobFailure, match="the batcher failed: RuntimeError: injected bug"):
@@ -540,8 +523,7 @@ def test_a_beam_job_that_runs_out_of_memory_beside_the_decoding_batch_runs_once_
     batcher = batcher_for(engine, batch_wait_ms=1, batch_max_delay_ms=5)
     try:
         running = batcher.submit(greedy)
-        while not batcher._decoding:
-            time.sleep(0.001)
+        wait_for(lambda: batcher.decoding, 60, "the first job decodes")
         result = batcher.run(beam).result
         assert running.result(timeout=60).result.sequences
     finally:
@@ -573,28 +555,6 @@ def test_a_job_past_its_deadline_or_cancelled_while_it_waits_ends_without_runnin
     assert "jobs joined" not in caplog.text, "neither was prefilled"
 
 
-def test_interactive_jobs_wait_ahead_of_bulk_ones(tiny_bloom):
-    from worker.scheduling.batcher import BULK, INTERACTIVE
-
-    engine = load(tiny_bloom)
-    batcher = Batcher(engine, Settings())
-    for i, priority in enumerate([BULK, BULK, INTERACTIVE, BULK, INTERACTIVE]):
-        batcher.submit(prepare(engine, f"j{i}-{'bulk' if priority else 'interactive'}", prompt="hi", num_beams=1), priority=priority)
-    assert [p.job.job_id for p in batcher._pending] == ["j2-interactive", "j4-interactive", "j0-bulk", "j1-bulk", "j3-bulk"]
-
-
-def test_a_beam_call_never_exceeds_the_batch_size_whatever_the_anchor(tiny_bloom):
-    engine = load(tiny_bloom)
-    batcher = Batcher(engine, Settings(batch_max_size=4))
-    batcher._batch = DecodeBatch(engine)
-    jobs = [prepare(engine, f"k{i}", prompt="Hi " * (i + 1), num_beams=2, max_new_tokens=4) for i in range(10)]
-    for job in [jobs[5], *jobs[:5], *jobs[6:]]:  # the anchor sits in the middle of the length order
-        batcher.submit(job)
-    with batcher._cond:
-        kind, batch = batcher._select()
-    assert kind == "generate" and batch[0].job.job_id == "k5" and len(batch) <= 4
-
-
 def test_beam_search_stop_strings_count_only_generated_text_and_leave_the_global_rng_alone(tiny_bloom):
     import torch
 
@@ -620,8 +580,7 @@ def test_a_job_on_its_last_attempt_runs_alone_even_behind_a_trickle_of_interacti
     trickle = []
     try:
         trickle.append(batcher.submit(prepare(engine, "first", prompt="Hello there", num_beams=1, max_new_tokens=24, min_new_tokens=24)))
-        while not batcher._decoding:
-            time.sleep(0.001)
+        wait_for(lambda: batcher.decoding, 60, "the first job decodes")
         last = dataclasses.replace(prepare(engine, "last", prompt="Hello", num_beams=1, max_new_tokens=4), attempt=3)
         future = batcher.submit(last, priority=BULK)
         deadline = time.monotonic() + 60
@@ -641,14 +600,14 @@ def test_a_batcher_says_it_is_unhealthy_when_stuck_with_work_or_dead(tiny_bloom,
     engine = load(tiny_bloom)
     batcher = batcher_for(engine, batch_wait_ms=1, batch_max_delay_ms=5)
     assert batcher.healthy(stall_s=0.2)
-    time.sleep(0.3)
+    time.sleep(0.3)  # the time that passes is what is tested: longer than stall_s, idle
     assert batcher.healthy(stall_s=0.2), "an idle batcher is healthy however long it waits"
     release = threading.Event()
     step = batcher._step
     monkeypatch.setattr(batcher, "_step", lambda: (release.wait(30), step()))  # a device that hangs
     future = batcher.submit(prepare(engine, "hangs", prompt="Hello", num_beams=1, max_new_tokens=4))
-    time.sleep(0.5)
-    assert not batcher.healthy(stall_s=0.2) and batcher.healthy(stall_s=60)
+    wait_for(lambda: not batcher.healthy(stall_s=0.2), 30, "a batcher stuck with work says so")
+    assert batcher.healthy(stall_s=60)
     release.set()
     assert future.result(timeout=60).result.sequences
     batcher.stop()

@@ -12,14 +12,20 @@ import threading
 import time
 from collections import Counter
 
-
 from producer.connection import redis_client
 from producer.schemas import parse_request
 from producer.settings import Settings
-from worker.scheduling.batcher import BULK, INTERACTIVE, Batcher, BatcherStopped, DuplicateJob, JobCancelled
-from worker.model.engine import Engine
 from worker.errors import JobFailure
+from worker.model.engine import Engine
 from worker.model.model_config import ModelConfig
+from worker.scheduling.batcher import (
+    BULK,
+    INTERACTIVE,
+    Batcher,
+    BatcherStopped,
+    DuplicateJob,
+    JobCancelled,
+)
 from worker.serving.publisher import ChunkPublisher
 
 SUBMITTERS = 8
@@ -75,13 +81,15 @@ def test_submit_handover_cancel_settle_and_shutdown_from_many_threads(tiny_bloom
             if rng.random() < 0.1:
                 job = dataclasses.replace(job, attempt=3)  # its last attempt: runs alone
             with batcher.handover(job_id):
-                try:
-                    future = batcher.submit(job, priority=rng.choice([INTERACTIVE, BULK]))
-                except (DuplicateJob, BatcherStopped) as exc:
-                    with lock:
+                # Submitted and recorded under one lock, so that the copies of a job are recorded in the order
+                # they were accepted: the batcher lets a job go only once its outcome is set, so every earlier
+                # copy must be done when a later one is accepted.
+                with lock:
+                    try:
+                        future = batcher.submit(job, priority=rng.choice([INTERACTIVE, BULK]))
+                    except (DuplicateJob, BatcherStopped) as exc:
                         outcomes[type(exc).__name__ + " at submit"] += 1
-                    continue
-                with lock:  # the batcher lets a job go only once its outcome is set: an earlier copy must be done
+                        continue
                     if any(not earlier.done() for earlier in futures[job_id]):
                         problems.append(f"{job_id} accepted while an earlier copy was held")
                     futures[job_id].append(future)
@@ -127,6 +135,6 @@ def test_submit_handover_cancel_settle_and_shutdown_from_many_threads(tiny_bloom
     assert not problems, problems[:5]
     assert all(future.done() for held in futures.values() for future in held), "every accepted submission has its outcome"
     assert "settled twice" not in caplog.text and "the batcher failed" not in caplog.text, caplog.text[-2000:]
-    assert not batcher._thread.is_alive() and not batcher._held and not batcher._pending
+    assert not batcher._thread.is_alive() and not batcher._held and not batcher.waiting_ids()
     assert outcomes["generated"] and outcomes["BatcherStopped at submit"], outcomes
     print(dict(outcomes))

@@ -20,12 +20,9 @@ from producer.errors import InvalidRequestError
 from producer.records import JobState
 from producer.settings import Settings
 from tests.test_cli import cli
+from tests.waiting import wait_for
 
 QUICK = {"num_beams": 1, "max_new_tokens": 2, "min_new_tokens": 2}
-
-
-def database(redis_server, n: int) -> str:
-    return redis_server.url.rsplit("/", 1)[0] + f"/{n}"
 
 
 def write_lines(path, lines) -> str:
@@ -42,8 +39,8 @@ def wait_finished(client: JobClient, batch_id: str, timeout: float = 300):
 
 
 @pytest.fixture(scope="module")
-def batch_worker(redis_server, start_worker, bloom_config):
-    url = database(redis_server, 13)
+def batch_worker(new_database, start_worker, bloom_config):
+    url = new_database()
     start_worker(bloom_config, name="batch@tests", redis_url=url)
     with JobClient(Settings(redis_url=url)) as client:
         yield url, client
@@ -143,8 +140,8 @@ def test_cancelling_a_batch_midway_cancels_the_rest_and_keeps_what_finished(batc
     assert len(finished) == status.succeeded and all(len(r.result.sequences[0].token_ids) == 60 for r in finished)
 
 
-def test_an_interactive_job_starts_within_a_batch_cycle_behind_a_10000_job_backlog(redis_server, start_worker, bloom_config):
-    url = database(redis_server, 14)
+def test_an_interactive_job_starts_within_a_batch_cycle_behind_a_10000_job_backlog(new_database, start_worker, bloom_config):
+    url = new_database()
     with JobClient(Settings(redis_url=url)) as client:
         backlog = client.submit_batch([{"custom_id": f"b{i}", "prompt": f"bulk {i}", "num_beams": 1, "max_new_tokens": 4, "min_new_tokens": 4}
                                        for i in range(10_000)])
@@ -166,15 +163,16 @@ def test_an_interactive_job_starts_within_a_batch_cycle_behind_a_10000_job_backl
     assert waited < 2.0, f"started {waited:.2f} s after submission (a batch cycle here: {cycle})"
 
 
-def test_jobs_not_started_by_their_deadline_end_expired_without_running(redis_server, start_worker, bloom_config, tmp_path):
-    url = database(redis_server, 15)
+def test_jobs_not_started_by_their_deadline_end_expired_without_running(new_database, start_worker, bloom_config, tmp_path):
+    url = new_database()
     with JobClient(Settings(redis_url=url)) as client:
         single = client.submit({"prompt": "too late", "deadline": time.time() + 1, **QUICK})
         path = write_lines(tmp_path / "window.jsonl", [{"prompt": f"q{i}", **QUICK} for i in range(5)])
         submitted = cli(url, "batch", "submit", path, "--completion-window", "1s", "--json")
         batch_id = json.loads(submitted.stdout)["batch_id"]
         on_time = client.submit({"prompt": "in time", "deadline": time.time() + 600, **QUICK})
-        time.sleep(1.5)  # no worker yet: the deadlines pass in the queue
+        passed = max(client.get(single).request["deadline"], client.batch_status(batch_id).deadline)
+        wait_for(lambda: time.time() > passed, 30, "the deadlines passed in the queue (no worker yet)")
         worker = start_worker(bloom_config, name="deadline@tests", redis_url=url)
         expired = client.wait(single, 60)
         assert expired.state is JobState.EXPIRED and expired.error.code == "expired" and expired.result is None
@@ -186,8 +184,8 @@ def test_jobs_not_started_by_their_deadline_end_expired_without_running(redis_se
     assert worker.alive()
 
 
-def test_a_batch_resubmitted_after_the_submitter_crashed_enqueues_every_line_once(redis_server, tmp_path):
-    url = database(redis_server, 16)
+def test_a_batch_resubmitted_after_the_submitter_crashed_enqueues_every_line_once(new_database, tmp_path):
+    url = new_database()
     lines = [{"custom_id": f"k{i}", "prompt": f"resume {i}", **QUICK} for i in range(20_000)]
     path = write_lines(tmp_path / "crash.jsonl", lines)
     command = [sys.executable, "-m", "producer.cli", "--redis-url", url, "batch", "submit", path, "--batch-id", "overnight-17", "--json"]
@@ -212,8 +210,8 @@ def test_a_batch_resubmitted_after_the_submitter_crashed_enqueues_every_line_onc
         assert [r.custom_id for r in client.iter_batch_results(info["batch_id"])] == [line["custom_id"] for line in lines]
 
 
-def test_a_batch_cancelled_while_it_is_being_submitted_leaves_no_job_to_run(redis_server, tmp_path):
-    url = database(redis_server, 21)
+def test_a_batch_cancelled_while_it_is_being_submitted_leaves_no_job_to_run(new_database, tmp_path):
+    url = new_database()
     path = write_lines(tmp_path / "cancel-me.jsonl", [{"custom_id": f"c{i}", "prompt": f"cancel {i}", **QUICK} for i in range(20_000)])
     command = [sys.executable, "-m", "producer.cli", "--redis-url", url, "batch", "submit", path, "--batch-id", "cancel-race", "--json"]
     submitter = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -233,8 +231,8 @@ def test_a_batch_cancelled_while_it_is_being_submitted_leaves_no_job_to_run(redi
         assert status.cancelled == len(job_ids) and status.queued == 0 and status.finished
 
 
-def test_a_submitted_batch_is_never_enqueued_again_and_its_id_refuses_other_lines(redis_server, tmp_path):
-    url = database(redis_server, 22)
+def test_a_submitted_batch_is_never_enqueued_again_and_its_id_refuses_other_lines(new_database, tmp_path):
+    url = new_database()
     lines = [{"custom_id": f"o{i}", "prompt": f"once {i}", **QUICK} for i in range(50)]
     path = write_lines(tmp_path / "once.jsonl", lines)
     with JobClient(Settings(redis_url=url)) as client:

@@ -6,8 +6,6 @@ import json
 import subprocess
 import sys
 
-from producer.enqueue import new_job_id
-from producer.store import canonical_json
 
 # Run the CLI in a fresh interpreter where torch, transformers and the worker cannot be imported,
 # as on a backend host that installed only the client.
@@ -20,6 +18,7 @@ NO_GPU_STACK = (
     "assert 'worker.model.engine' not in sys.modules and 'worker.serving.handler' not in sys.modules\n"
     "sys.exit(code)\n"
 )
+UNSERVED = "belle.tests.unserved"  # a queue no worker consumes: its jobs stay queued
 
 
 def cli(redis_url: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -60,8 +59,7 @@ def test_a_malformed_set_is_an_invalid_request(redis_server):
 
 
 def test_the_redis_url_may_follow_the_command_name(redis_server, client):
-    job_id = new_job_id()
-    client.store.create(job_id, canonical_json({"prompt": "never sent"}))
+    job_id = client.submit({"prompt": "never sent"}, queue=UNSERVED)
     done = subprocess.run([sys.executable, "-c", NO_GPU_STACK, "status", job_id, "--redis-url", redis_server.url], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout.strip()) == (0, "queued")
 
@@ -73,8 +71,7 @@ def test_a_failed_job_exits_1_and_shows_its_error(redis_server, worker):
 
 
 def test_waiting_past_the_timeout_exits_3(redis_server, client):
-    job_id = new_job_id()
-    client.store.create(job_id, canonical_json({"prompt": "never sent"}))  # a record no worker will take
+    job_id = client.submit({"prompt": "never sent"}, queue=UNSERVED)  # a job no worker will take
     done = cli(redis_server.url, "result", job_id, "--wait", "0.3", "--json")
     assert done.returncode == 3 and "still queued after 0.3 s" in done.stderr
     assert json.loads(done.stdout)["state"] == "queued"  # the record as it stands

@@ -21,7 +21,6 @@ from producer.enqueue import new_job_id
 from producer.errors import InvalidRequestError
 from producer.schemas import parse_request
 from producer.settings import Settings
-from producer.store import canonical_json
 from tests.test_cli import NO_GPU_STACK, cli
 
 EXIT_CODES = {0, 1, 2, 3, 4}
@@ -236,8 +235,7 @@ def quiet_url(new_database) -> str:
 def test_fuzz_every_client_command(quiet_url, tmp_path):
     url = quiet_url
     with JobClient(Settings(redis_url=url)) as client:
-        queued = new_job_id()
-        client.store.create(queued, canonical_json({"prompt": "never runs"}))
+        queued = client.submit({"prompt": "never runs"})  # (no worker serves this database)
         batch = client.submit_batch([{"custom_id": "a", "prompt": "hi", "num_beams": 1}]).batch_id
     job_ids, batch_ids = [queued, new_job_id(), "no-such-job"], [batch, "no-such-batch"]
     seen: dict[int, int] = {}

@@ -10,7 +10,7 @@ from pathlib import Path
 import redis
 import yaml
 
-from producer.cli import build_parser
+from producer.cli.commands import build_parser
 from producer.embedded_redis import EmbeddedRedis, find_redis_server, free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ def engine(request) -> Engine:
 
 
 def run(engine: Engine, data: dict, job_id: str = "j"):
-    (generated,) = engine.generate([engine.prepare(job_id, parse_request(data))])
+    (generated,) = engine.generate_batch([engine.prepare(job_id, parse_request(data))])
     return generated.result
 
 
@@ -37,8 +37,9 @@ def test_eos_ends_a_sequence_and_is_not_in_the_text(engine):
         assert engine.eos_token_id not in seq.token_ids
 
 
-def test_jobs_with_different_parameters_are_grouped_into_separate_calls(engine):
-    jobs = [engine.prepare(f"j{i}", parse_request({"prompt": "Hello", "num_beams": 1, "max_new_tokens": n})) for i, n in enumerate((4, 4, 6))]
-    out = {g.job_id: g.result for g in engine.generate(jobs)}
-    assert [out[f"j{i}"].timings.batch_size for i in range(3)] == [2, 2, 1]
-    assert len(out["j2"].sequences[0].token_ids) <= 6
+def test_only_jobs_with_the_same_generation_parameters_share_a_generate_call(engine):
+    jobs = [engine.prepare(f"j{i}", parse_request({"prompt": "Hello", "num_beams": 2, "max_new_tokens": n})) for i, n in enumerate((4, 4, 6))]
+    assert Engine.batch_key(jobs[0]) == Engine.batch_key(jobs[1]) != Engine.batch_key(jobs[2])
+    out = {g.job_id: g.result for g in engine.generate_batch(jobs[:2])}
+    assert [out[f"j{i}"].timings.batch_size for i in range(2)] == [2, 2]
+    assert len(engine.generate_batch(jobs[2:])[0].result.sequences[0].token_ids) <= 6

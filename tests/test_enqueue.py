@@ -16,12 +16,8 @@ from producer.records import JobState
 from producer.settings import Settings
 
 
-def database(redis_server, n: int) -> str:
-    return redis_server.url.rsplit("/", 1)[0] + f"/{n}"
-
-
-def test_a_submitted_message_is_the_one_celery_would_send(redis_server):
-    url = database(redis_server, 11)
+def test_a_submitted_message_is_the_one_celery_would_send(new_database):
+    url = new_database()
     with JobClient(Settings(redis_url=url)) as client:
         job_id = client.submit({"prompt": "你好", "num_beams": 1}, queue="belle.compare")
         ours = json.loads(client.redis.lpop("belle.compare"))
@@ -42,8 +38,8 @@ def test_a_submitted_message_is_the_one_celery_would_send(redis_server):
     assert {k: ours["properties"][k] for k in same} == {k: celerys["properties"][k] for k in same}
 
 
-def test_the_same_idempotency_key_gives_the_same_job_and_enqueues_nothing(redis_server):
-    url = database(redis_server, 12)
+def test_the_same_idempotency_key_gives_the_same_job_and_enqueues_nothing(new_database):
+    url = new_database()
     with JobClient(Settings(redis_url=url)) as client:
         request = {"prompt": "charge the card once", "num_beams": 1, "idempotency_key": "order-17"}
         first = client.submit(request)

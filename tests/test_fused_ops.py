@@ -32,7 +32,7 @@ def test_the_engine_fuses_blooms_activations_and_generates_what_the_stock_model_
                               pad_token_id=engine.pad_token_id, eos_token_id=engine.eos_token_id)
     for prompt in prompts:
         job = engine.prepare("j", parse_request({"prompt": prompt, "num_beams": 1, "max_new_tokens": 24, "min_new_tokens": 24}))
-        (generated,) = engine.generate([job])
+        (generated,) = engine.generate_batch([job])
         with torch.inference_mode():
             expected = stock.generate(input_ids=torch.tensor([job.input_ids]), generation_config=config)[0, len(job.input_ids):]
         assert generated.result.sequences[0].token_ids == expected.tolist(), prompt

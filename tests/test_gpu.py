@@ -14,7 +14,8 @@ from worker.model.engine import Engine
 from worker.errors import JobFailure
 from worker.model.model_config import ModelConfig
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (real CUDA out of memory, 4-bit weights on the GPU, float16)")
+# Skipped by tests/conftest.py where there is no CUDA device.
+pytestmark = pytest.mark.gpu
 
 PROMPTS = ["Hi", "你好", "What is machine learning?", "The quick brown fox jumps over the lazy dog.", "北京", "温度控制输出的随机性"]
 

@@ -122,10 +122,10 @@ def test_quantised_weights_load_and_generate_on_cpu(request, arch, mode):
         assert batched[job.job_id].sequences[0].token_ids[:3] == alone[job.job_id].sequences[0].token_ids[:3]
 
 
-def test_a_worker_serves_its_adapters_through_the_queue(redis_server, start_worker, tiny_bloom, adapters, tmp_path_factory):
+def test_a_worker_serves_its_adapters_through_the_queue(new_database, start_worker, tiny_bloom, adapters, tmp_path_factory):
     config = tmp_path_factory.mktemp("configs") / "tiny-bloom-lora.yaml"
     config.write_text(yaml.safe_dump({"name": "tiny-bloom-lora", "path": str(tiny_bloom), "context_length": 256, "adapters": adapters["bloom"]}))
-    url = redis_server.url.rsplit("/", 1)[0] + "/4"
+    url = new_database()
     worker = start_worker(config, name="lora@tests", redis_url=url)
     with JobClient(Settings(redis_url=url)) as client:
         ids = {a: client.submit({"prompt": "你好", "adapter": a, "num_beams": 1, "max_new_tokens": 8}) for a in ("poet", "coder", None)}

@@ -9,6 +9,7 @@ import contextlib
 import json
 import re
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -92,8 +93,9 @@ def test_a_worker_keeps_what_it_holds_while_redis_is_full_and_resumes_by_itself(
             producing.set()
 
             def keep_submitting() -> None:
+                until = time.monotonic() + 300  # should the test fail before it stops the producer
                 with JobClient(Settings(redis_url=small_redis.url)) as producer:
-                    while producing.is_set():
+                    while producing.is_set() and time.monotonic() < until:
                         try:
                             accepted.append(producer.submit(REQUEST))
                         except RedisFullError:

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import redis
 
 from producer import keys
@@ -29,10 +30,6 @@ from worker.serving.unacked import HeldMessages
 FAST_REDELIVERY = {"BELLE_VISIBILITY_TIMEOUT_S": "4", "BELLE_UNACKED_RESTORE_INTERVAL_S": "1", "BELLE_UNACKED_RESTORE_THROTTLE": "1",
                    "BELLE_LOST_MESSAGE_SWEEP_S": "1"}
 LONG = {"num_beams": 1, "max_new_tokens": 300, "min_new_tokens": 100}
-
-
-def database(redis_server, n: int) -> str:
-    return redis_server.url.rsplit("/", 1)[0] + f"/{n}"
 
 
 class EndEvents:
@@ -60,8 +57,8 @@ class EndEvents:
         self.client.close()
 
 
-def test_a_worker_killed_mid_batch_loses_nothing_and_its_jobs_run_again_once(redis_server, start_worker, bloom_config):
-    url = database(redis_server, 17)
+def test_a_worker_killed_mid_batch_loses_nothing_and_its_jobs_run_again_once(new_database, start_worker, bloom_config):
+    url = new_database()
     ends = EndEvents(url)
     try:
         with JobClient(Settings(redis_url=url)) as client:
@@ -77,7 +74,7 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_its_jobs_run_again_once(red
             doomed.process.wait(10)
             start_worker(bloom_config, name="survivor@tests", redis_url=url, env=FAST_REDELIVERY)
             records = {j: client.wait(j, 180) for j in ids}
-            time.sleep(0.5)
+        wait_for(lambda: all(ends.ends[j] for j in ids), 30, "every job's end was published")
     finally:
         ends.close()
     assert all(r.state is JobState.SUCCEEDED for r in records.values())
@@ -96,6 +93,7 @@ def test_redis_restarted_mid_run_with_aof_loses_no_acknowledged_job(start_worker
         worker = start_worker(bloom_config, name="steady@tests", redis_url=url, env=FAST_REDELIVERY)
 
         def produce():
+            deadline = time.monotonic() + 180
             with JobClient(Settings(redis_url=url)) as client:
                 for i in range(500):
                     while True:
@@ -104,15 +102,17 @@ def test_redis_restarted_mid_run_with_aof_loses_no_acknowledged_job(start_worker
                             break
                         except redis.RedisError as exc:  # not acknowledged: the producer submits it again
                             errors.append(type(exc).__name__)
+                            if time.monotonic() > deadline:
+                                raise
                             time.sleep(0.2)
                     time.sleep(0.01)
 
         producer = threading.Thread(target=produce)
         producer.start()
-        while len(acknowledged) < 150:
-            time.sleep(0.01)
+        wait_for(lambda: len(acknowledged) >= 150 or not producer.is_alive(), 60, "150 jobs were acknowledged")
+        errors_before = len(errors)
         server.stop()  # SIGTERM: Redis writes its AOF and exits
-        time.sleep(1.0)
+        wait_for(lambda: len(errors) > errors_before, 30, "the producer saw Redis go away")
         server = EmbeddedRedis(port=port, data_dir=tmp_path, args=aof).start()
         producer.join(180)
         assert not producer.is_alive() and len(acknowledged) == 500
@@ -127,8 +127,9 @@ def test_redis_restarted_mid_run_with_aof_loses_no_acknowledged_job(start_worker
         server.stop()
 
 
-def test_a_poison_job_fails_as_worker_lost_after_its_attempts_and_the_others_flow(redis_server, bloom_config):
-    url = database(redis_server, 18)
+@pytest.mark.slow  # starts its worker processes itself, not through the start_worker fixture
+def test_a_poison_job_fails_as_worker_lost_after_its_attempts_and_the_others_flow(new_database, bloom_config):
+    url = new_database()
     env = {**FAST_REDELIVERY, "BELLE_FAULT_CRASH_ON": "POISON", "BELLE_MAX_ATTEMPTS": "2"}
     with JobClient(Settings(redis_url=url)) as client:
         poison = client.submit({"prompt": "this one is POISON", "num_beams": 1, "max_new_tokens": 4})
@@ -158,9 +159,9 @@ def test_a_poison_job_fails_as_worker_lost_after_its_attempts_and_the_others_flo
                 worker.stop()
 
 
-def test_a_job_whose_message_was_lost_is_sent_again(redis_server, start_worker, bloom_config):
+def test_a_job_whose_message_was_lost_is_sent_again(new_database, start_worker, bloom_config):
     """As when a worker dies between taking a message off the queue and recording it (inside kombu)."""
-    url = database(redis_server, 20)
+    url = new_database()
     with JobClient(Settings(redis_url=url)) as client:
         lost = client.submit({"prompt": "my message is lost", "num_beams": 1, "max_new_tokens": 4})
         assert client.redis.rpop(keys.QUEUE_INTERACTIVE), "taken off the queue, never recorded"
@@ -249,8 +250,8 @@ def test_hostile_messages_on_the_queue_hurt_nothing(live_client, worker, tmp_pat
         time.sleep(0.1)
 
 
-def test_soak_5000_small_jobs_through_one_worker_counts_match_and_memory_stays_flat(redis_server, start_worker, bloom_config):
-    url = database(redis_server, 19)
+def test_soak_5000_small_jobs_through_one_worker_counts_match_and_memory_stays_flat(new_database, start_worker, bloom_config):
+    url = new_database()
     worker = start_worker(bloom_config, name="soak@tests", redis_url=url)
 
     def rss_mb() -> float:
@@ -260,8 +261,7 @@ def test_soak_5000_small_jobs_through_one_worker_counts_match_and_memory_stays_f
     with JobClient(Settings(redis_url=url)) as client:
         request = {"prompt": "soak", "num_beams": 1, "max_new_tokens": 2, "min_new_tokens": 2}
         warm = client.submit_batch([{**request, "custom_id": f"w{i}"} for i in range(1000)])
-        while not client.batch_status(warm.batch_id).finished:
-            time.sleep(0.2)
+        wait_for(lambda: client.batch_status(warm.batch_id).finished, 300, lambda: f"the warm-up finished: {client.batch_status(warm.batch_id)}")
         after_warm_up = rss_mb()
         soak = client.submit_batch([{**request, "custom_id": f"s{i}", "prompt": f"soak {i} " * (1 + i % 7)} for i in range(5000)])
         deadline = time.monotonic() + 300

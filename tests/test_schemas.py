@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from producer.errors import InvalidRequestError
 from producer.presets import load_presets
-from producer.schemas import GenerationRequest, parse_request
+from producer.schemas import ADAPTER_NAME, GenerationRequest, parse_request
 from producer.settings import Settings
 
 # (parameter, low, high, step outside the range, extra fields that make the boundary values legal)
@@ -168,17 +168,57 @@ _values = st.one_of(
     st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "x"]), "content": st.text(max_size=10)}), max_size=3),
 )
 _keys = st.sampled_from(list(GenerationRequest.model_fields) + ["temprature", "", "max_tokens"])
+_messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "x"]), "content": st.text(max_size=10)}), max_size=3)
+# Values around each parameter's rules (in range, just outside, the wrong kind), so that many dicts pass;
+# a field without an entry here gets the arbitrary values above.
+_near_values = {
+    "prompt": st.text(max_size=20), "messages": _messages, "preset": st.sampled_from([*load_presets(), "nope"]),
+    "do_sample": st.booleans(), "num_beams": st.integers(0, 11), "num_return_sequences": st.integers(0, 11),
+    "max_new_tokens": st.integers(0, 2049), "min_new_tokens": st.integers(0, 101), "temperature": st.floats(0.05, 2.05),
+    "top_p": st.floats(0.0, 1.05), "top_k": st.integers(-1, 101), "repetition_penalty": st.floats(0.95, 2.05),
+    "no_repeat_ngram_size": st.integers(-1, 11), "output_scores": st.booleans(), "stream": st.booleans(),
+    "seed": st.one_of(st.none(), st.integers(-1, 2**63)), "stop": st.one_of(st.text(max_size=6), st.lists(st.text(max_size=6), max_size=5)),
+    "adapter": st.one_of(st.none(), st.from_regex(ADAPTER_NAME, fullmatch=True), st.text(max_size=6)),
+    "metadata": st.dictionaries(st.text(max_size=5), st.one_of(st.integers(), st.text(max_size=5)), max_size=3),
+    "deadline": st.sampled_from([None, 0, 1.0, 4e9]), "webhook": st.sampled_from([None, "https://example.com/hook", "ftp://example.com/x", "not a url"]),
+    "webhook_events_filter": st.lists(st.sampled_from(["start", "output", "completed", "end"]), max_size=3),
+    "idempotency_key": st.one_of(st.none(), st.text(max_size=130)),
+}
+_near_requests = st.fixed_dictionaries({"prompt": st.text(min_size=1, max_size=20)},
+                                       optional={name: _near_values.get(name, _values) for name in GenerationRequest.model_fields if name != "prompt"})
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.dictionaries(_keys, _values, max_size=8))
-def test_any_parameter_dict_gives_a_request_or_the_validation_error(data):
-    try:
-        request = parse_request(data)
-    except InvalidRequestError as error:
-        assert error.parameter and str(error)
-    else:
-        assert isinstance(request, GenerationRequest)
+def test_any_parameter_dict_gives_a_request_keeping_its_values_or_refusals_naming_their_parameter():
+    presets = load_presets()
+    seen = {"accepted": 0, "refused": 0}
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.one_of(st.dictionaries(_keys, _values, max_size=8), _near_requests))
+    def fuzz(data):
+        preset = presets.get(data["preset"], {}) if isinstance(data.get("preset"), str) else {}
+        try:
+            request = parse_request(data)
+        except InvalidRequestError as error:  # (any other exception fails the test)
+            seen["refused"] += 1
+            for problem in error.problems:
+                # Each problem names a parameter the request (or its preset) set, or the missing prompt;
+                # an unknown key "" is reported against the request as a whole.
+                named = problem.parameter.split(".")[0].split("[")[0]
+                assert named in {*data, *preset, "prompt"} or (named == "request" and "" in data), (data, problem)
+                assert problem.parameter in problem.message or named == "request", (data, problem)
+        else:
+            seen["accepted"] += 1
+            wire = request.to_wire()
+            for name, value in {**preset, **data}.items():  # every value given is kept as given (a lone stop string as a list)
+                assert wire[name] == ([value] if name == "stop" and isinstance(value, str) else value), (name, value, wire[name])
+            assert parse_request(json.loads(json.dumps(wire)), resolved=True) == request, "the wire form round-trips"
+            assert (request.prompt is None) != (request.messages is None)
+            assert request.min_new_tokens <= request.max_new_tokens
+            assert not request.stream or request.num_beams == 1
+            assert request.num_return_sequences <= (request.num_beams if request.num_beams > 1 else 10 if request.do_sample else 1)
+
+    fuzz()
+    assert seen["accepted"] >= 10 and seen["refused"] >= 10, f"the fuzzing reached both outcomes: {seen}"
 
 
 @given(st.one_of(st.none(), st.integers(), st.text(), st.lists(st.integers())))

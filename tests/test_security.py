@@ -45,6 +45,7 @@ def assert_one_line(done: subprocess.CompletedProcess, *fragments: str) -> None:
         assert fragment in done.stderr, done.stderr
 
 
+@pytest.mark.slow  # starts its worker processes itself (serve_one_job), not through the start_worker fixture
 def test_requirepass_and_an_acl_user_work_from_the_url_and_a_wrong_password_is_one_line(bloom_config):
     acl_user = ["--user", "belle", "on", ">w0rker-pass", "~*", "&*", "+@all"]
     with EmbeddedRedis(password="s3cret", args=acl_user) as server:
@@ -106,6 +107,7 @@ def tls_server(tmp_path_factory):
     process.stderr.close()
 
 
+@pytest.mark.slow  # starts its worker process itself (serve_one_job)
 def test_tls_works_from_the_url_and_an_untrusted_certificate_is_one_line(tls_server, bloom_config):
     port, ca = tls_server
     url = f"rediss://:tls-s3cret@localhost:{port}/0?ssl_ca_certs={ca}&ssl_cert_reqs=required"

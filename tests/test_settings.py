@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from producer.settings import Settings
@@ -21,3 +25,21 @@ def test_a_yaml_settings_file_is_read_and_the_environment_wins(tmp_path, monkeyp
 def test_every_setting_is_documented_once_in_the_readme():
     for name in Settings.model_fields:
         assert README.count(f"| `BELLE_{name.upper()}` |") == 1, name
+
+
+def test_the_settings_command_shows_the_effective_values_with_secrets_masked():
+    env = {name: value for name, value in os.environ.items() if not name.upper().startswith("BELLE_")}
+    env |= {"BELLE_REDIS_URL": "redis://belle:hunter2@redis.internal:6390/3", "BELLE_MAX_ATTEMPTS": "5",
+            "BELLE_WEBHOOK_SECRET": "whsec_topsecret", "BELLE_API_KEYS": "key-one,key-two"}
+    text = subprocess.run([sys.executable, "-m", "producer.cli", "settings"], env=env, capture_output=True, text=True, timeout=60)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert "BELLE_REDIS_URL=redis://belle:***@redis.internal:6390/3  (environment)" in lines
+    assert "BELLE_MAX_ATTEMPTS=5  (environment)" in lines and "BELLE_RESULT_TTL_S=86400  (default)" in lines
+    assert len(lines) == len(Settings.model_fields)
+    shown = subprocess.run([sys.executable, "-m", "producer.cli", "settings", "--json"], env=env, capture_output=True, text=True, timeout=60)
+    values = json.loads(shown.stdout)
+    assert values["redis_url"] == "redis://belle:***@redis.internal:6390/3" and values["max_attempts"] == 5
+    assert values["webhook_secret"] == values["api_keys"] == "***" and values["webhook_timeout_s"] == 10.0
+    for secret in ("hunter2", "topsecret", "key-one"):
+        assert secret not in text.stdout + shown.stdout

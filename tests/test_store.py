@@ -8,29 +8,40 @@ import time
 import pytest
 
 from producer import keys
+from producer.client import JobClient
 from producer.enqueue import new_job_id
 from producer.connection import redis_client
 from producer.errors import ErrorCode
 from producer.records import JobError, JobState
-from producer.store import JobStore, canonical_json
+from producer.schemas import parse_request
+from producer.settings import Settings
+from producer.store import canonical_json
+from worker.serving.job_writes import WorkerJobStore
 
-REQUEST = canonical_json({"prompt": "hi"})
+REQUEST = canonical_json(parse_request({"prompt": "hi"}).to_wire())  # as a job's record and its message hold it
+UNSERVED = "belle.tests.unserved"  # a queue no worker consumes: its jobs stay queued
 
 
 @pytest.fixture
 def store(redis_server):
     r = redis_client(redis_server.url)
-    yield JobStore(r, result_ttl_s=100, pending_ttl_s=1000)
+    yield WorkerJobStore(r, result_ttl_s=100, pending_ttl_s=1000)
     r.close()
+
+
+@pytest.fixture
+def submit(redis_server):
+    """``submit()``: a job enqueued the way clients enqueue (its record and its message), to a queue no worker consumes."""
+    with JobClient(Settings(redis_url=redis_server.url, pending_ttl_s=1000)) as client:
+        yield lambda: client.submit({"prompt": "hi"}, queue=UNSERVED)
 
 
 def error(code=ErrorCode.GENERATION_ERROR) -> JobError:
     return JobError(code=code, message="boom")
 
 
-def test_life_cycle_and_attempts(store):
-    job = new_job_id()
-    store.create(job, REQUEST)
+def test_life_cycle_and_attempts(store, submit):
+    job = submit()
     assert store.get(job).state is JobState.QUEUED and store.get(job).attempts == 0
     assert store.redis.ttl(keys.job(job)) > 900
     first = store.start(job, worker="w1", request_json=REQUEST, max_attempts=3)
@@ -44,9 +55,8 @@ def test_life_cycle_and_attempts(store):
     assert record.state is JobState.RUNNING and record.worker == "w2" and record.started_at >= record.created_at and record.attempts == 2
 
 
-def test_the_first_final_write_wins(store):
-    job = new_job_id()
-    store.create(job, REQUEST)
+def test_the_first_final_write_wins(store, submit):
+    job = submit()
     store.start(job, worker="w", request_json=REQUEST, max_attempts=3)
     assert store.fail(job, error()) == "ok"
     assert store.fail(job, error(ErrorCode.OUT_OF_MEMORY)) == "failed"
@@ -57,9 +67,8 @@ def test_the_first_final_write_wins(store):
     assert store.start(job, worker="w", request_json=REQUEST, max_attempts=3).outcome == "final:failed"
 
 
-def test_attempts_stop_at_the_poison_limit(store):
-    job = new_job_id()
-    store.create(job, REQUEST)
+def test_attempts_stop_at_the_poison_limit(store, submit):
+    job = submit()
     for attempt in range(2):
         assert store.start(job, worker=f"w{attempt}", request_json=REQUEST, max_attempts=2).should_run
         store.generating([job], holder=f"w{attempt}")
@@ -67,13 +76,12 @@ def test_attempts_stop_at_the_poison_limit(store):
     assert exhausted.outcome == "exhausted" and exhausted.attempts == 2
 
 
-def test_a_message_whose_request_differs_from_the_record_leaves_it_alone(store):
-    job = new_job_id()
-    store.create(job, REQUEST)
+def test_a_message_whose_request_differs_from_the_record_leaves_it_alone(store, submit):
+    job = submit()
     outcome = store.start(job, worker="w", request_json=canonical_json({"prompt": "forged"}), max_attempts=3)
     assert outcome.outcome == "mismatch"
     record = store.get(job)
-    assert record.state is JobState.QUEUED and record.attempts == 0 and record.request == {"prompt": "hi"}
+    assert record.state is JobState.QUEUED and record.attempts == 0 and record.request == json.loads(REQUEST)
 
 
 def test_a_message_without_a_record_creates_one(store):
@@ -84,11 +92,10 @@ def test_a_message_without_a_record_creates_one(store):
     assert record.state is JobState.FAILED and record.attempts == 0 and record.request is None
 
 
-def test_transitions_publish_events(store):
-    job = new_job_id()
+def test_transitions_publish_events(store, submit):
+    job = submit()  # (enqueueing publishes nothing)
     pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.job_channel(job))
-    store.create(job, REQUEST)
     store.start(job, worker="w", request_json=REQUEST, max_attempts=3)
     store.fail(job, error())
     events = []
@@ -101,9 +108,8 @@ def test_transitions_publish_events(store):
     assert [e["state"] for e in events] == ["running", "failed"]
 
 
-def test_a_job_running_on_a_live_worker_is_not_taken_over_by_a_duplicate_message(store):
-    job = new_job_id()
-    store.create(job, REQUEST)
+def test_a_job_running_on_a_live_worker_is_not_taken_over_by_a_duplicate_message(store, submit):
+    job = submit()
     store.redis.set(keys.worker_alive("alive-1"), 1, ex=60)
     assert store.start(job, worker="a", holder="alive-1", request_json=REQUEST, max_attempts=3).should_run
     assert store.start(job, worker="a", holder="alive-1", request_json=REQUEST, max_attempts=3).outcome == "held_here"
@@ -117,16 +123,64 @@ def test_a_job_running_on_a_live_worker_is_not_taken_over_by_a_duplicate_message
     assert store.start(job, worker="b", holder="b-1", request_json=REQUEST, max_attempts=3, take_over=True).should_run
 
 
-def test_a_record_from_before_the_queue_keys_were_stored_still_starts(store):
-    job = new_job_id()
-    store.create(job, REQUEST)
-    store.redis.hset(keys.job(job), "seq", 7)  # numbered on its queue, but without the names of the queue's keys
+def test_a_record_from_before_the_queue_keys_were_stored_still_starts(store, submit):
+    job = submit()
+    store.redis.hdel(keys.job(job), "k_sequence", "k_waiting", "k_taken")  # numbered on its queue, but without the names of the queue's keys
     assert store.start(job, worker="a", holder="a-1", request_json=REQUEST, max_attempts=3).should_run
 
 
-def test_a_job_ending_after_its_batch_expired_does_not_recreate_the_batch(store):
-    job = new_job_id()
-    store.create(job, REQUEST)
+def test_a_job_ending_after_its_batch_expired_does_not_recreate_the_batch(store, submit):
+    job = submit()
     store.redis.hset(keys.job(job), mapping={"batch": keys.batch("gone"), "batch_id": "gone"})
     assert store.start(job, worker="a", holder="a-1", request_json=REQUEST, max_attempts=3).should_run
     assert not store.redis.exists(keys.batch("gone"))
+
+
+def test_every_lua_script_has_its_header_and_compiles(store):
+    from producer import lua
+    from worker.serving import lua as worker_lua
+
+    for folder in (lua.FOLDER, worker_lua.FOLDER):
+        for path in sorted(folder.glob("*.lua")):
+            text = path.read_text(encoding="utf-8").removeprefix("#!lua flags=allow-oom\n")  # (a script flag must be its first line)
+            assert text.startswith("-- ") and "KEYS" in text.split("\n\n")[0], f"{path.name}: a header comment saying its KEYS and ARGV"
+            source = lua.script(path.stem, folder)
+            assert "-- include:" not in source
+            store.redis.script_load(source)  # compiles: a syntax error, or a fragment missing, fails here
+
+
+@pytest.mark.parametrize("holder_alive", [False, True])
+def test_a_message_kombu_sends_back_takes_its_dead_holders_job_back_to_queued(redis_server, store, submit, holder_alive):
+    """kombu's own redelivery (the visibility timeout) puts a dead worker's message back on its queue; the job's
+    record, still running under that worker, goes back to queued with it, numbered on its queue, so that the
+    lost-message sweep covers it should its message be lost once more. A live holder's job is left alone."""
+    from kombu import Connection
+
+    from worker.serving.redis_writes import RedisWrites
+    from worker.serving.transport import bound_transport
+
+    job = submit()
+    raw = next(m for m in store.redis.lrange(UNSERVED, 0, -1) if json.loads(m)["headers"]["id"] == job)
+    assert store.redis.lrem(UNSERVED, 1, raw) == 1  # a worker takes the message...
+    holder = f"w@tests/1/{'alive' if holder_alive else 'dead'}"
+    tag = f"tag-{job}"
+    store.redis.hset("unacked", tag, json.dumps([json.loads(raw), "", UNSERVED]))  # ...records it in hand, as kombu does...
+    store.redis.zadd("unacked_index", {tag: time.time() - 7200})
+    store.redis.hset(keys.HOLDER_OF, tag, holder)
+    assert store.start(job, worker="w", request_json=REQUEST, max_attempts=3, holder=holder).should_run  # ...and starts the job
+    if holder_alive:
+        store.redis.set(keys.worker_alive(holder), 1, ex=60)
+    connection = Connection(redis_server.url, transport=bound_transport(writes=RedisWrites(), incarnation="w2@tests/2/x", on_refused=None))
+    try:
+        channel = connection.default_channel
+        channel.qos.restore_by_tag(tag)  # what kombu's restore_visible does for every message past its visibility timeout
+    finally:
+        connection.release()
+    back = [json.loads(m)["headers"]["id"] for m in store.redis.lrange(UNSERVED, 0, -1)]
+    assert back.count(job) == 1 and not store.redis.hexists("unacked", tag), "the message is back on its queue, once"
+    record = store.get(job)
+    if holder_alive:
+        assert record.state is JobState.RUNNING, "a live holder's job is its own"
+    else:
+        assert record.state is JobState.QUEUED and record.worker is None
+        assert store.redis.zscore(keys.queue_waiting(UNSERVED), job) is not None, "numbered on its queue: the sweep covers it"

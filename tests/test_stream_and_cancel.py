@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 
 import pytest
 import yaml
@@ -17,6 +16,7 @@ from producer.errors import ErrorCode, JobNotFoundError
 from producer.records import FinishReason, JobState, StreamChunk, StreamEnd
 from producer.settings import Settings
 from tests.test_cli import cli
+from tests.waiting import wait_for
 
 STREAMING = {"num_beams": 1, "max_new_tokens": 24, "min_new_tokens": 24, "stream": True}
 
@@ -42,7 +42,8 @@ def test_a_streamed_job_can_be_followed_live_and_replayed_after_it_finished(live
 
 
 def test_two_streaming_jobs_in_one_batch_stay_separate(live_client):
-    ids = [live_client.submit({"prompt": p, **STREAMING}) for p in ("北京是中国的首都", "The quick brown fox 😀")]
+    # 96 steps each: the second message reaches the worker while the first decodes, even on a busy machine.
+    ids = [live_client.submit({"prompt": p, **STREAMING, "max_new_tokens": 96, "min_new_tokens": 96}) for p in ("北京是中国的首都", "The quick brown fox 😀")]
     for job_id in ids:
         chunks, _ = follow(live_client, job_id)
         record = live_client.get(job_id)
@@ -91,10 +92,10 @@ def test_the_cli_watches_and_submits_with_stream(redis_server, live_client):
 
 
 @pytest.fixture(scope="module")
-def long_worker_url(redis_server, start_worker, tiny_llama, tmp_path_factory):
+def long_worker_url(new_database, start_worker, tiny_llama, tmp_path_factory):
     """A Redis database with its own worker, serving the tiny LLaMA (which rarely ends on its own) with a
     context long enough for jobs that run for seconds. The worker starts on first use."""
-    url = redis_server.url.rsplit("/", 1)[0] + "/3"
+    url = new_database()
     config = tmp_path_factory.mktemp("configs") / "tiny-llama-long.yaml"
     config.write_text(yaml.safe_dump({"name": "tiny-llama-long", "path": str(tiny_llama), "context_length": 2048}))
     started = []
@@ -142,9 +143,9 @@ def test_cancelling_a_running_job_keeps_its_partial_text_and_spares_its_batch_ma
         events = []
         reader = threading.Thread(target=lambda: events.extend(client.stream(victim, 120)))
         reader.start()
-        deadline = time.monotonic() + 60
-        while not events and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # Cancelled once the victim and the twin both stream: all three decode together then, however the
+        # messages arrived (the mate, ahead of the twin in line, joined no later than it).
+        wait_for(lambda: events and client.redis.exists(keys.job_chunks(mate_twin)), 60, "the victim and the twin stream")
         assert client.cancel(victim).outcome == "requested"
         reader.join(120)
 

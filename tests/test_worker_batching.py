@@ -14,9 +14,9 @@ BURST = [{"prompt": f"question number {i}: what is machine learning?", "num_beam
 
 
 @pytest.fixture(scope="module")
-def oom_worker(redis_server, start_worker, bloom_config):
+def oom_worker(new_database, start_worker, bloom_config):
     """A worker on its own Redis database whose simulated memory fits about 10 of the burst's jobs."""
-    url = redis_server.url.rsplit("/", 1)[0] + "/1"
+    url = new_database()
     worker = start_worker(bloom_config, name="oom@tests", redis_url=url, env={
         "BELLE_FAULT_MEMORY_BUDGET_TOKENS": "500", "BELLE_BATCH_WAIT_MS": "200", "BELLE_BATCH_MAX_DELAY_MS": "2000",
     })
@@ -26,8 +26,11 @@ def oom_worker(redis_server, start_worker, bloom_config):
 
 
 def test_a_burst_through_the_queue_runs_batched_with_the_same_output(live_client):
-    alone = [live_client.wait(live_client.submit(r), 60) for r in BURST[:4]]
-    ids = [live_client.submit(r) for r in BURST]
+    # 48 steps each: the first jobs still decode while the last are submitted, even on a busy machine (where
+    # 8 new tokens could end each job before the next arrived), so the burst decodes together.
+    burst = [{**r, "max_new_tokens": 48, "min_new_tokens": 48} for r in BURST]
+    alone = [live_client.wait(live_client.submit(r), 60) for r in burst[:4]]
+    ids = [live_client.submit(r) for r in burst]
     records = [live_client.wait(job_id, 120) for job_id in ids]
     assert all(r.state is JobState.SUCCEEDED for r in records)
     assert max(r.result.timings.batch_size for r in records) >= 8

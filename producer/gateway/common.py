@@ -17,7 +17,7 @@ from producer.gateway.auth import Tenant
 from producer.gateway.errors import ApiError
 from producer.jsontext import parse_json
 from producer.records import JobRecord
-from producer.workers import WorkerInfo
+from producer.fleet import WorkerInfo
 
 log = logging.getLogger("belle.gateway")
 

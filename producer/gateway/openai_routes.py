@@ -21,7 +21,7 @@ from producer.gateway.common import cancel_later, client, dumps, json_body, live
 from producer.gateway.errors import ApiError, job_error, unavailable
 from producer.openai_compat import FINISH_REASONS, body_fields, chunk, completion, openai_job_fields, usage_chunk
 from producer.records import StreamChunk
-from producer.workers import WorkerInfo
+from producer.fleet import WorkerInfo
 
 router = APIRouter()
 

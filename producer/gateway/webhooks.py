@@ -1,7 +1,7 @@
 """Webhooks: a job's start, output and completion, and a batch's start and completion, POSTed to the URL the caller gave.
 
 Durable, at least once: the transition scripts append each event to the stream ``keys.WEBHOOKS`` in
-the same step as the state they report (producer/store.py). Every gateway process runs a deliverer
+the same step as the state they report (producer/lua/events.lua). Every gateway process runs a deliverer
 in the consumer group ``keys.WEBHOOK_GROUP``: it takes new events, and claims the events another
 deliverer has held too long (it died mid-delivery: idle past twice the delivery timeout), so none is
 lost. An event is acknowledged once its receiver answered 2xx, or once it has been retried for

@@ -16,13 +16,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from producer.records import FinishReason, StreamChunk
-from worker.model.kv_cache import KVArena
-from worker.model.logits import NgramIndex, RowParameters, apply_processors, choose, logprobs_of
 from worker.model.detokenize import IncrementalText, JobStream, cut_at_stop
+from worker.model.kv_cache import KVArena
+from worker.model.logits import (
+    NgramIndex,
+    RowParameters,
+    apply_processors,
+    choose,
+    logprobs_of,
+)
+
+if TYPE_CHECKING:
+    from worker.model.engine import PreparedJob
 
 PREFILL_EFFICIENCY = 0.8  # real tokens / padded tokens of one prefill call, at least
 TRIM_AT = 64  # columns of padding shared by every row at which the arena drops them
@@ -54,11 +64,20 @@ class Row:
         return self.active.job.max_new_tokens - len(self.tokens)
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """What one step chose: the rows that finished (still in the batch until removed) and the chunks the
+    streaming rows have to publish."""
+
+    finished: list[Row]
+    chunks: list[StreamChunk]
+
+
 @dataclass(eq=False)
 class ActiveJob:
     """A job from its first admission to a batch until all its rows finished."""
 
-    job: object  # engine.PreparedJob
+    job: PreparedJob
     rows: list[Row]
     stream: JobStream | None
     started: float
@@ -66,6 +85,7 @@ class ActiveJob:
     cancelled: bool = False
     joined: int = 0  # when it last joined (a batch-wide counter): jobs are set aside last-joined first
     error: str | None = None  # the job failed while decoding (the model gave it no usable scores)
+    first_token_at: float | None = None  # perf_counter when its first token was chosen
 
     @classmethod
     def start(cls, job, decode: Callable[[list[int]], str], device: torch.device, *, streaming: bool, stream_interval_s: float = 0.0) -> ActiveJob:
@@ -106,7 +126,7 @@ class ActiveJob:
     def fail(self, error: str) -> None:
         self.error = error
         for row in self.live_rows:
-            row.finish = FinishReason.LENGTH
+            row.finish = FinishReason.FAILED
 
 
 def prefill_groups(rows: Sequence[Row], max_rows: int, max_tokens: int) -> list[list[Row]]:
@@ -156,7 +176,6 @@ class DecodeBatch:
         self.params = RowParameters.of([], device)
         self.adapters: list[str | None] = []  # each row's adapter, as the model call takes them
         self.generators: list[torch.Generator | None] = []
-        self.chunks: list[StreamChunk] = []  # what the last step has to publish
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -303,10 +322,10 @@ class DecodeBatch:
     # --- a step ---
 
     @torch.inference_mode()
-    def choose(self) -> list[Row]:
-        """Choose each row's next token; returns the rows that finished (they are still in the batch).
-        A streaming row's new text is left in ``chunks``. If this raises, nothing has changed (seeded
-        rows' generators are put back), so it can be retried."""
+    def choose(self) -> StepResult:
+        """Choose each row's next token; returns the rows that finished (they are still in the batch)
+        and the streaming rows' new text. If this raises, nothing has changed (seeded rows' generators
+        are put back), so it can be retried."""
         states = [g.get_state() if g is not None else None for g in self.generators]
         try:
             tokens, chosen_from, broken = self._choose_tokens()
@@ -317,7 +336,7 @@ class DecodeBatch:
             raise
         logprobs = logprobs_of(chosen_from, tokens, self.params.scored)
         self.seen[torch.arange(len(self.rows), device=tokens.device), tokens] = True
-        self.chunks = []
+        chunks: list[StreamChunk] = []
         now = time.monotonic()
         sending = {id(r.active) for r in self.rows if r.active.stream is not None and r.active.stream.due(now)}
         finished = []
@@ -330,6 +349,8 @@ class DecodeBatch:
                 finished.append(row)
                 continue
             row.tokens.append(token)
+            if row.active.first_token_at is None:
+                row.active.first_token_at = time.perf_counter()
             if i in logprobs:
                 row.logprobs.append(logprobs[i])
             if row.ngrams is not None:
@@ -342,12 +363,12 @@ class DecodeBatch:
                 if request.stop and cut_at_stop(text, request.stop)[1]:
                     row.finish = FinishReason.STOP
                 if id(row.active) in sending and (chunk := row.active.stream.advance(row.index, text, len(row.tokens), now=now)):
-                    self.chunks.append(chunk)
+                    chunks.append(chunk)
             if row.finish is None and row.remaining <= 0:
                 row.finish = FinishReason.LENGTH
             if row.finish is not None:
                 finished.append(row)
-        return finished
+        return StepResult(finished, chunks)
 
     def _choose_tokens(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         generated = torch.tensor([len(r.tokens) for r in self.rows], device=self.logits.device)

@@ -16,7 +16,6 @@ import inspect
 import logging
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -52,6 +51,7 @@ class PreparedJob:
     fit: PromptFit
     queued_s: float = 0.0
     attempt: int = 1
+    prepared_at: float = field(default_factory=time.perf_counter)  # at the start of its attempt, once tokenized
 
 
 @dataclass(frozen=True)
@@ -261,15 +261,6 @@ class Engine:
             output = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return output.logits[:, -1].float()
 
-    def generate(self, jobs: Sequence[PreparedJob]) -> list[Generated]:
-        groups: dict[tuple, list[PreparedJob]] = defaultdict(list)
-        for job in jobs:
-            groups[self.batch_key(job)].append(job)
-        out: list[Generated] = []
-        for group in groups.values():
-            out.extend(self.generate_batch(group))
-        return out
-
     def generate_batch(self, jobs: Sequence[PreparedJob], is_cancelled: Callable[[str], bool] | None = None, *, held: int = 0) -> list[Generated]:
         """One generate() call for jobs that share a batch key: the path of beam search, and the
         reference the decoding batch is tested against. With ``is_cancelled``, a cancelled job's rows
@@ -312,11 +303,12 @@ class Engine:
                     token_ids = token_ids[: monitor.cancelled_rows[row]]
                 sequences.append(RawSequence(token_ids, logprobs[row].tolist() if logprobs is not None else None,
                                              float(beam_scores[row]) if beam_scores is not None else None))
-            results.append(self.job_result(job, sequences, generation_s=seconds, batch_size=len(jobs), cancelled=cancelled))
+            results.append(self.job_result(job, sequences, generation_s=seconds, batch_size=len(jobs), cancelled=cancelled,
+                                           admission_s=started - job.prepared_at))
         return results
 
     def job_result(self, job: PreparedJob, sequences: Sequence[RawSequence], *, generation_s: float, batch_size: int, cancelled: bool = False,
-                   stream: JobStream | None = None) -> Generated:
+                   stream: JobStream | None = None, admission_s: float | None = None, first_token_s: float | None = None) -> Generated:
         """The job's result from its sequences' generated tokens. A streaming job's last chunks (text
         held back until the end) are left in ``Generated.final_chunks``."""
         results = [self._sequence(k, s, job, cancelled=cancelled) for k, s in enumerate(sequences)]
@@ -329,7 +321,9 @@ class Engine:
         return Generated(job.job_id, JobResult(
             sequences=[s.result for s in results],
             usage=Usage(prompt_tokens=len(job.input_ids), completion_tokens=completion, total_tokens=len(job.input_ids) + completion),
-            timings=Timings(queued_s=round(job.queued_s, 6), generation_s=round(generation_s, 6), batch_size=batch_size),
+            timings=Timings(queued_s=round(job.queued_s, 6), generation_s=round(generation_s, 6), batch_size=batch_size,
+                            admission_s=None if admission_s is None else round(admission_s, 6),
+                            first_token_s=None if first_token_s is None else round(first_token_s, 6)),
             model=self.config.name,
             adapter=job.request.adapter,
             prompt_fit=job.fit,

@@ -38,9 +38,6 @@ class KVArena:
     def allocated(self) -> bool:
         return bool(self.keys)
 
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
     def reserve(self, rows: int, columns: int, *, live: int, length: int, shift: int = 0) -> None:
         """Make room for ``rows`` slots of ``columns`` columns, keeping the ``live`` rows' first
         ``length`` columns, moved ``shift`` columns right (negative: left, dropping those columns).

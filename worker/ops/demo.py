@@ -16,7 +16,7 @@ import time
 from producer.client import JobClient
 from producer.embedded_redis import EmbeddedRedis
 from producer.errors import InvalidRequestError
-from producer.render import record_text
+from producer.cli.render import record_text
 from producer.settings import Settings
 from worker.model.model_config import load_model_config
 from worker.model.packaged_model import prepare

@@ -1,40 +1,14 @@
-"""The batcher: one thread that owns the model and runs the jobs held by the worker's task threads.
+"""The batcher: one thread that owns the model, and carries out the scheduling policy's plans.
 
 Jobs decoded one token at a time (greedy and sampling) share one continuous decoding batch
 (worker/model/decoding.py): between two steps, finished jobs leave it and waiting jobs join it, so no job
-waits for a whole batch to end, and jobs with different parameters decode together. Beam search
-jobs run as whole generate() calls, between two steps.
+waits for a whole batch to end, and jobs with different parameters decode together. Beam search jobs run
+as whole generate() calls, between two steps. Which jobs run when is decided by worker/scheduling/policy.py
+(pure: it returns a ``Plan``); what happens when memory runs out, by worker/scheduling/oom.py.
 
-When jobs join
-  - Waiting jobs are kept in order: interactive jobs before bulk ones (the queue a job came from),
-    then by arrival; jobs set aside after running out of memory go first of all.
-  - An idle batcher starts once no new job has arrived for ``batch_wait_ms``, or its first waiting
-    job has waited ``batch_max_delay_ms``, or a full batch is waiting: a burst is prefilled together.
-    A running batch takes in waiting jobs by the same rule, at its next step.
-  - Jobs join in that order while the batch holds fewer than ``batch_max_size`` jobs (interactive
-    jobs may take it a quarter over) and its cost stays within the token budget. The first job that
-    does not fit stops the ones behind it, so none is overtaken forever; an empty batch always takes
-    its first waiting job. A job cancelled or past its deadline while it waited ends there.
-  - When the first waiting job is a beam search job, it runs in one generate() call with the waiting
-    jobs that share its generation config (nearest in prompt length, within the size, budget and
-    padding limits).
-
-Out of memory
-  ``torch.OutOfMemoryError`` is caught at the batch boundary only: a join (prefill), a decoding
-  step (choosing tokens, or the model call), or a generate() call. Memory is freed outside the
-  except block, and the cost that failed halves the remembered token budget, which grows back slowly
-  after successes.
-  - A join that runs out of memory is undone; its jobs wait and join again under the lower budget.
-  - A decoding step that runs out of memory is undone, and the jobs that joined last are set aside
-    with the tokens they have; they rejoin later (their prompt and tokens are prefilled again, so
-    nothing is generated twice), and the step is retried with the others.
-  - A generate() call is split in halves and each half retried. A beam job that runs out of memory
-    alone beside a decoding batch waits until the batch is empty, and runs then.
-  A job that runs out of memory alone fails with ``out_of_memory``; no other job is affected, none is
-  lost, and none gets two results.
-
-Every outcome goes back to its task thread through the publisher's queue, after the chunks published
-before it, so a job's stream always ends after its last chunk.
+A streaming job's outcome goes back to its task thread through the publisher's queue, after the chunks
+published before it, so its stream always ends after its last chunk; any other job's goes back at once
+(``_settle``). The task thread then writes the job's final record (worker/serving/handler.py).
 
 A job on its last attempt (its worker died while generating it before) runs alone, once the decoding
 batch is empty and the outcomes before it are recorded (``Batcher.handover``): should the worker die
@@ -43,16 +17,15 @@ again, it is the one charged.
 Threads and state
   Task threads call ``submit``, ``run`` and ``handover``; the announcer calls ``healthy``; the worker's
   shutdown calls ``drain``. What they share with the batcher thread is guarded by one lock, the
-  condition ``_cond``: the waiting jobs (``_pending``), the jobs held and not yet settled (``_held``,
-  by id: a second copy of a job is refused while the first is held), the jobs whose task records an
-  outcome (``_tracked``, ``_handovers``) and ``_stopping``. Everything else (the decoding batch, its
-  jobs by id ``_in_batch``, the budget, the statistics) belongs to the batcher thread alone.
+  condition ``_cond``: the waiting line (``_line``), the jobs held and not yet handed their outcome
+  (``_held``, by id: a second copy of a job is refused while the first is held), the jobs whose task
+  records an outcome (``_tracked``, ``_handovers``) and ``_stopping``. Everything else (the decoding
+  batch, its jobs by id ``_in_batch``, the budget, the statistics) belongs to the batcher thread alone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import itertools
 import logging
 import os
@@ -67,17 +40,31 @@ import torch
 from producer.errors import ErrorCode
 from producer.records import StreamChunk
 from producer.settings import Settings
+from worker.errors import JobFailure
 from worker.model.decoding import ActiveJob, DecodeBatch, prefill_groups
 from worker.model.engine import Engine, Generated, PreparedJob, RawSequence, batch_cost
-from worker.errors import JobFailure
 from worker.scheduling.holders import Holds
+from worker.scheduling.oom import MemoryRecovery, generation_failure
+from worker.scheduling.policy import (
+    BULK,
+    INTERACTIVE,
+    Action,
+    Ending,
+    Plan,
+    Policy,
+    Running,
+    Waiting,
+    WaitingLine,
+)
 from worker.serving.metrics import Metrics
+
+__all__ = ["BULK", "INTERACTIVE", "Batcher", "BatcherStopped", "DuplicateJob", "JobCancelled"]
 
 log = logging.getLogger("belle.batcher")
 
-PADDING_EFFICIENCY = 0.5  # a generate() call's real tokens / padded tokens may not fall below this
 REPORT_EVERY_S = 10.0  # a decoding batch that runs on is summarised in the log this often
-INTERACTIVE, BULK = 0, 1  # priorities: lower goes first
+# A batcher that holds work and has not gone round its loop for this long is stuck (see Batcher.healthy).
+STALL_S = 600.0
 
 
 class BatcherStopped(RuntimeError):
@@ -86,10 +73,6 @@ class BatcherStopped(RuntimeError):
 
 class JobCancelled(RuntimeError):
     """The job was cancelled before it started to run."""
-
-
-# A batcher that holds work and has not gone round its loop for this long is stuck (see Batcher.healthy).
-STALL_S = 600.0
 
 
 class DuplicateJob(RuntimeError):
@@ -114,82 +97,52 @@ class DecodeStats:
 
 
 @dataclass(eq=False)
-class _Pending:
+class Ticket:
+    """The batcher's record of one submitted job, from ``submit`` until its outcome is handed over."""
+
     job: PreparedJob
-    key: tuple | None  # the generate() batch key of a beam search job; None for a stepwise job
-    arrived: float
-    priority: int = INTERACTIVE
-    order: int = 0  # arrival number, for a stable order within a priority
+    waiting: Waiting  # the job as the policy sees it
     future: Future = field(default_factory=Future)
-    active: ActiveJob | None = None  # a stepwise job set aside after running out of memory: its progress
-    exclusive: bool = False  # runs alone, once the decoding batch is empty: a job on its last attempt, or a beam job out of memory beside a batch
-    settled: bool = False  # its outcome is on its way to its task thread
+    active: ActiveJob | None = None  # its progress in the decoding batch (kept while it is set aside)
     counted: bool = False  # its attempt was counted (it started generating)
+    settled: bool = False  # its outcome is on its way to its task thread
 
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """(rows, longest input, most tokens still to generate) of this job in a decoding batch."""
-        if self.active is not None:
-            rows = self.active.live_rows
-            return len(rows), max(len(r.inputs) for r in rows), max(r.remaining for r in rows)
-        return self.job.request.num_return_sequences, len(self.job.input_ids), self.job.max_new_tokens
-
-    def expired(self, now: float) -> bool:
-        deadline = self.job.request.deadline
-        return self.active is None and deadline is not None and now > deadline
+    def set_aside(self) -> Waiting:
+        """Back to the waiting line, started, with the tokens it has: its shape is what is left of it."""
+        rows = self.active.live_rows
+        w = self.waiting
+        w.rows, w.length, w.new_tokens, w.resumed = len(rows), max(len(r.inputs) for r in rows), max(r.remaining for r in rows), True
+        return w
 
 
-class TokenBudget:
-    """The largest batch cost believed to fit in memory: lowered on OOM, grown back slowly."""
-
-    GROW_AFTER = 20  # successful batches before the budget grows
-    GROW_BY = 1.25
-
-    def __init__(self, ceiling: int):
-        self.ceiling = ceiling
-        self.limit = ceiling
-        self._successes = 0
-
-    def failed(self, cost: int) -> None:
-        self.limit = max(1, min(self.limit, cost // 2))
-        self._successes = 0
-
-    def succeeded(self, cost: int) -> None:
-        if self.limit >= self.ceiling:
-            return
-        self._successes += 1
-        if self._successes >= self.GROW_AFTER:
-            self.limit = min(self.ceiling, int(self.limit * self.GROW_BY) + 1)
-            self._successes = 0
-            log.info("token budget grows back to %d", self.limit)
+Outcome = Generated | BaseException
 
 
 class Batcher:
     """``publisher`` (``.publish(chunks, then)``: write the chunks, then call ``then``, in order)
     carries streaming jobs' chunks to Redis, and ``cancellations`` (``.is_cancelled(job_id)``) says
-    which jobs to stop; without them (in-process use) nothing streams and nothing is cancelled."""
+    which jobs to stop; ``attempts`` (``.starting(job_ids)``) is told which jobs start generating, before
+    they do. Without them (in-process use) nothing streams, nothing is cancelled and nothing is counted."""
 
     def __init__(self, engine: Engine | None, settings: Settings, *, publisher=None, cancellations=None, metrics: Metrics | None = None,
-                 generating: Callable[[list[str]], None] | None = None):
+                 attempts=None):
         self.engine = engine
         self.publisher = publisher
         self.cancellations = cancellations
-        self.generating = generating  # told which jobs start generating, before they do (their attempts)
+        self.attempts = attempts
         self.max_attempts = settings.max_attempts
         self.crash_on = settings.fault_crash_on
         self.metrics = metrics or Metrics()
+        self.policy = Policy(max_size=settings.batch_max_size, wait_s=settings.batch_wait_ms / 1000, max_delay_s=settings.batch_max_delay_ms / 1000)
+        self.memory = MemoryRecovery(settings.batch_max_tokens, self.metrics)
         self.max_size = settings.batch_max_size
-        self.interactive_size = self.max_size + max(1, self.max_size // 4)
         self.max_prefill_tokens = settings.batch_max_prefill_tokens
         self.stream_interval_s = settings.stream_interval_ms / 1000
-        self.wait_s = settings.batch_wait_ms / 1000
-        self.max_delay_s = settings.batch_max_delay_ms / 1000
-        self.budget = TokenBudget(settings.batch_max_tokens)
-        self._pending: list[_Pending] = []
+        self._line = WaitingLine()
         self._arrivals = itertools.count()
         self._joins = itertools.count(1)
         self._batch: DecodeBatch | None = None  # made on the batcher thread, once the engine is there
-        self._in_batch: dict[str, _Pending] = {}  # the decoding batch's jobs, by id (batcher thread only)
+        self._in_batch: dict[str, Ticket] = {}  # the decoding batch's jobs, by id (batcher thread only)
         self._stats = DecodeStats()
         self._cond = threading.Condition()  # guards what task threads share with the batcher thread (see the module's doc)
         self._held: set[str] = set()  # jobs submitted whose outcome is not yet handed over
@@ -201,6 +154,10 @@ class Batcher:
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name="belle-batcher", daemon=True)
+
+    @property
+    def budget(self):
+        return self.memory.budget
 
     def start(self, load: Callable[[], Engine] | None = None) -> Batcher:
         """Start the batcher thread. With ``load``, the engine is loaded on that thread, the one that
@@ -230,21 +187,24 @@ class Batcher:
         """Queue a prepared job; the future's result is a ``Generated``, or it raises ``JobFailure``
         (``JobCancelled`` if it was cancelled before it ran, ``BatcherStopped`` if the worker stops
         before it runs)."""
-        key = None if Engine.decodes_stepwise(job) else Engine.batch_key(job)
+        request = job.request
+        waiting = Waiting(job.job_id, rows=max(request.num_beams, request.num_return_sequences), length=len(job.input_ids),
+                          new_tokens=job.max_new_tokens, arrived=time.monotonic(), priority=priority,
+                          key=None if Engine.decodes_stepwise(job) else Engine.batch_key(job), deadline=request.deadline,
+                          # A job on its last attempt runs alone: should its worker die again, it was the one running.
+                          alone=job.attempt >= self.max_attempts > 1)
+        ticket = waiting.ticket = Ticket(job, waiting)
         with self._cond:
             if self._stopping:
                 raise BatcherStopped("the batcher is stopping")
             if job.job_id in self._held:
                 raise DuplicateJob(job.job_id)
             self._held.add(job.job_id)
-            # A job on its last attempt runs alone: should its worker die again, it was the one running.
-            pending = _Pending(job, key, time.monotonic(), priority, next(self._arrivals), exclusive=job.attempt >= self.max_attempts > 1)
-            at = next((i for i, p in enumerate(self._pending) if p.active is None and (p.priority, p.order) > (priority, pending.order)),
-                      len(self._pending))
-            self._pending.insert(at, pending)
-            self.metrics.waiting_jobs.set(len(self._pending))
+            waiting.order = next(self._arrivals)
+            self._line.add(waiting)
+            self.metrics.waiting_jobs.set(len(self._line))
             self._cond.notify_all()
-        return pending.future
+        return ticket.future
 
     def run(self, job: PreparedJob, *, priority: int = INTERACTIVE) -> Generated:
         return self.submit(job, priority=priority).result()
@@ -272,6 +232,16 @@ class Batcher:
             busy = bool(self._held)
         return not busy or time.monotonic() - self._progress_at < stall_s
 
+    def waiting_ids(self) -> list[str]:
+        """The waiting line's job ids, in the order they would be taken."""
+        with self._cond:
+            return [w.job_id for w in self._line]
+
+    @property
+    def decoding(self) -> bool:
+        """Whether the decoding batch has rows (read from another thread, it may already be stale)."""
+        return self._batch is not None and len(self._batch) > 0
+
     # --- the batcher thread ---
 
     def _main(self) -> None:
@@ -290,219 +260,137 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             self._progress_at = time.monotonic()
-            with self._cond:
-                work = self._next_work()
+            plan = self._next_plan()
             self._progress_at = time.monotonic()
-            if work is None:
+            if plan.action is Action.STOP:
                 return
-            kind, items = work
             try:
-                if kind == "generate":
-                    self._generate(items)
-                elif kind == "join":
-                    self._join(items)
-                elif kind == "end":
-                    self._settle([], items)
-                if self._decoding:
-                    self._step()
+                self._carry_out(plan)
             except Exception as exc:  # a bug here must not leave task threads waiting forever
-                log.exception("the batcher failed")
-                failure = JobFailure(ErrorCode.GENERATION_ERROR, f"the batcher failed: {type(exc).__name__}: {exc}"[:2000])
-                with self._cond:
-                    waiting = {id(p) for p in self._pending}
-                stranded = [p for p in [*(i for i in items if isinstance(i, _Pending)), *self._in_batch.values()]
-                            if not p.settled and id(p) not in waiting]
-                self._settle([], [(p, failure) for p in stranded])
-                self._in_batch.clear()
-                self._batch.arena.release()
-                self._batch = DecodeBatch(self.engine)
+                self._recover_from_bug(plan, exc)
 
-    @property
-    def _decoding(self) -> bool:
-        return self._batch is not None and len(self._batch) > 0
-
-    def _next_work(self) -> tuple[str, list] | None:
-        """Wait (holding the condition) until there is work: jobs to end (expired, cancelled, or
-        turned away at shutdown), a generate() call, jobs to join, or a decoding step. None once
-        stopped."""
-        while True:
-            self._progress_at = time.monotonic()  # waiting here (for jobs, their due time, or outcomes to be recorded) is not a stall
-            if self._stopping:
-                turned_away = [p for p in self._pending if p.active is None]
-                if turned_away:
-                    self._pending = [p for p in self._pending if p.active is not None]
-                    return "end", [(p, BatcherStopped("the worker is shutting down")) for p in turned_away]
-                if self._pending and not self._runs_alone() and self._waits_to_run_alone() is None and (joining := self._select_join()):
-                    return self._take("join", joining)
-                if self._decoding:
-                    return "step", []
-                return None
-            if self._pending:
-                now = time.time()
-                ended = []
-                for p in self._pending:
-                    if p.expired(now):
-                        ended.append((p, self._expiry(p)))
-                    elif p.active is None and self._is_cancelled(p.job.job_id):
-                        ended.append((p, JobCancelled(p.job.job_id)))
-                if ended:
-                    return self._take("end", [p for p, _ in ended], ended)
-                wait = self._until_due()
-                if wait <= 0 and (work := self._select()) is not None:
-                    return work
-                if not self._decoding:
-                    self._cond.wait(max(wait, 0.001) if wait > 0 else 0.05)
-                    continue
-            if self._decoding:
-                return "step", []
-            self._cond.wait()
-
-    def _take(self, kind: str, taken: list[_Pending], items: list | None = None) -> tuple[str, list]:
-        ids = {id(p) for p in taken}
-        self._pending = [p for p in self._pending if id(p) not in ids]
-        self.metrics.waiting_jobs.set(len(self._pending))
-        return kind, items if items is not None else taken
-
-    def _waits_to_run_alone(self) -> _Pending | None:
-        """The first waiting job that must run alone (see _select)."""
-        return next((p for p in self._pending if p.exclusive), None)
-
-    def _runs_alone(self) -> bool:
-        return any(p.exclusive for p in self._in_batch.values())
-
-    def _until_due(self) -> float:
-        """Seconds until the waiting jobs should be taken in (≤ 0: now)."""
-        first, last = self._pending[0], self._pending[-1]
-        room = self.max_size - len(self._batch.jobs)
-        if first.active is not None or len(self._pending) >= room or self._waits_to_run_alone() is not None:
-            return 0.0
-        return min(first.arrived + self.max_delay_s, last.arrived + self.wait_s) - time.monotonic()
-
-    def _select(self) -> tuple[str, list] | None:
-        if self._runs_alone():
-            return None
-        alone = self._waits_to_run_alone()
-        # A job that must run alone goes first, wherever it waits, so that a trickle of interactive
-        # jobs cannot keep the decoding batch from draining: no joins until it has run.
-        if alone is not None and (self._decoding or self._handovers):
-            return None  # the decoding batch drains and its outcomes are recorded, then it runs alone
-        anchor = alone or self._pending[0]
-        if anchor.key is not None:
-            return self._take("generate", self._select_generate(anchor))
-        joining = [anchor] if alone is not None else self._select_join()
-        return self._take("join", joining) if joining else None
-
-    def _select_join(self) -> list[_Pending]:
-        """Waiting jobs that join the decoding batch now (none runs alone or waits to: see _select)."""
-        batch = self._batch
-        jobs, rows, width = len(batch.jobs), len(batch), batch.length
-        remaining = max((r.remaining for r in batch.rows), default=0)
-        joining: list[_Pending] = []
-        for pending in self._pending:
-            if pending.key is not None:
-                continue  # beam search waits for its turn as the first waiting job
-            if self._stopping and pending.active is None:
-                continue
-            if jobs + len(joining) >= (self.interactive_size if pending.priority == INTERACTIVE else self.max_size):
-                break
-            n, length, left = pending.shape
-            cost = (rows + n) * (max(width, length) + max(remaining, left))
-            if cost > self.budget.limit and (joining or jobs):
-                break
-            joining.append(pending)
-            rows, width, remaining = rows + n, max(width, length), max(remaining, left)
-        return joining
-
-    def _select_generate(self, anchor: _Pending) -> list[_Pending]:
-        group = sorted((p for p in self._pending if p.key == anchor.key and not p.exclusive), key=lambda p: len(p.job.input_ids))
-        if anchor.exclusive:
-            return [anchor]
-        # A window of max_size jobs (in prompt-length order) that holds the anchor, at one end of the
-        # group when it can, so that what is left over stays one contiguous run for the next call.
-        at = group.index(anchor)
-        start = min(max(0, at - self.max_size + 1) if at >= self.max_size else 0, max(0, len(group) - self.max_size))
-        start = min(start, at)
-        window = group[start:start + self.max_size]
-        # Then trim from the side farther from the anchor until the budget and padding rules hold.
-        batch = [anchor]
-        for candidate in sorted(window, key=lambda p: abs(len(p.job.input_ids) - len(anchor.job.input_ids))):
-            if candidate is anchor or len(batch) >= self.max_size:
-                continue
-            trial = [p.job for p in batch] + [candidate.job]
-            if batch_cost(trial) <= self.budget.limit and _padding_efficiency(trial) >= PADDING_EFFICIENCY:
-                batch.append(candidate)
-        return batch
-
-    def _requeue(self, items: list[_Pending]) -> None:
-        """Put jobs back at the front of the waiting line, in their order."""
+    def _next_plan(self) -> Plan:
+        """Wait (holding the condition) until the policy has something to do; the jobs it takes leave the
+        waiting line."""
         with self._cond:
-            self._pending[:0] = items
-            self.metrics.waiting_jobs.set(len(self._pending))
+            while True:
+                self._progress_at = time.monotonic()  # waiting here (for jobs, their due time, or outcomes to be recorded) is not a stall
+                plan = self.policy.plan(self._line, self._running(), budget=self.budget.limit, now=time.monotonic(), wall=time.time(),
+                                        stopping=self._stopping, is_cancelled=self._is_cancelled)
+                if plan.action is not Action.WAIT:
+                    if plan.jobs:
+                        self._line.remove(plan.jobs)
+                        self.metrics.waiting_jobs.set(len(self._line))
+                    return plan
+                self._cond.wait(plan.wait_s)
+
+    def _running(self) -> Running:
+        batch = self._batch
+        return Running(jobs=len(batch.jobs), rows=len(batch), width=batch.length, remaining=max((r.remaining for r in batch.rows), default=0),
+                       alone=any(t.waiting.alone for t in self._in_batch.values()), outcomes_unrecorded=bool(self._handovers))
+
+    def _carry_out(self, plan: Plan) -> None:
+        tickets = [w.ticket for w in plan.jobs]
+        if plan.action is Action.END:
+            self._settle([], [(t, self._ending(t, why)) for t, why in zip(tickets, plan.endings, strict=True)])
+        elif plan.action is Action.GENERATE:
+            self._generate(tickets)
+        elif plan.action is Action.JOIN:
+            self._join(tickets)
+        if len(self._batch):  # after whatever the plan did, the decoding batch moves on by one step
+            self._step()
+
+    def _recover_from_bug(self, plan: Plan, exc: Exception) -> None:
+        log.exception("the batcher failed")
+        failure = JobFailure(ErrorCode.GENERATION_ERROR, f"the batcher failed: {type(exc).__name__}: {exc}"[:2000])
+        with self._cond:
+            waiting = {id(w.ticket) for w in self._line}
+        stranded = [t for t in [*(w.ticket for w in plan.jobs), *self._in_batch.values()] if not t.settled and id(t) not in waiting]
+        self._settle([], [(t, failure) for t in stranded])
+        self._in_batch.clear()
+        self._batch.arena.release()
+        self._batch = DecodeBatch(self.engine)
+
+    def _ending(self, ticket: Ticket, why: Ending) -> BaseException:
+        if why is Ending.SHUTDOWN:
+            return BatcherStopped("the worker is shutting down")
+        if why is Ending.CANCELLED:
+            return JobCancelled(ticket.job.job_id)
+        return JobFailure(ErrorCode.EXPIRED, f"the job's deadline ({ticket.job.request.deadline:.0f}, Unix seconds) passed before it started; "
+                                             "submit it again with a later deadline", parameter="deadline")
+
+    def _put_back(self, tickets: list[Ticket]) -> None:
+        """Jobs taken that could not run yet: back at the front of the waiting line, in their order."""
+        with self._cond:
+            self._line.put_back([t.waiting for t in tickets])
+            self.metrics.waiting_jobs.set(len(self._line))
 
     def _is_cancelled(self, job_id: str) -> bool:
         return self.cancellations is not None and self.cancellations.is_cancelled(job_id)
 
-    def _expiry(self, pending: _Pending) -> JobFailure:
-        return JobFailure(ErrorCode.EXPIRED, f"the job's deadline ({pending.job.request.deadline:.0f}, Unix seconds) passed before it started; "
-                                             "submit it again with a later deadline", parameter="deadline")
-
-    def _settle(self, chunks: list[StreamChunk], outcomes: list[tuple[_Pending, Generated | BaseException]]) -> None:
-        """Publish a step's chunks, then hand these jobs their outcomes: through the publisher's queue,
-        so that a job's record ends (its task thread writes the end event) after all its chunks."""
-        twice = [p for p, _ in outcomes if p.settled]
+    def _settle(self, chunks: list[StreamChunk], outcomes: list[tuple[Ticket, Outcome]]) -> None:
+        """Publish a step's chunks, and hand these jobs their outcomes: a streaming job's through the
+        publisher's queue, after the chunks queued before it, so that its record ends (its task thread
+        writes the end event) after all its chunks; any other job's at once (it has no chunks to wait for)."""
+        twice = [t for t, _ in outcomes if t.settled]
         if twice:  # a bug: the first outcome stands
-            log.error("jobs settled twice (their first outcome stands): %s", ", ".join(p.job.job_id for p in twice))
-            outcomes = [(p, o) for p, o in outcomes if not p.settled]
-        for pending, _ in outcomes:
-            pending.settled = True
-            if self._in_batch.get(pending.job.job_id) is pending:
-                del self._in_batch[pending.job.job_id]
+            log.error("jobs settled twice (their first outcome stands): %s", ", ".join(t.job.job_id for t in twice))
+            outcomes = [(t, o) for t, o in outcomes if not t.settled]
+        for ticket, _ in outcomes:
+            ticket.settled = True
+            if self._in_batch.get(ticket.job.job_id) is ticket:
+                del self._in_batch[ticket.job.job_id]
         with self._cond:
-            for pending, _ in outcomes:
-                if pending.job.job_id in self._tracked:
-                    self._handovers.add(pending.job.job_id)
-
-        def resolve() -> None:
-            for pending, outcome in outcomes:
-                try:
-                    if isinstance(outcome, BaseException):
-                        pending.future.set_exception(outcome)
-                    else:
-                        pending.future.set_result(outcome)
-                except InvalidStateError:  # resolved meanwhile: the first outcome stands
-                    pass
-            with self._cond:  # handed over: a later copy of the job may be submitted
-                self._held.difference_update(p.job.job_id for p, _ in outcomes)
+            for ticket, _ in outcomes:
+                if ticket.job.job_id in self._tracked:
+                    self._handovers.add(ticket.job.job_id)
 
         if self.publisher is None:
-            resolve()
-        elif chunks or outcomes:
-            self.publisher.publish(chunks, then=resolve)
+            self._hand_over(outcomes)
+            return
+        streamed = [(t, o) for t, o in outcomes if t.job.request.stream]
+        if len(streamed) < len(outcomes):
+            self._hand_over([(t, o) for t, o in outcomes if not t.job.request.stream])
+        if chunks or streamed:
+            self.publisher.publish(chunks, then=lambda: self._hand_over(streamed))
 
-    # --- the decoding batch ---
-
-    def _count_attempts(self, items: list[_Pending]) -> None:
-        """Tell that these jobs start generating (their attempts), before they do."""
-        fresh = [p for p in items if not p.counted]
-        for pending in fresh:
-            pending.counted = True
-        if fresh and self.generating is not None:
+    def _hand_over(self, outcomes: list[tuple[Ticket, Outcome]]) -> None:
+        """Resolve the jobs' futures: their task threads write their final records."""
+        for ticket, outcome in outcomes:
             try:
-                self.generating([p.job.job_id for p in fresh])
+                if isinstance(outcome, BaseException):
+                    ticket.future.set_exception(outcome)
+                else:
+                    ticket.future.set_result(outcome)
+            except InvalidStateError:  # resolved meanwhile: the first outcome stands
+                pass
+        with self._cond:  # handed over: a later copy of the job may be submitted
+            self._held.difference_update(t.job.job_id for t, _ in outcomes)
+
+    def _count_attempts(self, tickets: list[Ticket]) -> None:
+        """Tell that these jobs start generating (their attempts), before they do."""
+        fresh = [t for t in tickets if not t.counted]
+        for ticket in fresh:
+            ticket.counted = True
+        if fresh and self.attempts is not None:
+            try:
+                self.attempts.starting([t.job.job_id for t in fresh])
             except Exception as exc:  # counting attempts must not stop the work
                 log.warning("could not count the attempts of %d jobs: %s", len(fresh), exc)
-        if self.crash_on is not None and any(self.crash_on in _prompt_text(p.job.request) for p in items):
+        if self.crash_on is not None and any(self.crash_on in _prompt_text(t.job.request) for t in tickets):
             log.critical("BELLE_FAULT_CRASH_ON: a job that kills its worker starts generating; this worker process dies now (fault injection)")
             os._exit(70)
 
-    def _join(self, items: list[_Pending]) -> None:
+    # --- the decoding batch ---
+
+    def _join(self, tickets: list[Ticket]) -> None:
         engine, batch = self.engine, self._batch
-        self._count_attempts(items)
-        for pending in items:
-            if pending.active is None:
-                pending.active = ActiveJob.start(pending.job, engine.decode, engine.device, streaming=pending.job.request.stream and self.publisher is not None,
-                                                 stream_interval_s=self.stream_interval_s)
-        rows = [r for p in items for r in p.active.live_rows]
+        self._count_attempts(tickets)
+        for ticket in tickets:
+            if ticket.active is None:
+                ticket.active = ActiveJob.start(ticket.job, engine.decode, engine.device, streaming=ticket.job.request.stream and self.publisher is not None,
+                                                stream_interval_s=self.stream_interval_s)
+        rows = [r for t in tickets for r in t.active.live_rows]
         before = len(batch.jobs)
         cost = batch.cost_with(rows)
         groups = prefill_groups(rows, self.max_size, self.max_prefill_tokens)
@@ -510,7 +398,7 @@ class Batcher:
         error: Exception | None = None
         out_of_memory = False
         try:
-            engine.check_memory(cost, f"{len(items)} jobs joining a batch of {before}")
+            engine.check_memory(cost, f"{len(tickets)} jobs joining a batch of {before}")
             batch.join(groups)
         except torch.OutOfMemoryError:
             out_of_memory = True
@@ -519,39 +407,36 @@ class Batcher:
         else:
             if before == 0:
                 self._stats = DecodeStats()
-            self._stats.joined += len(items)
-            for pending in items:
-                pending.active.joined = next(self._joins)
-                self._in_batch[pending.job.job_id] = pending
-            self.budget.succeeded(cost)
-            self.metrics.joined.observe(len(items))
+            self._stats.joined += len(tickets)
+            for ticket in tickets:
+                ticket.active.joined = next(self._joins)
+                self._in_batch[ticket.job.job_id] = ticket
+            self.memory.succeeded(cost)
+            self.metrics.joined.observe(len(tickets))
             self.metrics.decoding_jobs.set(len(batch.jobs))
-            self.metrics.token_budget.set(self.budget.limit)
             log.info("batch: %d jobs joined (%d rows, %d prefill calls, %d prompt tokens, %.3f s); now %d jobs, %d rows, %d columns; budget=%d",
-                     len(items), len(rows), len(groups), sum(len(r.inputs) for r in rows), time.perf_counter() - started,
+                     len(tickets), len(rows), len(groups), sum(len(r.inputs) for r in rows), time.perf_counter() - started,
                      len(batch.jobs), len(batch), batch.length, self.budget.limit)
             return
-        # Here, outside the except block, the exception's frames (and the tensors they hold) are gone.
-        if out_of_memory:
-            self._free_memory()
-            self.budget.failed(cost)
-            self.metrics.out_of_memory.labels("join").inc()
-            self.metrics.token_budget.set(self.budget.limit)
-            if len(items) == 1 and before == 0:
-                self._settle([], [(items[0], self._oom_failure(items[0].job, cost))])
+        if out_of_memory:  # outside the except block: the exception's frames (and the tensors they hold) are gone
+            self.memory.ran_out("join", cost, self._release_if_empty)
+            if len(tickets) == 1 and before == 0:
+                self._settle([], [(tickets[0], self.memory.failure(tickets[0].job, cost))])
                 return
             log.warning("out of memory when %d jobs joined a batch of %d (cost %d tokens); they wait; token budget now %d",
-                        len(items), before, cost, self.budget.limit)
-            self._requeue(items)
+                        len(tickets), before, cost, self.budget.limit)
+            for ticket in tickets:  # started (their attempts counted): they are not ended or turned away while they wait again
+                ticket.set_aside()
+            self._put_back(tickets)
             return
-        if len(items) == 1:
-            log.error("job %s: prefill failed: %s: %s", items[0].job.job_id, type(error).__name__, error)
-            self._settle([], [(items[0], JobFailure(ErrorCode.GENERATION_ERROR, f"generation failed: {type(error).__name__}: {error}"[:2000]))])
+        if len(tickets) == 1:
+            log.error("job %s: prefill failed: %s: %s", tickets[0].job.job_id, type(error).__name__, error)
+            self._settle([], [(tickets[0], generation_failure(error))])
             return
-        log.warning("%d jobs joining raised %s: %s; joining them in halves to isolate the job at fault", len(items), type(error).__name__, error)
-        half = len(items) // 2
-        self._join(items[:half])
-        self._join(items[half:])
+        log.warning("%d jobs joining raised %s: %s; joining them in halves to isolate the job at fault", len(tickets), type(error).__name__, error)
+        half = len(tickets) // 2
+        self._join(tickets[:half])
+        self._join(tickets[half:])
 
     def _step(self) -> None:
         batch = self._batch
@@ -565,9 +450,9 @@ class Batcher:
                 active.cancel()
         if cancelled:
             batch.remove(cancelled)
-        finished = self._until_fits(batch.choose) if len(batch) else None
-        chunks = list(batch.chunks) if finished is not None else []
-        if finished is not None:
+        step = self._until_fits(batch.choose) if len(batch) else None
+        chunks = list(step.chunks) if step is not None else []
+        if step is not None:
             self._stats.steps += 1
             self._stats.tokens += len(batch)
             self.metrics.steps.inc()
@@ -582,11 +467,12 @@ class Batcher:
                 done.append((self._in_batch[active.job_id], generated))
         self._settle(chunks, done)
         self._stats.finished += len(done)
-        if finished:
-            batch.remove(finished)
+        if step is not None and step.finished:
+            batch.remove(step.finished)
         if len(batch):
             self._until_fits(batch.forward)
-        self._release_if_idle()
+        if not len(batch) and self.budget.tight:
+            self._batch.arena.release()  # an empty decoding batch gives its arena back when memory is tight
         self.metrics.decoding_jobs.set(len(batch.jobs))
         if not len(batch) or time.perf_counter() - self._stats.since >= REPORT_EVERY_S:
             log.info(self._stats.line(len(batch.jobs), self.budget.limit))
@@ -603,35 +489,27 @@ class Batcher:
                 return action()
             except torch.OutOfMemoryError:
                 pass
-            self._free_memory()
-            self.budget.failed(cost)
-            self.metrics.out_of_memory.labels("step").inc()
-            self.metrics.token_budget.set(self.budget.limit)
-            jobs = sorted(batch.jobs, key=lambda a: a.joined)  # the last to join are set aside first
+            self.memory.ran_out("step", cost)
+            jobs = sorted(batch.jobs, key=lambda a: a.joined)
             if len(jobs) == 1:
                 (only,) = jobs
                 batch.remove(only.live_rows)
-                self._settle([], [(self._in_batch[only.job_id], self._oom_failure(only.job, cost))])
+                self._settle([], [(self._in_batch[only.job_id], self.memory.failure(only.job, cost))])
                 return None
-            aside = jobs[len(jobs) // 2:]
+            aside = self.memory.set_aside(jobs)
             self._stats.set_aside += len(aside)
             log.warning("out of memory in a decoding step of %d jobs (cost %d tokens): %d jobs set aside with their tokens; token budget now %d",
                         len(jobs), cost, len(aside), self.budget.limit)
             batch.remove([r for a in aside for r in a.live_rows])
-            self._requeue([self._in_batch.pop(a.job_id) for a in aside])
+            set_aside = [self._in_batch.pop(a.job_id) for a in aside]
+            for ticket in set_aside:
+                ticket.set_aside()
+            self._put_back(set_aside)
         return None
 
-    def _release_if_idle(self) -> None:
-        """An empty decoding batch gives its arena back when memory is tight (after an OOM)."""
-        if not len(self._batch) and self.budget.limit < self.budget.ceiling:
-            self._batch.arena.release()
-
-    def _free_memory(self) -> None:
+    def _release_if_empty(self) -> None:
         if self._batch is not None and not len(self._batch):
             self._batch.arena.release()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
     def _result(self, active: ActiveJob) -> Generated | JobFailure:
         if active.error is not None:
@@ -639,80 +517,38 @@ class Batcher:
             return JobFailure(ErrorCode.GENERATION_ERROR, active.error)
         output_scores = active.job.request.output_scores
         sequences = [RawSequence(r.tokens, r.logprobs if output_scores else None) for r in active.rows]
+        first_token_s = None if active.first_token_at is None else active.first_token_at - active.started
         return self.engine.job_result(active.job, sequences, generation_s=time.perf_counter() - active.started, batch_size=active.peak_jobs,
-                                      cancelled=active.cancelled, stream=active.stream)
+                                      cancelled=active.cancelled, stream=active.stream, admission_s=active.started - active.job.prepared_at,
+                                      first_token_s=first_token_s)
 
     # --- generate() calls (beam search) ---
 
-    def _generate(self, batch: list[_Pending]) -> None:
-        self._count_attempts(batch)
-        if not self._decoding:
+    def _generate(self, tickets: list[Ticket]) -> None:
+        self._count_attempts(tickets)
+        if not len(self._batch):
             self._batch.arena.release()  # all the memory for this call
-        jobs = [p.job for p in batch]
-        stats = {"splits": 0}
+        jobs = [t.job for t in tickets]
+        splits = [0]
         started = time.perf_counter()
-        outcomes = self._run_splitting(jobs, stats)
-        retry = [p for p in batch if outcomes[p.job.job_id] is None]
-        for pending in retry:
-            pending.exclusive = True
-            log.warning("job %s ran out of memory beside the decoding batch; it runs once that is empty", pending.job.job_id)
-        self._requeue(retry)
-        self._settle([], [(p, outcomes[p.job.job_id]) for p in batch if outcomes[p.job.job_id] is not None])
+        held = self._batch.cost()
+        is_cancelled = self._is_cancelled if self.cancellations is not None else None
+        outcomes = self.memory.run_splitting(jobs, lambda part: self.engine.generate_batch(part, is_cancelled, held=held), beside_batch=bool(held),
+                                             splits=splits)
+        retry = [t for t in tickets if outcomes[t.job.job_id] is None]
+        for ticket in retry:
+            ticket.waiting.alone = True
+            log.warning("job %s ran out of memory beside the decoding batch; it runs once that is empty", ticket.job.job_id)
+        self._put_back(retry)
+        self._settle([], [(t, outcomes[t.job.job_id]) for t in tickets if outcomes[t.job.job_id] is not None])
         self.metrics.generate_jobs.observe(len(jobs))
         self.metrics.tokens.inc(sum(o.result.usage.completion_tokens for o in outcomes.values() if isinstance(o, Generated)))
         log.info(
             "generate() batch size=%d tokens=%d (prompt %d, new ≤%d) seconds=%.3f splits=%d budget=%d",
             len(jobs), batch_cost(jobs), sum(len(j.input_ids) for j in jobs), max(j.max_new_tokens for j in jobs),
-            time.perf_counter() - started, stats["splits"], self.budget.limit,
-        )
-
-    def _run_splitting(self, jobs: list[PreparedJob], stats: dict) -> dict[str, Generated | BaseException | None]:
-        """Outcomes by job id; None for a job to retry once the decoding batch is empty."""
-        cost = batch_cost(jobs)
-        held = self._batch.cost()
-        out_of_memory = False
-        try:
-            generated = self.engine.generate_batch(jobs, self._is_cancelled if self.cancellations is not None else None, held=held)
-        except torch.OutOfMemoryError:
-            out_of_memory = True
-        except Exception as exc:
-            if len(jobs) == 1:
-                log.exception("job %s: generation failed", jobs[0].job_id)
-                return {jobs[0].job_id: JobFailure(ErrorCode.GENERATION_ERROR, f"generation failed: {type(exc).__name__}: {exc}"[:2000])}
-            log.warning("a batch of %d raised %s: %s; retrying its halves to isolate the job at fault", len(jobs), type(exc).__name__, exc)
-        else:
-            self.budget.succeeded(cost)
-            return {g.job_id: g for g in generated}
-        # Outside the except block, so the exception's frames (and the tensors they hold) are gone.
-        if out_of_memory:
-            self._free_memory()
-            self.budget.failed(cost)
-            self.metrics.out_of_memory.labels("generate").inc()
-            self.metrics.token_budget.set(self.budget.limit)
-            if len(jobs) == 1:
-                return {jobs[0].job_id: None if held else self._oom_failure(jobs[0], cost)}
-            log.warning("out of memory on a batch of %d (cost %d tokens): splitting it; token budget now %d", len(jobs), cost, self.budget.limit)
-        stats["splits"] += 1
-        half = len(jobs) // 2
-        return {**self._run_splitting(jobs[:half], stats), **self._run_splitting(jobs[half:], stats)}
-
-    def _oom_failure(self, job: PreparedJob, cost: int) -> JobFailure:
-        r = job.request
-        log.warning("job %s ran out of memory alone (cost %d tokens)", job.job_id, cost)
-        return JobFailure(
-            ErrorCode.OUT_OF_MEMORY,
-            f"out of memory even alone: {len(job.input_ids)} prompt tokens + max_new_tokens={job.max_new_tokens} "
-            f"× {max(r.num_beams, r.num_return_sequences)} beams/sequences = {cost} tokens; reduce max_new_tokens, "
-            "num_beams or num_return_sequences, shorten the prompt, or use a smaller (or quantised) model",
-            parameter="max_new_tokens",
+            time.perf_counter() - started, splits[0], self.budget.limit,
         )
 
 
 def _prompt_text(request) -> str:
     return request.prompt or "".join(m.content for m in request.messages or [])
-
-
-def _padding_efficiency(jobs: list[PreparedJob]) -> float:
-    width = max(len(j.input_ids) for j in jobs)
-    real = sum(len(j.input_ids) + j.max_new_tokens for j in jobs)
-    return real / (len(jobs) * (width + max(j.max_new_tokens for j in jobs)))

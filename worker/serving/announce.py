@@ -1,7 +1,7 @@
 """A worker's announcement in Redis: what it serves (model, adapters, hardware profile, device, caps),
 renewed every few seconds so that it disappears soon after the worker does; and its process's
-liveness key, which says that the jobs and messages the process holds are in hand (producer/store.py,
-START_SCRIPT; worker/serving/unacked.py), renewed only while ``healthy()`` says the process still works through
+liveness key, which says that the jobs and messages the process holds are in hand (worker/serving/lua/start.lua,
+worker/serving/unacked.py), renewed only while ``healthy()`` says the process still works through
 them.
 
 While Redis refuses writes for lack of memory, both are kept alive by ``EXPIRE`` (which Redis still
@@ -19,20 +19,11 @@ from collections.abc import Callable
 import redis
 
 from producer import keys
-from producer.workers import EXPIRES_S, HEARTBEAT_S, SEEN_FOR_S, WorkerInfo
+from producer.fleet import EXPIRES_S, HEARTBEAT_S, SEEN_FOR_S, WorkerInfo
+from worker.serving.lua import script
 from worker.serving.redis_writes import RedisWrites
 
 log = logging.getLogger("belle.announce")
-
-# KEYS: announcement, liveness key. ARGV: announcement JSON, '1' when healthy, expiry (s).
-BEAT_WHILE_FULL_SCRIPT = """#!lua flags=allow-oom
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-if ARGV[2] == '1' then
-  redis.call('SET', KEYS[2], '1', 'EX', ARGV[3])
-end
-return 1
-"""
-
 
 class Announcer:
     def __init__(self, client: redis.Redis, info: WorkerInfo, *, interval_s: float = HEARTBEAT_S, healthy: Callable[[], bool] = lambda: True,
@@ -43,7 +34,7 @@ class Announcer:
         self.healthy = healthy
         self.writes = writes or RedisWrites()
         self._stalled = False
-        self._full_script: Callable | None = client.register_script(BEAT_WHILE_FULL_SCRIPT)
+        self._full_script: Callable | None = client.register_script(script("beat_while_full"))
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="belle-announce", daemon=True)
 

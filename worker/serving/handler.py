@@ -25,19 +25,20 @@ from producer.errors import ErrorCode, InvalidRequestError
 from producer.records import JobError
 from producer.schemas import parse_request
 from producer.settings import Settings
-from producer.store import JobStore, canonical_json
+from producer.store import canonical_json
 from worker.scheduling.batcher import BULK, INTERACTIVE, Batcher, BatcherStopped, DuplicateJob, JobCancelled
 from worker.serving.cancellation import CancelWatcher
 from worker.model.engine import Engine
 from worker.errors import JobFailure
 from worker.model.hardware import HardwareProfile
 from worker.scheduling.holders import Holds
+from worker.serving.job_writes import WorkerJobStore
 
 log = logging.getLogger("belle.worker")
 
 
 class JobHandler:
-    def __init__(self, settings: Settings, store: JobStore, engine: Engine, batcher: Batcher, cancellations: CancelWatcher,
+    def __init__(self, settings: Settings, store: WorkerJobStore, engine: Engine, batcher: Batcher, cancellations: CancelWatcher,
                  *, profile: HardwareProfile | None = None, holder: str | None = None):
         self.settings = settings
         self.store = store
@@ -46,7 +47,7 @@ class JobHandler:
         self.cancellations = cancellations
         self.profile = profile
         self.metrics = batcher.metrics
-        self.holder = holder  # this worker process's incarnation (see JobStore.start)
+        self.holder = holder  # this worker process's incarnation (see WorkerJobStore.start)
         self._running_here = Holds()  # jobs this process started (START said 'run'), still handled
         self._running_lock = threading.Lock()
 
@@ -166,8 +167,7 @@ class JobHandler:
                 log.warning("job %s: the worker is stopping before it ran; its message goes back to the queue", job_id)
                 self.store.release(job_id, holder=self.holder or worker)
                 raise Reject("worker stopping", requeue=True) from None
-            self.metrics.queue_wait.observe(start.queued_s)
-            self.metrics.generation.observe(generated.result.timings.generation_s)
+            ended = time.perf_counter()
             if generated.cancelled:
                 log.info("job %s cancelled while running; its partial result is kept", job_id)
                 self.store.finish_cancelled(job_id, generated.result, streaming=streaming)
@@ -175,6 +175,7 @@ class JobHandler:
             else:
                 self.store.succeed(job_id, generated.result, streaming=streaming)
                 self.metrics.jobs.labels("succeeded", "").inc()
+            self.metrics.observe_hops(generated.result.timings, time.perf_counter() - ended)
 
     def unreadable(self, job_id: str, reason: str) -> None:
         """A refused message naming ``job_id`` (well-formed: worker/serving/intake.py, ``named_job``): fail the job if it has no record."""

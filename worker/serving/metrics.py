@@ -6,6 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200)
 
 
@@ -19,8 +20,11 @@ class Metrics:
         self.joined = Histogram("belle_join_jobs", "Jobs that joined the decoding batch at once", buckets=SIZES, registry=r)
         self.generate_jobs = Histogram("belle_generate_call_jobs", "Jobs per generate() call (beam search)", buckets=SIZES, registry=r)
         self.out_of_memory = Counter("belle_out_of_memory", "Out-of-memory errors caught, by where (join, step, generate)", ["where"], registry=r)
-        self.queue_wait = Histogram("belle_queue_wait_seconds", "Submission to the start of the attempt that ran the job", buckets=SECONDS, registry=r)
-        self.generation = Histogram("belle_generation_seconds", "From a job's first decoding step (or generate() call) to its end", buckets=SECONDS, registry=r)
+        self.time_to_first_token = Histogram("belle_time_to_first_token_seconds", "Submission to a job's first token (decoding batch jobs)",
+                                             buckets=LATENCY, registry=r)
+        self.hop = Histogram("belle_hop_seconds", "Each hop of a job's way: queued (submission to its start), admission (start to joining the batch), "
+                             "first_token (joining to its first token), generation (joining to its end), record (its end to its final record written)",
+                             ["hop"], buckets=LATENCY, registry=r)
         self.decoding_jobs = Gauge("belle_decoding_jobs", "Jobs in the decoding batch", registry=r)
         self.waiting_jobs = Gauge("belle_waiting_jobs", "Jobs held by the worker, waiting for the batcher", registry=r)
         self.token_budget = Gauge("belle_token_budget", "The remembered token budget (lowered on OOM, grows back)", registry=r)
@@ -30,3 +34,14 @@ class Metrics:
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)
+
+    def observe_hops(self, timings, record_s: float) -> None:
+        """A finished job's hops (its result's Timings) and the time its final record took to write."""
+        self.hop.labels("queued").observe(timings.queued_s)
+        if timings.admission_s is not None:
+            self.hop.labels("admission").observe(timings.admission_s)
+        if timings.first_token_s is not None:
+            self.hop.labels("first_token").observe(timings.first_token_s)
+            self.time_to_first_token.observe(timings.queued_s + (timings.admission_s or 0.0) + timings.first_token_s)
+        self.hop.labels("generation").observe(timings.generation_s)
+        self.hop.labels("record").observe(record_s)

@@ -18,11 +18,16 @@ import redis
 
 from producer import keys
 from producer.records import StreamChunk
-from producer.store import OUTPUT_EVENT_EVERY_S, OUTPUT_EVENT_SCRIPT, STREAM_MAX_ENTRIES
+from worker.serving.lua import script
 
 log = logging.getLogger("belle.publisher")
 
 _STOP = object()
+
+# A streaming job holds at most one chunk per generated token per sequence, plus its end event; the
+# cap only guards against a runaway writer.
+STREAM_MAX_ENTRIES = 10 * 2048 + 1
+OUTPUT_EVENT_EVERY_S = 0.5  # least time between two 'output' webhook events of one job (worker/serving/lua/output_event.lua)
 
 
 class ChunkPublisher:
@@ -32,7 +37,7 @@ class ChunkPublisher:
         self.ttl_s = ttl_s  # until the job ends; then the stream takes the record's result TTL
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="belle-publisher", daemon=True)
-        self._output_event = client.register_script(OUTPUT_EVENT_SCRIPT)
+        self._output_event = client.register_script(script("output_event"))
         # job → (when it was last offered an output event, whether its webhook wants them); publisher thread only
         self._output_at: dict[str, tuple[float, bool]] = {}
 

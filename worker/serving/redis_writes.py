@@ -115,3 +115,21 @@ class PatientStore:
         if not callable(method):
             return method
         return lambda *args, **kwargs: self._writes.patiently(lambda: method(*args, **kwargs), f"writing a job record ({name})")
+
+
+class AttemptCounter:
+    """Counts a job's attempt in its record when it starts generating (the batcher calls ``starting``
+    before it runs the jobs): the count that makes a job that kills its worker fail as worker_lost after
+    BELLE_MAX_ATTEMPTS. Best effort: generation goes on while Redis refuses writes."""
+
+    def __init__(self, store, writes: RedisWrites, *, holder: str):
+        self.store = store  # has .generating(job_ids, holder=...)
+        self.writes = writes
+        self.holder = holder
+
+    def starting(self, job_ids: list[str]) -> None:
+        try:
+            self.store.generating(job_ids, holder=self.holder)
+        except redis.RedisError as exc:
+            if not self.writes.refused(exc, "counting attempts"):
+                log.warning("could not count the attempts of %d jobs: %s", len(job_ids), exc)

@@ -11,12 +11,10 @@ import time
 import uuid
 from importlib.metadata import PackageNotFoundError, version
 
-from redis import RedisError
 
 from producer.connection import WORKER_RETRIES, describe_error, redis_client
 from producer.settings import Settings
-from producer.store import JobStore
-from producer.workers import WorkerInfo
+from producer.fleet import WorkerInfo
 
 log = logging.getLogger("belle.worker")
 
@@ -52,11 +50,12 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
     from worker.serving.celery_app import create_app
     from worker.model.engine import Engine
     from worker.serving.handler import JobHandler
+    from worker.serving.job_writes import WorkerJobStore
     from worker.model.hardware import load_profile
     from worker.serving.metrics import Metrics
     from worker.model.model_config import load_model_config
     from worker.serving.publisher import ChunkPublisher
-    from worker.serving.redis_writes import PatientStore, RedisWrites
+    from worker.serving.redis_writes import AttemptCounter, PatientStore, RedisWrites
     from worker.serving.sweeper import Sweeper
 
     config = load_model_config(settings.model, settings)
@@ -69,7 +68,7 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
     writes = RedisWrites(metrics)
-    records = JobStore(redis, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s)
+    records = WorkerJobStore(redis, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s)
     store = PatientStore(records, writes)  # the handler's writes wait while Redis refuses them
     name = host_format(settings.worker_name or "belle@%h")  # %h: the host name, as Celery expands it
     incarnation = f"{name}/{os.getpid()}/{uuid.uuid4().hex[:8]}"  # this process: a restarted worker keeps its name, not this
@@ -79,14 +78,8 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
         publisher = ChunkPublisher(redis, ttl_s=settings.pending_ttl_s, writes=writes).start()
         running.callback(publisher.stop)
 
-        def count_attempts(job_ids: list[str]) -> None:  # best effort: generation goes on while Redis refuses writes
-            try:
-                records.generating(job_ids, holder=incarnation)
-            except RedisError as exc:
-                if not writes.refused(exc, "counting attempts"):
-                    raise
-
-        batcher = Batcher(None, settings, publisher=publisher, cancellations=cancellations, metrics=metrics, generating=count_attempts)
+        batcher = Batcher(None, settings, publisher=publisher, cancellations=cancellations, metrics=metrics,
+                          attempts=AttemptCounter(records, writes, holder=incarnation))
         running.callback(batcher.stop)
         # The model is loaded on the batcher's thread, the one that runs it (see Batcher.start).
         batcher.start(load=lambda: Engine.load(config, settings.device, fault_memory_budget_tokens=settings.fault_memory_budget_tokens))

@@ -15,7 +15,7 @@ visibility timeout.
 
 A second copy of a message is harmless: a job's first final state is its only one, a message whose
 job has ended is acknowledged without running, and one whose job runs on a live worker goes back to
-the queue until the job has ended (producer/store.py, START_SCRIPT; worker/serving/handler.py). One worker
+the queue until the job has ended (worker/serving/lua/start.lua; worker/serving/handler.py). One worker
 looks at a time (a lock in Redis).
 """
 
@@ -30,8 +30,8 @@ import redis
 
 from producer import keys
 from producer.enqueue import task_message
-from producer.store import RESEND_SCRIPT
-from producer.workers import HEARTBEAT_S, live_workers
+from producer.fleet import HEARTBEAT_S, live_workers
+from worker.serving.lua import script
 from worker.serving.unacked import HeldMessages
 
 log = logging.getLogger("belle.sweeper")
@@ -48,7 +48,7 @@ class Sweeper:
         self.resend_gap_s = max(resend_gap_s, 2 * interval_s)
         self.writes = writes  # a RedisWrites: a look refused for lack of memory is noted there, not logged each time
         self.held = HeldMessages(client)
-        self._resend = client.register_script(RESEND_SCRIPT)
+        self._resend = client.register_script(script("resend"))
         self._suspects: dict[str, float] = {}  # job id → when first found lost
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="belle-sweeper", daemon=True)

@@ -30,6 +30,7 @@ from kombu.transport import virtual
 from producer import keys
 from producer.connection import is_out_of_memory
 from worker.serving.intake import envelope_problem, named_job
+from worker.serving.lua import script
 from worker.serving.redis_writes import RedisWrites
 
 log = logging.getLogger("belle.transport")
@@ -44,14 +45,6 @@ class NotAnEnvelope(ValueError):
 class PutBack(Exception):
     """A message taken off its queue that could not be recorded as in hand (Redis refused writes until
     the worker stopped) went back to the head of its queue."""
-
-
-# KEYS: the queue. ARGV: the message. Allowed while Redis is out of memory (Redis 7): it takes back what
-# taking the message off the queue freed.
-PUT_BACK_SCRIPT = """#!lua flags=allow-oom
-redis.call('RPUSH', KEYS[1], ARGV[1])
-return 1
-"""
 
 
 # What a queue entry that is not a message envelope raises while it is decoded (JSON, UTF-8 and
@@ -121,8 +114,18 @@ class QoS(kombu_redis.QoS):
         return pipe.hdel(keys.HOLDER_OF, delivery_tag) if self.channel.incarnation else pipe
 
     def restore_by_tag(self, tag, client=None, leftmost=False):
+        """kombu sends a message back to its queue (its visibility timeout passed, or this channel closes
+        holding it); a job its dead holder had started goes back to queued with it (requeue_restored.lua)."""
         try:
-            super().restore_by_tag(tag, client, leftmost)
+            with self.channel.conn_or_acquire(client) as conn:
+                holder, entry = conn.hget(keys.HOLDER_OF, tag), conn.hget(self.unacked_key, tag)
+                super().restore_by_tag(tag, conn, leftmost)
+                holder = holder.decode() if isinstance(holder, bytes) else holder
+                job_id = _job_of(entry)
+                if holder and job_id:
+                    requeued = conn.eval(_REQUEUE_RESTORED, 1, keys.job(job_id), holder, keys.worker_alive(holder), keys.job_channel(job_id))
+                    if requeued:
+                        log.warning("job %s: its dead worker's message went back to its queue (visibility timeout); its record is queued again", job_id)
         except redis.RedisError as exc:
             if not self.channel.writes.refused(exc, "sending a message back to its queue"):
                 raise
@@ -162,7 +165,7 @@ class Channel(kombu_redis.Channel):
         queue = self._q_for_pri(delivery["routing_key"], message.properties.get("priority") or 0)
         try:
             with self.conn_or_acquire() as client:
-                client.eval(PUT_BACK_SCRIPT, 1, queue, json.dumps(message._raw))
+                client.eval(script("put_back"), 1, queue, json.dumps(message._raw))
         except redis.ResponseError as exc:
             log.error("could not put a message back on %s (%s)", queue, exc)
             return False
@@ -199,3 +202,15 @@ def bound_transport(*, writes: RedisWrites, incarnation: str | None, on_refused:
     channel = type("BoundChannel", (Channel,), {"writes": writes, "incarnation": incarnation,
                                                 "on_refused": staticmethod(on_refused) if on_refused else None})
     return type("BoundTransport", (Transport,), {"Channel": channel})
+
+
+_REQUEUE_RESTORED = script("requeue_restored")
+
+
+def _job_of(entry: bytes | str | None) -> str | None:
+    """The job an unacked entry's message names, if it names one."""
+    try:
+        message, _, _ = json.loads(entry)
+        return named_job(message["headers"])
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None

@@ -14,7 +14,7 @@ both records: so a message goes back once, by one worker, and never while its ho
 message that kombu already sent back and another process took is that process's now). The job's
 record goes back to queued in the same script (numbered on its queue, so that the lost-message sweep
 covers it should its message be lost again). What follows is what follows any redelivery
-(producer/store.py, START_SCRIPT): the job runs again, its attempts counted as before.
+(worker/serving/lua/start.lua): the job runs again, its attempts counted as before.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from collections import Counter, defaultdict
 import redis
 
 from producer import keys
-from producer.store import REQUEUE_LUA
-from producer.workers import EXPIRES_S, HEARTBEAT_S
+from producer.fleet import EXPIRES_S, HEARTBEAT_S
 from worker.serving.intake import named_job
+from worker.serving.lua import script
 
 log = logging.getLogger("belle.held")
 
@@ -38,43 +38,11 @@ UNACKED_INDEX = "unacked_index"
 SCAN_COUNT = 1_000
 CONFIRM_AFTER_S = 1.5 * HEARTBEAT_S  # a live worker renews its key within this of any look
 
-# KEYS: the job's record, holder-of hash, unacked hash, unacked index, queue. ARGV: delivery tag, the
-# dead holder, its liveness key, the unacked entry as read, the message to put back, the job's channel.
-# Returns 'alive', 'gone' (no longer that holder's: acknowledged, or sent back by another sweeper or by
-# kombu) or 'sent'. A job the dead holder had started goes back to queued with its message, numbered
-# as the latest started on its queue (its message is at the head), so that the sweeper sends its
-# message again should it be lost once more (taken by a worker that dies before recording it).
-RECLAIM_SCRIPT = REQUEUE_LUA + """
-if redis.call('EXISTS', ARGV[3]) == 1 then
-  return 'alive'
-end
-if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then
-  return 'gone'
-end
-redis.call('HDEL', KEYS[2], ARGV[1])
-if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[4] then
-  return 'gone'
-end
-redis.call('ZREM', KEYS[4], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
-redis.call('RPUSH', KEYS[5], ARGV[5])
-if redis.call('HGET', KEYS[1], 'state') == 'running' and redis.call('HGET', KEYS[1], 'holder') == ARGV[2] then
-  local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '')
-  local taken = redis.call('HGET', KEYS[1], 'k_taken')
-  if seq and taken then
-    seq = math.max(seq, tonumber(redis.call('GET', taken) or '0'))
-  end
-  requeue(seq, ARGV[6])
-end
-return 'sent'
-"""
-
-
 class HeldMessages:
     def __init__(self, client: redis.Redis, *, confirm_after_s: float = CONFIRM_AFTER_S):
         self.redis = client
         self.confirm_after_s = confirm_after_s
-        self._reclaim = client.register_script(RECLAIM_SCRIPT)
+        self._reclaim = client.register_script(script("reclaim"))
         self._suspects: dict[str, float] = {}  # holder → when its liveness key was first seen gone (monotonic)
 
     def dead_holders(self) -> list[str]:
@@ -139,7 +107,7 @@ def _returned(entry: str | None) -> tuple[str | None, str, str | None]:
     try:
         message, exchange, routing_key = json.loads(entry)
         if exchange or not isinstance(routing_key, str) or (message.get("properties") or {}).get("priority") not in (None, 0):
-            return None, ""
+            return None, "", None
         message["headers"]["redelivered"] = True
         message["properties"]["delivery_info"]["redelivered"] = True
         job_id = named_job(message["headers"])

@@ -1,4 +1,5 @@
-"""Live workers, as they announce themselves in Redis, and the producer's check of a job against them.
+"""The fleet: the live workers, as they announce themselves in Redis (what clients read about them), and
+the producer's check of a job against them.
 
 Each worker process writes its ``WorkerInfo`` under ``keys.worker(name)`` every few seconds with a
 short expiry, so the keys present are the workers alive now (``belle-queue workers``).

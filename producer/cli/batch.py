@@ -7,15 +7,14 @@ import json
 import sys
 import time
 
-from producer.cli import EXIT_OK
-from producer.cli import EXIT_TIMEOUT as EXIT_NOT_FINISHED
+from producer.cli.common import EXIT_OK, open_output, parse_set
+from producer.cli.common import EXIT_TIMEOUT as EXIT_NOT_FINISHED
 
 
 def cmd_submit(args: argparse.Namespace, client) -> int:
     from pathlib import Path
 
     from producer.batches import parse_duration
-    from producer.cli import parse_set
 
     defaults = parse_set(args.set or [])
     if args.preset:
@@ -37,17 +36,6 @@ def cmd_submit(args: argparse.Namespace, client) -> int:
     else:
         print(submission.batch_id)
     return EXIT_OK
-
-
-def open_output(path: str, option: str):
-    """A file to write, opened; InvalidRequestError naming the option when it cannot be."""
-    from producer.cli import _shown
-    from producer.errors import InvalidRequestError
-
-    try:
-        return open(path, "w", encoding="utf-8")
-    except (OSError, ValueError) as exc:
-        raise InvalidRequestError.single(option, _shown(path), f"{option} {_shown(path)!r}: cannot write it ({getattr(exc, 'strerror', None) or exc})") from None
 
 
 def cmd_status(args: argparse.Namespace, client) -> int:

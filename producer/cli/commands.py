@@ -1,6 +1,6 @@
-"""The `belle-queue` command. Client commands live here; worker-side commands (worker, demo,
-tiny-model) are registered by the worker package through the `belle_queue.commands` entry point and
-import the GPU stack only when they run.
+"""The `belle-queue` command's parser and its client commands (the ``batch`` ones: producer/cli/batch.py).
+Worker-side commands (worker, demo, tiny-model) are registered by the worker package through the
+`belle_queue.commands` entry point and import the GPU stack only when they run.
 
 Exit codes: 0 success, 1 job failed (or cancelled/expired, or not found), 2 invalid request (or
 command line), 3 timed out / not finished, 4 Redis unreachable, refused us, or refuses writes. Every
@@ -14,7 +14,8 @@ import json
 import sys
 from importlib.metadata import entry_points
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_REDIS = 0, 1, 2, 3, 4
+from producer.cli import batch
+from producer.cli.common import EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_REDIS, EXIT_TIMEOUT, parse_set, read_json_file, seconds
 
 
 def _settings(args: argparse.Namespace):
@@ -37,70 +38,12 @@ def _client(args: argparse.Namespace):
     return JobClient(_settings(args))
 
 
-def parse_set(pairs: list[str]) -> dict:
-    from producer.errors import InvalidRequestError
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidRequestError.single("--set", _shown(pair), f"--set takes key=value (e.g. --set temperature=0.7), got {_shown(pair)!r}")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value  # a bare string
-        except RecursionError:  # (JSON, but deeper than anything can read)
-            raise InvalidRequestError.single(f"--set {_shown(key)}", None, f"--set {_shown(key)}: the value nests too deeply to read") from None
-    return out
-
-
-def read_json_file(path: str, option: str):
-    """The JSON value in the file named by ``option``; InvalidRequestError naming the option and what is wrong."""
-    from producer.errors import InvalidRequestError
-    from producer.jsontext import parse_json
-
-    def refuse(problem: str):
-        return InvalidRequestError.single(option, _shown(path), f"{option} {_shown(path)!r}: {problem}")
-
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise refuse(f"cannot read it ({exc.strerror or exc})") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise refuse(f"it is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start})") from None
-    if not text.strip():
-        raise refuse("it is empty; it must hold JSON") from None
-    try:
-        return parse_json(text)
-    except ValueError as exc:
-        raise refuse(f"it is not JSON ({exc})") from None
-
-
-def _shown(text: str) -> str:
-    """Command-line text as it can be printed (bytes that were not UTF-8 come back as \\x..)."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")[:200]
-
-
-def seconds(text: str) -> float:
-    """argparse type of --wait and --timeout: a finite number of seconds, at least 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {_shown(text)!r}") from None
-    if not 0 <= value < 10**9:  # (also refuses nan and inf)
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds from 0, got {_shown(text)!r}")
-    return value
-
-
 def _exit_for(record) -> int:
     return _exit_for_state(record.state) if record.is_final else EXIT_TIMEOUT
 
 
 def _print_record(record, as_json: bool) -> None:
-    from producer.render import record_json, record_text
+    from producer.cli.render import record_json, record_text
 
     print(record_json(record) if as_json else record_text(record))
 
@@ -237,6 +180,32 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    import os
+
+    from producer.settings import shown_settings
+
+    settings = _settings(args)
+    shown = shown_settings(settings)
+    if args.json:
+        print(json.dumps(shown, ensure_ascii=False))
+        return EXIT_OK
+    in_environment = {name.upper() for name in os.environ}
+    for name, value in shown.items():
+        variable = f"BELLE_{name.upper()}"
+        if name == "redis_url" and args.redis_url:
+            source = "--redis-url"
+        elif variable in in_environment:
+            source = "environment"
+        elif name in settings.model_fields_set:
+            source = "settings file"
+        else:
+            source = "default"
+        text = value if isinstance(value, str) else "none" if value is None else json.dumps(value)
+        print(f"{variable}={text}  ({source})")
+    return EXIT_OK
+
+
 def _with_client(command):
     """A command that gets a JobClient made from the command line's Redis URL."""
 
@@ -329,9 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the named parameter sets")
     p.set_defaults(func=cmd_presets)
 
-    from producer import cli_batch
+    p = sub.add_parser("settings", help="print the effective settings (environment, settings file, defaults), secrets masked")
+    p.add_argument("--json", action="store_true", help="print them as one JSON object")
+    p.set_defaults(func=cmd_settings)
 
-    cli_batch.register(sub, _with_client)
+    batch.register(sub, _with_client)
 
     p = sub.add_parser("gateway", help="serve the HTTP gateway: OpenAI's API, the job API, Batch files, webhooks (needs the gateway extra)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
@@ -396,7 +367,3 @@ def main(argv: list[str] | None = None) -> int:
 
 def _redis_url(args: argparse.Namespace) -> str:
     return args.redis_url or _settings(args).redis_url
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,23 @@
+-- Cancel a job (a client's cancel): a queued job ends cancelled here; a running one is flagged
+-- ('cancel_requested_at') and its worker told on the cancel channel (it stops at its next decoding step).
+-- KEYS: the job's record, its chunks stream.
+-- ARGV: now, ttl, the job's channel, end event JSON, error JSON, the cancel channel, job id.
+-- Returns 'missing', 'final:<state>' (nothing done), 'cancelled' or 'requested'.
+-- include: finalize
+
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then
+  return 'missing'
+end
+if FINAL[state] then
+  return 'final:' .. state
+end
+redis.call('HSET', KEYS[1], 'cancel_requested_at', ARGV[1])
+if state == 'queued' then
+  local ok, request = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'request') or '')
+  local streaming = ok and type(request) == 'table' and request['stream'] == true
+  finalize('cancelled', ARGV[1], ARGV[2], 'error', ARGV[5], ARGV[3], ARGV[4], streaming)
+  return 'cancelled'
+end
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return 'requested'

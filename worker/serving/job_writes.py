@@ -1,0 +1,93 @@
+"""The job record's transitions that only a worker makes: start, generating (an attempt counted), release
+(back to queued), fail-if-absent, and the final writes (succeeded, failed, expired, cancelled). Their
+scripts are under worker/serving/lua/. The record's layout, reading it and cancelling it are the
+client's: producer/store.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from producer import keys
+from producer.records import JobError, JobResult, JobState
+from producer.store import JobStore, canonical_json, cancelled_before_start, end_event, now
+from worker.serving.lua import script
+
+
+@dataclass(frozen=True)
+class StartOutcome:
+    outcome: str  # 'run' | 'final:<state>' | 'mismatch' | 'held' | 'held_here' | 'cancel' | 'exhausted' | 'undeliverable'
+    attempts: int  # times a worker began generating the job before this delivery
+    queued_s: float = 0.0  # submission to this start
+
+    @property
+    def should_run(self) -> bool:
+        return self.outcome == "run"
+
+
+class WorkerJobStore(JobStore):
+    """A JobStore that also makes the worker's transitions."""
+
+    def __init__(self, redis, *, result_ttl_s: int, pending_ttl_s: int):
+        super().__init__(redis, result_ttl_s=result_ttl_s, pending_ttl_s=pending_ttl_s)
+        self._start = redis.register_script(script("start"))
+        self._generating = redis.register_script(script("generating"))
+        self._release = redis.register_script(script("release"))
+        self._finish = redis.register_script(script("finish"))
+        self._fail_if_absent = redis.register_script(script("fail_if_absent"))
+
+    def start(self, job_id: str, *, worker: str, request_json: str, max_attempts: int, holder: str | None = None,
+              take_over: bool = False) -> StartOutcome:
+        """``worker``: the node name shown in the record; ``holder``: this process's incarnation
+        (default: the node name), whose liveness key says whether a job it holds may be taken over."""
+        started = now()
+        outcome, attempts, created_at = self._start(
+            keys=[keys.job(job_id), keys.job_chunks(job_id)],
+            args=[worker, started, self.pending_ttl_s, request_json, keys.job_channel(job_id), max_attempts, job_id, keys.worker_alive(""),
+                  holder or worker, "1" if take_over else ""],
+        )
+        return StartOutcome(outcome, int(attempts), max(0.0, started - float(created_at)) if created_at else 0.0)
+
+    def generating(self, job_ids: list[str], *, holder: str) -> None:
+        """These jobs start generating on this worker: one more attempt each (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            self._generating(keys=[keys.job(job_id)], args=[holder], client=pipe)
+        pipe.execute()
+
+    def fail_if_absent(self, job_id: str, error: JobError) -> bool:
+        """Fail a job whose message could not be read, unless it has a record (which is left alone)."""
+        return bool(self._fail_if_absent(keys=[keys.job(job_id)], args=[
+            now(), self.result_ttl_s, error.model_dump_json(), keys.job_channel(job_id), end_event(job_id, JobState.FAILED, error=error),
+            canonical_json({"unreadable_message": True})]))
+
+    def release(self, job_id: str, *, holder: str) -> bool:
+        """Give back a job this worker took but will not run (it is stopping): queued again, its
+        attempt not counted. False when the record is no longer this worker's running job."""
+        return bool(self._release(keys=[keys.job(job_id)], args=[holder, keys.job_channel(job_id)]))
+
+    # ``streaming``: the job asked for stream=true, so its stream gets the end event even if it sent no chunk.
+
+    def succeed(self, job_id: str, result: JobResult, *, streaming: bool = False) -> str:
+        return self._finish_with(job_id, JobState.SUCCEEDED, result=result, streaming=streaming)
+
+    def fail(self, job_id: str, error: JobError, *, request_json: str = "", streaming: bool = False) -> str:
+        return self._finish_with(job_id, JobState.FAILED, error=error, request_json=request_json, streaming=streaming)
+
+    def expire(self, job_id: str, error: JobError, *, streaming: bool = False) -> str:
+        """End a job whose deadline passed before it started."""
+        return self._finish_with(job_id, JobState.EXPIRED, error=error, streaming=streaming)
+
+    def finish_cancelled(self, job_id: str, result: JobResult | None = None, *, streaming: bool = False) -> str:
+        """End a job whose cancellation was requested: with its partial result, or none if it never ran."""
+        error = None if result is not None else cancelled_before_start(job_id)
+        return self._finish_with(job_id, JobState.CANCELLED, result=result, error=error, streaming=streaming)
+
+    def _finish_with(self, job_id: str, state: JobState, *, result: JobResult | None = None, error: JobError | None = None,
+                     request_json: str = "", streaming: bool = False) -> str:
+        field, payload = ("result", result.model_dump_json()) if result is not None else ("error", error.model_dump_json())
+        return self._finish(
+            keys=[keys.job(job_id), keys.job_chunks(job_id)],
+            args=[state.value, now(), self.result_ttl_s, field, payload, keys.job_channel(job_id), request_json,
+                  end_event(job_id, state, result, error), "1" if streaming else "0"],
+        )
