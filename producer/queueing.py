@@ -25,9 +25,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # A worker takes from its queues in the order given (interactive first), not in turn.
             "queue_order_strategy": "priority",
         },
-        # Task events, so that Flower (or `celery events`) can follow jobs.
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # Task events, so that Flower (or `celery events`) can follow jobs: off unless asked for (BELLE_TASK_EVENTS),
+        # as they cost every job about 2 ms on its way (BENCHMARKS.md, Latency).
+        "worker_send_task_events": settings.task_events,
+        "task_send_sent_event": settings.task_events,
         # JSON only: pickle (or anything else) on the queue is refused, never deserialised.
         "task_serializer": "json",
         "accept_content": ["json"],

@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     lost_message_sweep_s: float = Field(15.0, gt=0, description="How often a worker looks for jobs whose message was lost (see worker/serving/sweeper.py).")
     worker_concurrency: int = Field(128, ge=1, description="Jobs one worker process holds at once; about 2 × batch_max_size keeps jobs ready to join as others finish.")
     prefetch_multiplier: int = Field(1, ge=1, description="Celery prefetch multiplier (messages reserved per held job slot).")
+    task_events: bool = Field(False, description="Send Celery task events (for Flower or `celery events`); each costs the worker a Redis publish on a job's way.")
 
     # --- batching (worker) ---
     batch_max_size: int = Field(64, ge=1, description="Most jobs decoded together, and most jobs in one generate() call (beam search).")

@@ -217,12 +217,14 @@ def test_a_job_released_by_a_stopping_worker_is_queued_again_without_counting_th
     assert not store.release(job, holder="w1"), "only a running job is released"
 
 
-def test_task_events_flow_for_flower(redis_server, worker):
-    """Flower reads Celery's event stream: the worker sends an event as it receives, starts and ends
-    each job. (The producer writes its messages itself and sends no task-sent event.)"""
+def test_task_events_flow_for_flower(new_database, start_worker, bloom_config):
+    """Flower reads Celery's event stream: with BELLE_TASK_EVENTS the worker sends an event as it receives,
+    starts and ends each job. (The producer writes its messages itself and sends no task-sent event.)"""
     from producer.queueing import make_sender
 
-    settings = Settings(redis_url=redis_server.url)
+    url = new_database()
+    start_worker(bloom_config, name="events@tests", redis_url=url, env={"BELLE_TASK_EVENTS": "true"})
+    settings = Settings(redis_url=url, task_events=True)
     app = make_sender(settings)
     seen: list[dict] = []
     with app.connection() as connection:
