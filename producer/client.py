@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -43,6 +44,9 @@ class JobClient:
         self.redis = redis_client(self.settings.redis_url)
         self.store = JobStore(self.redis, result_ttl_s=self.settings.result_ttl_s, pending_ttl_s=self.settings.pending_ttl_s)
         self._enqueue = self.redis.register_script(lua.script("enqueue"))
+        self._local = threading.local()  # each thread's pub/sub connection for wait()
+        self._pubsubs: list = []
+        self._pubsubs_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> JobClient:
@@ -78,22 +82,49 @@ class JobClient:
         """Block until the job reaches a final state; raises JobTimeoutError after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         keys.checked_id("job_id", job_id)
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(keys.job_channel(job_id))
+        channel = keys.job_channel(job_id)
+        pubsub = self._pubsub()
+        pubsub.subscribe(channel)
+        done = False
         try:
             while True:
                 record = self.get(job_id)
                 if record.is_final:
+                    done = True
                     return record
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise JobTimeoutError(job_id, timeout, record.state.value)
                 # Wake on the final event; re-read now and then in case it was missed.
                 until = time.monotonic() + min(remaining, PUBSUB_RECHECK_S)
-                while (left := until - time.monotonic()) > 0 and not is_final_event(pubsub.get_message(timeout=left)):
-                    pass
+                while (left := until - time.monotonic()) > 0:
+                    message = pubsub.get_message(timeout=left)
+                    if is_final_event(message) and message["channel"] == channel:  # (not a late event of an earlier wait's job)
+                        break
         finally:
-            pubsub.close()
+            self._done_with(pubsub, channel, reuse=done)
+
+    def _pubsub(self):
+        """This thread's pub/sub connection, kept between waits (no connection set up per job)."""
+        pubsub = getattr(self._local, "pubsub", None)
+        if pubsub is None:
+            pubsub = self._local.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            with self._pubsubs_lock:
+                self._pubsubs.append(pubsub)
+        return pubsub
+
+    def _done_with(self, pubsub, channel: str, *, reuse: bool) -> None:
+        if reuse:
+            try:
+                pubsub.unsubscribe(channel)
+                return
+            except Exception:  # (a broken connection: a new one next time)
+                pass
+        self._local.pubsub = None  # after a timeout, an error or an interruption its state is unknown: not reused
+        with self._pubsubs_lock:
+            if pubsub in self._pubsubs:
+                self._pubsubs.remove(pubsub)
+        pubsub.close()
 
     @typed_redis_errors
     def stream(self, job_id: str, timeout: float) -> Iterator[StreamEvent]:
@@ -192,6 +223,10 @@ class JobClient:
         return self.store.cancel(keys.checked_id("job_id", job_id))
 
     def close(self) -> None:
+        with self._pubsubs_lock:
+            pubsubs, self._pubsubs = self._pubsubs, []
+        for pubsub in pubsubs:
+            pubsub.close()
         self.redis.close()
 
     def __enter__(self) -> JobClient:
