@@ -6,6 +6,7 @@ import functools
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -45,7 +46,7 @@ class JobClient:
         self.store = JobStore(self.redis, result_ttl_s=self.settings.result_ttl_s, pending_ttl_s=self.settings.pending_ttl_s)
         self._enqueue = self.redis.register_script(lua.script("enqueue"))
         self._local = threading.local()  # each thread's pub/sub connection for wait()
-        self._pubsubs: list = []
+        self._pubsubs: weakref.WeakSet = weakref.WeakSet()
         self._pubsubs_lock = threading.Lock()
 
     @classmethod
@@ -84,9 +85,9 @@ class JobClient:
         keys.checked_id("job_id", job_id)
         channel = keys.job_channel(job_id)
         pubsub = self._pubsub()
-        pubsub.subscribe(channel)
         done = False
         try:
+            pubsub.subscribe(channel)
             while True:
                 record = self.get(job_id)
                 if record.is_final:
@@ -110,7 +111,7 @@ class JobClient:
         if pubsub is None:
             pubsub = self._local.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             with self._pubsubs_lock:
-                self._pubsubs.append(pubsub)
+                self._pubsubs.add(pubsub)  # weakly: a thread that ends takes its connection back to the pool with it
         return pubsub
 
     def _done_with(self, pubsub, channel: str, *, reuse: bool) -> None:
@@ -122,8 +123,7 @@ class JobClient:
                 pass
         self._local.pubsub = None  # after a timeout, an error or an interruption its state is unknown: not reused
         with self._pubsubs_lock:
-            if pubsub in self._pubsubs:
-                self._pubsubs.remove(pubsub)
+            self._pubsubs.discard(pubsub)
         pubsub.close()
 
     @typed_redis_errors
@@ -223,8 +223,8 @@ class JobClient:
         return self.store.cancel(keys.checked_id("job_id", job_id))
 
     def close(self) -> None:
-        with self._pubsubs_lock:
-            pubsubs, self._pubsubs = self._pubsubs, []
+        with self._pubsubs_lock:  # (a client is closed once no thread uses it)
+            pubsubs, self._pubsubs = list(self._pubsubs), weakref.WeakSet()
         for pubsub in pubsubs:
             pubsub.close()
         self.redis.close()

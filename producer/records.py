@@ -35,7 +35,8 @@ class FinishReason(StrEnum):
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Read back from Redis: a field a newer worker adds is ignored, not an error (clients may be older than workers).
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
 
 class JobError(_Frozen):

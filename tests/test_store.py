@@ -184,3 +184,15 @@ def test_a_message_kombu_sends_back_takes_its_dead_holders_job_back_to_queued(re
     else:
         assert record.state is JobState.QUEUED and record.worker is None
         assert store.redis.zscore(keys.queue_waiting(UNSERVED), job) is not None, "numbered on its queue: the sweep covers it"
+
+
+def test_a_result_written_by_a_newer_worker_reads_in_an_older_client():
+    """Clients may be older than workers: a field a worker adds to a result is ignored on reading, not an error."""
+    from producer.records import JobResult
+
+    result = {"sequences": [{"index": 0, "text": "hi", "token_ids": [1], "finish_reason": "eos", "added_later": 1}],
+              "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+              "timings": {"queued_s": 0.1, "generation_s": 0.2, "batch_size": 1, "a_hop_from_the_future": 0.3},
+              "model": "m", "prompt_fit": {"context_length": 512}}
+    parsed = JobResult.model_validate(result)
+    assert parsed.sequences[0].text == "hi" and parsed.timings.generation_s == 0.2
