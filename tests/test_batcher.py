@@ -15,7 +15,7 @@ import pytest
 from producer.errors import ErrorCode
 from producer.schemas import parse_request
 from producer.settings import Settings
-from tests.waiting import wait_for
+from tests.waiting import stays, wait_for
 from worker.errors import JobFailure
 from worker.model.decoding import SHARED_PREFIX_MIN, TRIM_AT, DecodeBatch, shared_prefix
 from worker.model.engine import Engine, batch_cost
@@ -599,9 +599,7 @@ def test_a_batcher_says_it_is_unhealthy_when_stuck_with_work_or_dead(tiny_bloom,
 
     engine = load(tiny_bloom)
     batcher = batcher_for(engine, batch_wait_ms=1, batch_max_delay_ms=5)
-    assert batcher.healthy(stall_s=0.2)
-    time.sleep(0.3)  # the time that passes is what is tested: longer than stall_s, idle
-    assert batcher.healthy(stall_s=0.2), "an idle batcher is healthy however long it waits"
+    stays(lambda: batcher.healthy(stall_s=0.2), 0.5, "an idle batcher is healthy however long it waits (longer than stall_s here)")
     release = threading.Event()
     step = batcher._step
     monkeypatch.setattr(batcher, "_step", lambda: (release.wait(30), step()))  # a device that hangs

@@ -22,6 +22,7 @@ import torch
 
 from producer.records import FinishReason, StreamChunk
 from worker.model.detokenize import IncrementalText, JobStream, cut_at_stop
+from worker.costs import tokens_held
 from worker.model.kv_cache import KVArena
 from worker.model.logits import (
     NgramIndex,
@@ -144,12 +145,6 @@ def prefill_groups(rows: Sequence[Row], max_rows: int, max_tokens: int) -> list[
     return groups
 
 
-def joined_cost(rows: int, length: int, remaining: int) -> int:
-    """A decoding batch's cost: rows × (columns + the most tokens a row may still add), the same
-    measure as a generate() call's ``batch_cost``."""
-    return rows * (length + remaining)
-
-
 def shared_prefix(inputs: Sequence[Sequence[int]]) -> int:
     """How many leading tokens all of ``inputs`` share, leaving each at least one token of its own
     (its last position gives its first logits)."""
@@ -186,12 +181,12 @@ class DecodeBatch:
         return list(dict.fromkeys(r.active for r in self.rows))
 
     def cost(self) -> int:
-        return joined_cost(len(self.rows), self.length, max((r.remaining for r in self.rows), default=0))
+        return tokens_held(len(self.rows), self.length, max((r.remaining for r in self.rows), default=0))
 
     def cost_with(self, rows: Sequence[Row]) -> int:
         """The cost once ``rows`` have joined."""
         everyone = [*self.rows, *rows]
-        return joined_cost(len(everyone), max([self.length] + [len(r.inputs) for r in rows]), max(r.remaining for r in everyone))
+        return tokens_held(len(everyone), max([self.length] + [len(r.inputs) for r in rows]), max(r.remaining for r in everyone))
 
     # --- membership ---
 

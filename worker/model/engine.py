@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from producer.errors import ErrorCode
 from producer.records import FinishReason, JobResult, PromptFit, SequenceResult, StreamChunk, Timings, Usage
 from producer.schemas import GenerationRequest, Message
+from worker.costs import tokens_held
 from worker.errors import JobFailure
 from worker.model.fused_ops import fuse_activations
 from worker.model.model_config import ModelConfig, Quantization
@@ -75,8 +76,8 @@ class RawSequence:
 def batch_cost(jobs: Sequence[PreparedJob]) -> int:
     """Tokens a batch holds at its longest: rows × (longest prompt + max_new_tokens), where a job has
     one row per beam (beam search) or per returned sequence (sampling)."""
-    width = max(len(j.input_ids) for j in jobs) + max(j.max_new_tokens for j in jobs)
-    return sum(max(j.request.num_beams, j.request.num_return_sequences) for j in jobs) * width
+    return tokens_held(sum(max(j.request.num_beams, j.request.num_return_sequences) for j in jobs), max(len(j.input_ids) for j in jobs),
+                       max(j.max_new_tokens for j in jobs))
 
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch

@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from worker.costs import tokens_held
+
 INTERACTIVE, BULK = 0, 1  # priorities: lower goes first
 PADDING_EFFICIENCY = 0.5  # a generate() call's real tokens / padded tokens may not fall below this
 POLL_S = 0.05  # how often a line that cannot move yet (a job waits to run alone) is looked at again
@@ -57,7 +59,7 @@ class Waiting:
 
 def batch_cost(jobs: Sequence[Waiting]) -> int:
     """Tokens a batch holds at its longest: rows × (longest input + most new tokens)."""
-    return sum(j.rows for j in jobs) * (max(j.length for j in jobs) + max(j.new_tokens for j in jobs))
+    return tokens_held(sum(j.rows for j in jobs), max(j.length for j in jobs), max(j.new_tokens for j in jobs))
 
 
 def padding_efficiency(jobs: Sequence[Waiting]) -> float:
@@ -150,8 +152,7 @@ class Policy:
         if stopping:
             return self._plan_stopping(line, running, budget)
         if len(line):
-            ended = [(w, Ending.EXPIRED) if w.expired(wall) else (w, Ending.CANCELLED) for w in line
-                     if w.expired(wall) or (not w.resumed and is_cancelled(w.job_id))]
+            ended = [(w, why) for w in line if (why := self._ending(w, wall, is_cancelled)) is not None]
             if ended:
                 return Plan(Action.END, tuple(w for w, _ in ended), tuple(e for _, e in ended))
             wait = self.until_due(line, running, now)
@@ -160,6 +161,12 @@ class Policy:
             if not running.rows:
                 return Plan(Action.WAIT, wait_s=wait if wait > 0 else POLL_S)
         return Plan(Action.STEP) if running.rows else Plan(Action.WAIT)
+
+    @staticmethod
+    def _ending(waiting: Waiting, wall: float, is_cancelled: Callable[[str], bool]) -> Ending | None:
+        if waiting.expired(wall):
+            return Ending.EXPIRED
+        return Ending.CANCELLED if not waiting.resumed and is_cancelled(waiting.job_id) else None
 
     def _plan_stopping(self, line: WaitingLine, running: Running, budget: int) -> Plan:
         turned_away = tuple(w for w in line if not w.resumed)
@@ -200,7 +207,7 @@ class Policy:
             if jobs + len(joining) >= (self.interactive_size if waiting.priority == INTERACTIVE else self.max_size):
                 break
             width_after, remaining_after = max(width, waiting.length), max(remaining, waiting.new_tokens)
-            if (rows + waiting.rows) * (width_after + remaining_after) > budget and (joining or jobs):
+            if tokens_held(rows + waiting.rows, width_after, remaining_after) > budget and (joining or jobs):
                 break
             joining.append(waiting)
             rows, width, remaining = rows + waiting.rows, width_after, remaining_after

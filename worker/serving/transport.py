@@ -118,7 +118,7 @@ class QoS(kombu_redis.QoS):
         holding it); a job its dead holder had started goes back to queued with it (requeue_restored.lua)."""
         try:
             with self.channel.conn_or_acquire(client) as conn:
-                holder, entry = conn.hget(keys.HOLDER_OF, tag), conn.hget(self.unacked_key, tag)
+                holder, entry = conn.pipeline(transaction=False).hget(keys.HOLDER_OF, tag).hget(self.unacked_key, tag).execute()
                 super().restore_by_tag(tag, conn, leftmost)
                 holder = holder.decode() if isinstance(holder, bytes) else holder
                 job_id = _job_of(entry)
