@@ -138,7 +138,7 @@ def test_jobs_that_join_a_running_batch_and_leave_it_at_different_steps_keep_the
     batcher = batcher_for(engine, batch_wait_ms=5, batch_max_delay_ms=20)
     try:
         early = [batcher.submit(job) for job in first]
-        wait_for(lambda: batcher.decoding, 60, "the first jobs decode")
+        wait_for(lambda: batcher.decoding, 60, "the first jobs decode", poll=0.001)
         mid = [batcher.submit(job) for job in later]
         wait_for(lambda: not batcher.waiting_ids(), 60, "the later jobs joined")
         last = batcher.submit(long_prompt)
@@ -502,7 +502,7 @@ def test_a_batcher_bug_fails_only_the_jobs_it_was_running(tiny_bloom, monkeypatc
     batcher = batcher_for(engine, batch_wait_ms=1, batch_max_delay_ms=5)
     try:
         running = batcher.submit(greedy)
-        wait_for(lambda: batcher.decoding, 60, "the first job decodes")
+        wait_for(lambda: batcher.decoding, 60, "the first job decodes", poll=0.001)
         beam_future = batcher.submit(beam)
         assert beam_future.result(timeout=60).result.sequences, "the beam job that finished keeps its result"
         with pytest.raises(JobFailure, match="the batcher failed: RuntimeError: injected bug"):
@@ -523,7 +523,7 @@ def test_a_beam_job_that_runs_out_of_memory_beside_the_decoding_batch_runs_once_
     batcher = batcher_for(engine, batch_wait_ms=1, batch_max_delay_ms=5)
     try:
         running = batcher.submit(greedy)
-        wait_for(lambda: batcher.decoding, 60, "the first job decodes")
+        wait_for(lambda: batcher.decoding, 60, "the first job decodes", poll=0.001)
         result = batcher.run(beam).result
         assert running.result(timeout=60).result.sequences
     finally:
@@ -580,7 +580,7 @@ def test_a_job_on_its_last_attempt_runs_alone_even_behind_a_trickle_of_interacti
     trickle = []
     try:
         trickle.append(batcher.submit(prepare(engine, "first", prompt="Hello there", num_beams=1, max_new_tokens=24, min_new_tokens=24)))
-        wait_for(lambda: batcher.decoding, 60, "the first job decodes")
+        wait_for(lambda: batcher.decoding, 60, "the first job decodes", poll=0.001)
         last = dataclasses.replace(prepare(engine, "last", prompt="Hello", num_beams=1, max_new_tokens=4), attempt=3)
         future = batcher.submit(last, priority=BULK)
         deadline = time.monotonic() + 60

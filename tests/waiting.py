@@ -11,14 +11,15 @@ T = TypeVar("T")
 POLL_S = 0.05
 
 
-def wait_for(condition: Callable[[], T], timeout: float, what: str | Callable[[], str]) -> T:
+def wait_for(condition: Callable[[], T], timeout: float, what: str | Callable[[], str], *, poll: float = POLL_S) -> T:
     """Poll ``condition`` until it returns something true, and return that; AssertionError naming
-    ``what`` (a text, or a function making one) after ``timeout`` seconds."""
+    ``what`` (a text, or a function making one) after ``timeout`` seconds. A short ``poll`` for a state
+    that may not last long (a batch that decodes for a few milliseconds)."""
     deadline = time.monotonic() + timeout
     while not (value := condition()):
         if time.monotonic() > deadline:
             raise AssertionError(f"after {timeout:g} s: {what() if callable(what) else what}")
-        time.sleep(POLL_S)
+        time.sleep(poll)
     return value
 
 
