@@ -27,7 +27,7 @@ OPENAI_NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "top_logprobs":
                   "stream_options": None, "parallel_tool_calls": None}
 OPENAI_DEFAULTS = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "num_beams": 1}
 # belle-queue's own parameters, accepted as extra body fields under their own names.
-BELLE_FIELDS = ("top_k", "repetition_penalty", "num_beams", "no_repeat_ngram_size", "min_new_tokens", "do_sample", "preset", "deadline",
+BELLE_FIELDS = ("top_k", "repetition_penalty", "num_beams", "length_penalty", "early_stopping", "no_repeat_ngram_size", "min_new_tokens", "do_sample", "preset", "deadline",
                 "adapter", "idempotency_key")
 # What a job's finish reason is called by OpenAI.
 FINISH_REASONS = {FinishReason.EOS: "stop", FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "stop"}

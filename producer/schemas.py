@@ -54,6 +54,9 @@ class GenerationRequest(BaseModel):
     do_sample: bool = Field(False, description="Sample from the distribution instead of greedy/beam search.")
     num_beams: int = Field(4, ge=1, le=10, description="Beams for beam search; 1 means greedy or plain sampling.")
     num_return_sequences: int = Field(1, ge=1, le=10, description="Sequences returned: ≤ num_beams with beams, 1 for greedy.")
+    length_penalty: float = Field(1.0, ge=-3.0, le=3.0, description="Beam search: a finished sequence's score is its log-probability / length ** length_penalty.")
+    early_stopping: bool | Literal["never"] = Field(
+        False, description="Beam search: true ends when num_beams sequences finished; false (a heuristic) and 'never' as in transformers.")
 
     # --- length ---
     max_new_tokens: int = Field(128, ge=1, le=2048, description="Most tokens to generate.")
@@ -86,6 +89,13 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _stop_as_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("early_stopping", mode="before")
+    @classmethod
+    def _check_early_stopping(cls, value: Any) -> Any:
+        if value is True or value is False or value == "never":
+            return value
+        raise _problem(f"early_stopping must be true, false or 'never', got {reprlib.repr(value)}")
 
     @field_validator("prompt")
     @classmethod

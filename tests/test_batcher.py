@@ -13,6 +13,7 @@ import time
 import pytest
 
 from producer.errors import ErrorCode
+from producer.records import FinishReason
 from producer.schemas import parse_request
 from producer.settings import Settings
 from tests.waiting import stays, wait_for
@@ -33,6 +34,10 @@ PROMPTS = [
 # Parameter sets that greedy jobs of one batch may differ by.
 VARIANTS = [{}, {"repetition_penalty": 1.0}, {"no_repeat_ngram_size": 2}, {"min_new_tokens": 12, "max_new_tokens": 12}, {"output_scores": True},
             {"stop": ["a"]}, {"max_new_tokens": 5}, {"repetition_penalty": 1.5, "no_repeat_ngram_size": 3}]
+# ... and beam search jobs.
+BEAM_VARIANTS = [{}, {"num_return_sequences": 2}, {"length_penalty": 0.5}, {"length_penalty": -1.0, "early_stopping": True},
+                 {"early_stopping": "never", "length_penalty": 2.0}, {"no_repeat_ngram_size": 2, "output_scores": True}, {"min_new_tokens": 10},
+                 {"stop": ["a"], "num_return_sequences": 3}, {"num_beams": 2, "repetition_penalty": 1.0}, {"num_beams": 5, "num_return_sequences": 3}]
 
 
 def load(path, **overrides) -> Engine:
@@ -64,7 +69,7 @@ def assert_same_output(batched, reference, job_id):
     for b, r in zip(batched, reference, strict=True):
         if r.logprobs is not None:
             assert b.logprobs == pytest.approx(r.logprobs, abs=1e-3), job_id
-        assert (b.score is None) == (r.score is None) and (r.score is None or abs(b.score - r.score) < 1e-4), job_id
+        assert (b.score is None) == (r.score is None) and (r.score is None or b.score == pytest.approx(r.score, rel=1e-5, abs=1e-4)), job_id
 
 
 def run_all(batcher: Batcher, jobs, timeout: float = 120):
@@ -89,8 +94,62 @@ def test_greedy_output_is_the_same_alone_and_in_a_mixed_batch_of_32(engine):
     assert min(results[j.job_id].timings.batch_size for j in greedy) >= 32
     for job in greedy:
         assert_same_output(results[job.job_id].sequences, reference[job.job_id], job.job_id)
-    assert results["beam"].timings.batch_size == 1 and len(results["beam"].sequences) == 2
+    assert results["beam"].timings.batch_size >= 32 and len(results["beam"].sequences) == 2
     assert_same_output(results["beam"].sequences, alone(engine, others[0]), "beam")
+
+
+def test_beam_search_jobs_join_a_running_batch_and_give_what_generate_gives_them_alone(engine):
+    """Beam jobs of every parameter set join greedy and sampling jobs already decoding, and each
+    returns the sequences, finish reasons and scores of transformers' beam search on the job alone."""
+    first = [prepare(engine, f"g{i}", **{"prompt": PROMPTS[i], "num_beams": 1, "max_new_tokens": 16, "min_new_tokens": 16, **VARIANTS[i % 3]})
+             for i in range(4)]
+    sampling = prepare(engine, "sample", prompt=PROMPTS[5], do_sample=True, seed=5, num_beams=1, num_return_sequences=2, max_new_tokens=16)
+    beams = [prepare(engine, f"b{i}", **{"prompt": PROMPTS[i % len(PROMPTS)], "num_beams": 4, "max_new_tokens": 12, **BEAM_VARIANTS[i % len(BEAM_VARIANTS)]})
+             for i in range(20)]
+    reference = {job.job_id: alone(engine, job) for job in [*first, *beams]}
+    batcher = batcher_for(engine, batch_wait_ms=1, batch_max_delay_ms=5)
+    try:
+        running = [batcher.submit(job) for job in [*first, sampling]]
+        wait_for(lambda: batcher.decoding, 60, "the first jobs decode", poll=0.001)
+        results = run_all(batcher, beams)
+        results.update({g.job_id: g.result for g in (f.result(timeout=120) for f in running)})
+    finally:
+        batcher.stop()
+    for job in [*first, *beams]:
+        assert_same_output(results[job.job_id].sequences, reference[job.job_id], job.job_id)
+    assert min(results[job.job_id].timings.batch_size for job in beams) > 1, "the beam jobs decoded beside other jobs"
+    assert {len(results[job.job_id].sequences) for job in beams} == {1, 2, 3}
+    assert all(s.score is not None for job in beams for s in results[job.job_id].sequences)
+
+
+def test_cancelling_a_beam_search_job_in_the_batch_ends_it_with_its_best_beams_and_spares_its_mates(tiny_bloom):
+    engine = load(tiny_bloom)
+
+    class Cancellations:
+        ids: set[str] = set()
+
+        def is_cancelled(self, job_id: str) -> bool:
+            return job_id in self.ids
+
+    beam = prepare(engine, "beam", prompt="Hello", num_beams=3, num_return_sequences=2, max_new_tokens=300, min_new_tokens=100)
+    mate = prepare(engine, "mate", prompt=PROMPTS[2], num_beams=2, max_new_tokens=40, min_new_tokens=40)
+    reference = alone(engine, mate)
+    cancellations = Cancellations()
+    batcher = Batcher(engine, Settings(batch_wait_ms=1, batch_max_delay_ms=5), cancellations=cancellations).start()
+    try:
+        futures = {job.job_id: batcher.submit(job) for job in (beam, mate)}
+        wait_for(lambda: "beam" in batcher._in_batch and len(batcher._in_batch["beam"].active.rows[0].tokens) >= 5, 60,
+                 "the beam job generated 5 tokens", poll=0.001)
+        cancellations.ids.add("beam")
+        cancelled = futures["beam"].result(timeout=60)
+        kept = futures["mate"].result(timeout=60).result
+    finally:
+        batcher.stop()
+    assert cancelled.cancelled and len(cancelled.result.sequences) == 2
+    for sequence in cancelled.result.sequences:
+        assert sequence.finish_reason is FinishReason.CANCELLED and 5 <= len(sequence.token_ids) < 100
+    assert cancelled.result.sequences[0].score >= cancelled.result.sequences[1].score
+    assert_same_output(kept.sequences, reference, "mate")
 
 
 def test_a_prefix_the_rows_share_is_computed_once_and_every_output_stays_the_same(engine, monkeypatch):
@@ -162,7 +221,7 @@ def test_arena_drops_padding_shared_by_every_row(tiny_bloom):
     batch = DecodeBatch(engine)
     from worker.model.decoding import ActiveJob
 
-    rows = [r for job in (long, short) for r in ActiveJob.start(job, engine.decode, engine.device, streaming=False).rows]
+    rows = [r for job in (long, short) for r in ActiveJob.start(job, engine, streaming=False).rows]
     batch.join([[rows[0]], [rows[1]]])
     width = batch.length
     assert width == len(long.input_ids) > TRIM_AT
@@ -228,7 +287,9 @@ def test_an_over_budget_burst_waits_and_joins_in_parts_and_all_jobs_succeed(tiny
 
 
 def test_a_step_that_runs_out_of_memory_sets_jobs_aside_and_they_finish_with_the_same_output(engine, caplog):
-    jobs = [prepare(engine, f"j{i}", **{"prompt": PROMPTS[i % len(PROMPTS)], "num_beams": 1, "max_new_tokens": 30, "min_new_tokens": 30, **VARIANTS[i % 3]})
+    """Beam search jobs among them: a beam job's rows are set aside together, with its search."""
+    jobs = [prepare(engine, f"j{i}", **{"prompt": PROMPTS[i % len(PROMPTS)], "num_beams": 3 if i % 3 == 1 else 1, "max_new_tokens": 30,
+                                        "min_new_tokens": 30, **VARIANTS[i % 3]})
             for i in range(8)]
     reference = {job.job_id: alone(engine, job) for job in jobs}
     caplog.set_level(logging.INFO, logger="belle.batcher")
@@ -269,11 +330,11 @@ def test_a_job_that_is_too_big_alone_fails_with_out_of_memory_and_only_it(tiny_b
     assert "out of memory when 4 jobs joined" in caplog.text and "job big ran out of memory alone" in caplog.text
 
 
-def test_a_beam_batch_over_budget_is_split_and_a_beam_job_too_big_alone_fails(tiny_bloom, caplog):
+def test_a_beam_sampling_batch_over_budget_is_split_and_a_job_too_big_alone_fails(tiny_bloom, caplog):
+    """Beam sampling runs as generate() calls of jobs that share their parameters."""
     engine = load(tiny_bloom)
-    jobs = [prepare(engine, f"k{i}", prompt=f"question number {i}", num_beams=2, max_new_tokens=8) for i in range(8)]
-    big = prepare(engine, "kbig", prompt="天气很好 " * 40, num_beams=2, max_new_tokens=8)
-    reference = {job.job_id: alone(engine, job) for job in jobs}
+    jobs = [prepare(engine, f"k{i}", prompt=f"question number {i}", do_sample=True, num_beams=2, max_new_tokens=8, min_new_tokens=8) for i in range(8)]
+    big = prepare(engine, "kbig", prompt="天气很好 " * 40, do_sample=True, num_beams=2, max_new_tokens=8)
     engine.fault_memory_budget_tokens = batch_cost(jobs[:3])
     assert batch_cost([big]) > engine.fault_memory_budget_tokens
     caplog.set_level(logging.INFO, logger="belle.batcher")
@@ -284,7 +345,8 @@ def test_a_beam_batch_over_budget_is_split_and_a_beam_job_too_big_alone_fails(ti
             futures["kbig"].result(timeout=120)
         assert info.value.error.code is ErrorCode.OUT_OF_MEMORY
         for job in jobs:
-            assert_same_output(futures[job.job_id].result(timeout=120).result.sequences, reference[job.job_id], job.job_id)
+            (sequence,) = futures[job.job_id].result(timeout=120).result.sequences
+            assert len(sequence.token_ids) == 8 and sequence.score is not None, job.job_id
     finally:
         batcher.stop()
     assert "out of memory on a batch of 8" in caplog.text and "job kbig ran out of memory alone" in caplog.text
@@ -360,7 +422,7 @@ def test_prefill_groups_keep_padding_low_and_calls_bounded():
 def decoding(engine, jobs):
     from worker.model.decoding import ActiveJob
 
-    return [ActiveJob.start(job, engine.decode, engine.device, streaming=False) for job in jobs]
+    return [ActiveJob.start(job, engine, streaming=False) for job in jobs]
 
 
 def drive(batch, actives) -> dict:
@@ -481,7 +543,7 @@ def test_a_job_whose_scores_are_unusable_fails_alone(tiny_bloom, monkeypatch):
 def test_a_batcher_bug_fails_only_the_jobs_it_was_running(tiny_bloom, monkeypatch):
     engine = load(tiny_bloom)
     greedy = prepare(engine, "greedy", prompt="Hello", num_beams=1, max_new_tokens=2000, min_new_tokens=100)
-    beam = prepare(engine, "beam", prompt="Hello", num_beams=2, max_new_tokens=4)
+    beam = prepare(engine, "beam", prompt="Hello", do_sample=True, num_beams=2, max_new_tokens=4)
     later = prepare(engine, "later", prompt="Hi", num_beams=1, max_new_tokens=4)
     choose = DecodeBatch.choose
     state = {"beam done": False, "raised": False}
@@ -513,10 +575,10 @@ def test_a_batcher_bug_fails_only_the_jobs_it_was_running(tiny_bloom, monkeypatc
     assert state["raised"]
 
 
-def test_a_beam_job_that_runs_out_of_memory_beside_the_decoding_batch_runs_once_it_is_empty(tiny_bloom, caplog):
+def test_a_beam_sampling_job_that_runs_out_of_memory_beside_the_decoding_batch_runs_once_it_is_empty(tiny_bloom, caplog):
     engine = load(tiny_bloom)
     greedy = prepare(engine, "greedy", prompt="Hello there", num_beams=1, max_new_tokens=80, min_new_tokens=80)
-    beam = prepare(engine, "beam", prompt="Hello", num_beams=2, max_new_tokens=8)
+    beam = prepare(engine, "beam", prompt="Hello", do_sample=True, seed=3, num_beams=2, max_new_tokens=8)
     reference = alone(engine, beam)
     engine.fault_memory_budget_tokens = batch_cost([beam]) + batch_cost([greedy]) - 1  # each fits alone, not both together
     caplog.set_level(logging.INFO, logger="belle.batcher")

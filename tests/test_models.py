@@ -66,13 +66,17 @@ def test_jobs_with_different_adapters_decode_in_one_batch_each_as_with_its_adapt
         assert len(texts) == 3
 
 
-def test_beam_search_jobs_with_different_adapters_share_a_generate_call(lora_engine):
+def test_beam_search_jobs_with_different_adapters_decode_together_each_as_with_its_adapter_alone(lora_engine):
+    """In the decoding batch (every beam of a job runs with its job's adapter) and in one generate() call."""
     jobs = jobs_with_adapters(lora_engine, num_beams=3, num_return_sequences=2)
     alone = {job.job_id: lora_engine.generate_batch([job])[0].result for job in jobs}
     together = {g.job_id: g.result for g in lora_engine.generate_batch(jobs)}
+    batched = run_batched(lora_engine, jobs)
     for job in jobs:
-        assert [(s.token_ids, s.finish_reason) for s in together[job.job_id].sequences] == [(s.token_ids, s.finish_reason) for s in alone[job.job_id].sequences]
-        assert together[job.job_id].timings.batch_size == len(jobs)
+        want = [(s.token_ids, s.finish_reason) for s in alone[job.job_id].sequences]
+        assert [(s.token_ids, s.finish_reason) for s in together[job.job_id].sequences] == want
+        assert [(s.token_ids, s.finish_reason) for s in batched[job.job_id].sequences] == want
+        assert together[job.job_id].timings.batch_size == len(jobs) and batched[job.job_id].timings.batch_size > 1
 
 
 def test_an_adapter_the_worker_does_not_serve_is_refused_with_the_served_names(lora_engine, tiny_bloom):

@@ -15,6 +15,7 @@ from producer.settings import Settings, get_settings
 from worker.model.engine import Engine
 from worker.model.model_config import ModelConfig, load_model_config
 from worker.model.packaged_model import packaged_file, prepare
+from worker.scheduling.batcher import Batcher
 
 FRANCE = {"prompt": "What is the capital of France?", "num_beams": 1, "max_new_tokens": 24}
 JAPAN = {"prompt": "What is the capital of Japan?", "num_beams": 1, "max_new_tokens": 24}
@@ -77,6 +78,32 @@ def test_beam_search_returns_distinct_ranked_sensible_sequences(engine):
     assert len(sequences) == 2 and sequences[0].text != sequences[1].text
     assert sequences[0].score >= sequences[1].score
     assert all("Paris" in s.text for s in sequences), [s.text for s in sequences]
+
+
+def test_beam_search_in_the_decoding_batch_gives_what_generate_gives_each_job_alone(engine):
+    """The seed's default request (beam search) decodes in the continuous batch beside greedy jobs, with
+    transformers' sequences, finish reasons and scores for each job."""
+    requests = [{**FRANCE, "num_beams": 4, "num_return_sequences": 2, "max_new_tokens": 16},
+                {**JAPAN, "num_beams": 3, "length_penalty": 0.6, "max_new_tokens": 16},
+                {"prompt": "Name three colours.", "num_beams": 4, "early_stopping": True, "no_repeat_ngram_size": 3, "output_scores": True,
+                 "max_new_tokens": 16},
+                {**FRANCE, "stop": [" Paris"], "num_beams": 2, "max_new_tokens": 16}, JAPAN, FRANCE]
+    jobs = [engine.prepare(f"j{i}", parse_request(r)) for i, r in enumerate(requests)]
+    reference = {job.job_id: engine.generate_batch([job])[0].result.sequences for job in jobs}
+    batcher = Batcher(engine, Settings(batch_wait_ms=50, batch_max_delay_ms=500)).start()
+    try:
+        futures = [batcher.submit(job) for job in jobs]
+        results = {g.job_id: g.result for g in (f.result(timeout=300) for f in futures)}
+    finally:
+        batcher.stop()
+    for job in jobs:
+        got, want = results[job.job_id].sequences, reference[job.job_id]
+        assert [(s.token_ids, s.text, s.finish_reason) for s in got] == [(s.token_ids, s.text, s.finish_reason) for s in want], job.job_id
+        for g, w in zip(got, want, strict=True):
+            assert (g.score is None) == (w.score is None) and (w.score is None or g.score == pytest.approx(w.score, rel=1e-5, abs=1e-4))
+            assert (g.logprobs is None) == (w.logprobs is None) and (w.logprobs is None or g.logprobs == pytest.approx(w.logprobs, abs=1e-3))
+    assert max(results[job.job_id].timings.batch_size for job in jobs) > 1
+    assert "Paris" in results["j0"].sequences[0].text and results["j3"].sequences[0].finish_reason is FinishReason.STOP
 
 
 def test_the_queue_gives_what_the_engine_gives_in_process(engine, smollm2, new_database, start_worker, tmp_path):

@@ -1,9 +1,12 @@
-"""Continuous batching of the jobs decoded one token at a time (greedy and sampling: num_beams = 1).
+"""Continuous batching of the jobs decoded one token at a time: greedy, sampling and beam search.
 
-The ``DecodeBatch`` holds one row per returned sequence of each of its jobs. A step chooses every
-row's next token with its own job's parameters (logits.py) and notes the rows that finished (EOS,
-length, a stop string); finished rows leave at once, and the model runs once on the chosen tokens
-of the others for their next logits. Jobs join between steps: their prompts are prefilled (grouped
+The ``DecodeBatch`` holds one row per returned sequence of each greedy or sampling job, and one row
+per beam of each beam search job. A step chooses every row's next token with its own job's
+parameters (logits.py) and notes the rows that finished (EOS, length, a stop string); finished rows
+leave at once, and the model runs once on the chosen tokens of the others for their next logits.
+A beam search job's rows step together (beams.py): after each step its rows take the caches and
+tokens of the beams they continue (only its own rows move), and they leave together when its
+search ends. Jobs join between steps: their prompts are prefilled (grouped
 by length, so that little of a prefill is padding) straight into free rows of the KV arena
 (kv_cache.py). A job's rows may also be set aside with their tokens and rejoin later (after running
 out of memory): their prompt and tokens are prefilled again, nothing is generated twice.
@@ -21,8 +24,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from producer.records import FinishReason, StreamChunk
-from worker.model.detokenize import IncrementalText, JobStream, cut_at_stop
 from worker.costs import tokens_held
+from worker.model.beams import BeamSearch, BeamStep
+from worker.model.detokenize import IncrementalText, JobStream, cut_at_stop
 from worker.model.kv_cache import KVArena
 from worker.model.logits import (
     NgramIndex,
@@ -87,13 +91,18 @@ class ActiveJob:
     joined: int = 0  # when it last joined (a batch-wide counter): jobs are set aside last-joined first
     error: str | None = None  # the job failed while decoding (the model gave it no usable scores)
     first_token_at: float | None = None  # perf_counter when its first token was chosen
+    beams: BeamSearch | None = None  # a beam search job's search (its rows are its beams, rows[i] beam i)
 
     @classmethod
-    def start(cls, job, decode: Callable[[list[int]], str], device: torch.device, *, streaming: bool, stream_interval_s: float = 0.0) -> ActiveJob:
-        request = job.request
+    def start(cls, job, engine, *, streaming: bool, stream_interval_s: float = 0.0) -> ActiveJob:
+        """``engine``: the ``Engine`` it runs on (its tokenizer's EOS, its device, its decoder)."""
+        request, decode, device = job.request, engine.decode, engine.device
         stream = JobStream(job.job_id, job.attempt, request.num_return_sequences, request.stop, stream_interval_s) if streaming else None
         active = cls(job, [], stream, time.perf_counter())
-        for index in range(request.num_return_sequences):
+        if request.num_beams > 1:
+            active.beams = BeamSearch(request.num_beams, length_penalty=request.length_penalty, early_stopping=request.early_stopping,
+                                      max_new_tokens=job.max_new_tokens, eos_token_id=engine.eos_token_id, device=device)
+        for index in range(request.num_beams if active.beams is not None else request.num_return_sequences):
             row = Row(active, index)
             if request.do_sample and request.seed is not None:
                 # Each row draws from its own stream, so its text depends on the seed and its index only,
@@ -102,7 +111,7 @@ class ActiveJob:
                 row.generator.manual_seed((request.seed + index * SEED_STRIDE) % 2**63)
             if request.no_repeat_ngram_size:
                 row.ngrams = NgramIndex(request.no_repeat_ngram_size, job.input_ids)
-            if streaming or request.stop:
+            if (streaming or request.stop) and active.beams is None:  # beams check stop strings on their whole text
                 row.text = IncrementalText(decode)
             active.rows.append(row)
         return active
@@ -121,6 +130,8 @@ class ActiveJob:
 
     def cancel(self) -> None:
         self.cancelled = True
+        if self.beams is not None:
+            self.beams.stop(self.rows)
         for row in self.live_rows:
             row.finish = FinishReason.CANCELLED
 
@@ -171,6 +182,10 @@ class DecodeBatch:
         self.params = RowParameters.of([], device)
         self.adapters: list[str | None] = []  # each row's adapter, as the model call takes them
         self.generators: list[torch.Generator | None] = []
+        self.beam_slots: dict[ActiveJob, list[int]] = {}  # each beam search job's slots, by beam
+        self.beam_rows: torch.Tensor | None = None  # [rows] bool: rows that are beams; None when none is
+        self.beam_index: torch.Tensor | None = None  # the beams' slots
+        self.scored: list[int] = []  # greedy and sampling rows whose job asked for output_scores
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -313,6 +328,14 @@ class DecodeBatch:
         self.adapters = [r.active.job.request.adapter for r in self.rows]
         sampling = self.params.sampling.tolist() if self.params.sampling is not None else []
         self.generators = [self.rows[i].generator for i in sampling]
+        self.beam_slots = {}
+        for i, row in enumerate(self.rows):
+            if row.active.beams is not None:
+                self.beam_slots.setdefault(row.active, [0] * len(row.active.rows))[row.index] = i
+        is_beam = [r.active.beams is not None for r in self.rows]
+        self.beam_rows = torch.tensor(is_beam, dtype=torch.bool, device=self.engine.device) if any(is_beam) else None
+        self.beam_index = self.beam_rows.nonzero().flatten() if self.beam_rows is not None else None
+        self.scored = [i for i in self.params.scored if not is_beam[i]]
 
     # --- a step ---
 
@@ -324,12 +347,21 @@ class DecodeBatch:
         states = [g.get_state() if g is not None else None for g in self.generators]
         try:
             tokens, chosen_from, broken = self._choose_tokens()
+            failing = {self.rows[i].active for i in broken}
+            beam_steps = {active: active.beams.step(chosen_from[slots], active.rows, self._stop_check(active))
+                          for active, slots in self.beam_slots.items() if active not in failing and active.beams is not None}
+            self._move_beams(beam_steps)
         except BaseException:
             for generator, state in zip(self.generators, states, strict=True):
                 if generator is not None:
                     generator.set_state(state)
             raise
-        logprobs = logprobs_of(chosen_from, tokens, self.params.scored)
+        logprobs = logprobs_of(chosen_from, tokens, self.scored)
+        for active, step in beam_steps.items():
+            if step is None:
+                active.fail("no continuation of this beam search job has a finite score (every token forbidden); relax no_repeat_ngram_size")
+            else:
+                self._continue_beams(active, step, tokens)
         self.seen[torch.arange(len(self.rows), device=tokens.device), tokens] = True
         chunks: list[StreamChunk] = []
         now = time.monotonic()
@@ -342,6 +374,11 @@ class DecodeBatch:
             row = self.rows[i]
             if row.finish is not None:  # its job failed
                 finished.append(row)
+                continue
+            if row.active.beams is not None:  # its tokens moved with its beam; its rows leave when the search ends
+                if row.active.beams.done:
+                    row.finish = FinishReason.LENGTH  # a mark that it leaves: the job's sequences are its search's hypotheses
+                    finished.append(row)
                 continue
             row.tokens.append(token)
             if row.active.first_token_at is None:
@@ -366,17 +403,72 @@ class DecodeBatch:
         return StepResult(finished, chunks)
 
     def _choose_tokens(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Every row's token (a beam's is chosen by its search), the processed scores it was chosen
+        from (for beams: log-probabilities, processed after the log-softmax, as generate() does), and
+        the rows that cannot choose."""
         generated = torch.tensor([len(r.tokens) for r in self.rows], device=self.logits.device)
         bans = {i: r.ngrams.banned() for i, r in enumerate(self.rows) if r.ngrams is not None}
-        logits = apply_processors(self.logits, self.seen, self.params, generated, bans, self.engine.eos_token_id)
+        logits = self.logits
+        if self.beam_index is not None:
+            logits = logits.clone()
+            logits[self.beam_index] = torch.log_softmax(logits[self.beam_index], dim=-1)
+        logits = apply_processors(logits, self.seen, self.params, generated, bans, self.engine.eos_token_id)
         # A row with no finite score left (or a NaN) cannot choose: it fails alone, its neighbours go on.
-        unusable = torch.isnan(logits).any(-1) | ~torch.isfinite(logits).any(-1)
+        # A beam with every token forbidden only drops out: its search chooses among all its beams.
+        no_choice = ~torch.isfinite(logits).any(-1)
+        if self.beam_rows is not None:
+            no_choice &= ~self.beam_rows
+        unusable = torch.isnan(logits).any(-1) | no_choice
         broken = unusable.nonzero().flatten().tolist()
         if broken:
             logits = logits.clone()
             logits[unusable] = 0.0
         tokens, chosen_from = choose(logits, self.params, self.generators)
         return tokens, chosen_from, broken
+
+    def _stop_check(self, active: ActiveJob) -> Callable[[list[int]], bool] | None:
+        stop = active.job.request.stop
+        if not stop:
+            return None
+        decode = self.engine.decode
+        return lambda tokens: cut_at_stop(decode(tokens), stop)[1]
+
+    def _move_beams(self, steps: dict[ActiveJob, BeamStep | None]) -> None:
+        """Each beam's row takes the cache, mask and seen tokens of the beam it continues (a job's
+        rows from its own rows). Raises before changing anything if memory runs out."""
+        targets, sources = [], []
+        for active, step in steps.items():
+            if step is None or step.done:  # its rows leave now
+                continue
+            slots = self.beam_slots[active]
+            for beam, continuation in enumerate(step.beams):
+                if continuation.parent != beam:
+                    targets.append(slots[beam])
+                    sources.append(slots[continuation.parent])
+        if not targets:
+            return
+        into = torch.tensor(targets, dtype=torch.long, device=self.mask.device)
+        taken = torch.tensor(sources, dtype=torch.long, device=self.mask.device)
+        start = int((self.mask[into, : self.length].cumsum(-1) == 0).sum(-1).min()) if self.length else 0
+        self.arena.copy_rows(targets, sources, start, self.length)
+        self.mask[into] = self.mask[taken]
+        self.seen[into] = self.seen[taken]
+
+    def _continue_beams(self, active: ActiveJob, step: BeamStep, tokens: torch.Tensor) -> None:
+        """The job's rows become the beams they continue, each with its new token."""
+        active.beams.commit(step)
+        if active.first_token_at is None:
+            active.first_token_at = time.perf_counter()
+        before = [(r.tokens, r.logprobs, r.ngrams) for r in active.rows]
+        slots = self.beam_slots[active]
+        for row, continuation in zip(active.rows, step.beams, strict=True):
+            parent_tokens, parent_logprobs, parent_ngrams = before[continuation.parent]
+            row.tokens = [*parent_tokens, continuation.token]
+            row.logprobs = [*parent_logprobs, continuation.logprob]
+            if parent_ngrams is not None:
+                row.ngrams = parent_ngrams.copy()
+                row.ngrams.add(continuation.token)
+        tokens[slots] = torch.tensor([c.token for c in step.beams], dtype=tokens.dtype, device=tokens.device)
 
     @torch.inference_mode()
     def forward(self) -> None:

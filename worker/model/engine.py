@@ -1,10 +1,11 @@
 """The resident model: loaded once per worker process, on the thread that runs it.
 
 Two ways to run jobs:
-- jobs decoded one token at a time (greedy, sampling) go through ``forward``, one model call per
-  step of a continuous decoding batch (worker/model/decoding.py) that jobs join and leave between steps;
-- beam search jobs go through transformers' ``generate()`` (``generate_batch``), one call per
-  group of jobs that share a generation config (``batch_key``).
+- greedy, sampling and beam search jobs go through ``forward``, one model call per step of a
+  continuous decoding batch (worker/model/decoding.py) that jobs join and leave between steps;
+- beam sampling jobs (``do_sample`` with ``num_beams`` > 1) go through transformers' ``generate()``
+  (``generate_batch``), one call per group of jobs that share a generation config (``batch_key``);
+  ``generate_batch`` is also the reference the decoding batch is tested against.
 Both build their results with ``job_result``.
 """
 
@@ -228,12 +229,13 @@ class Engine:
         alone = job.job_id if (r.do_sample and r.seed is not None) else None
         # Adapters are not in the key: peft runs rows with different adapters in one call.
         return (r.do_sample, r.num_beams, r.num_return_sequences, job.max_new_tokens, r.min_new_tokens, sampling,
-                r.repetition_penalty, r.no_repeat_ngram_size, r.output_scores, tuple(r.stop), alone)
+                r.repetition_penalty, r.no_repeat_ngram_size, r.output_scores, tuple(r.stop), r.length_penalty, r.early_stopping, alone)
 
     @staticmethod
     def decodes_stepwise(job: PreparedJob) -> bool:
-        """Whether the job runs in the continuous decoding batch (everything but beam search)."""
-        return job.request.num_beams == 1
+        """Whether the job runs in the continuous decoding batch: greedy, sampling and beam search; beam
+        sampling (``do_sample`` with beams) runs through generate()."""
+        return job.request.num_beams == 1 or not job.request.do_sample
 
     # --- generating ---
 
@@ -340,6 +342,8 @@ class Engine:
             min_new_tokens=request.min_new_tokens,
             repetition_penalty=request.repetition_penalty,
             no_repeat_ngram_size=request.no_repeat_ngram_size,
+            length_penalty=request.length_penalty,
+            early_stopping=request.early_stopping,
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_id,
             bos_token_id=self.tokenizer.bos_token_id,
@@ -362,19 +366,20 @@ class Engine:
         token_ids = list(raw.token_ids)
         finish = FinishReason.LENGTH
         if self.eos_token_id is not None and self.eos_token_id in token_ids:
-            cut = token_ids.index(self.eos_token_id)
-            computed = cut + 1
-            token_ids = token_ids[:cut]
+            token_ids = token_ids[: token_ids.index(self.eos_token_id)]
             finish = FinishReason.EOS
         else:
             while token_ids and token_ids[-1] == self.pad_token_id:
                 token_ids.pop()
-            computed = len(token_ids)
         text = self.decode(token_ids)
-        if job.request.stop and finish is not FinishReason.EOS:
+        if job.request.stop:
+            # Before EOS: a sequence that generate() ended on a stop string is padded after it, and its
+            # padding may be EOS; a sequence the model ended itself never holds one (it would have
+            # stopped there).
             text, matched = cut_at_stop(text, job.request.stop)
             if matched:
                 finish = FinishReason.STOP
+        computed = len(token_ids) + (finish is FinishReason.EOS)  # the EOS the model generated counts
         if cancelled and finish is FinishReason.LENGTH:
             finish = FinishReason.CANCELLED
         values = [round(float(v), 5) for v in raw.logprobs[: len(token_ids)]] if raw.logprobs is not None else None

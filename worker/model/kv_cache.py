@@ -11,6 +11,7 @@ fresh memory cost more than the copy). Here, per layer, keys and values live in 
 - a joining job is prefilled straight into free slots, right-aligned so its prompt ends at the
   current column;
 - a finished row's slot takes the last live row (one row copied);
+- a beam search job's rows take the rows of the beams they continue (``copy_rows``, its rows only);
 - buffers are reallocated only to grow, or to move all rows right (a prompt longer than the
   current column) or left (columns that became padding in every row).
 
@@ -70,6 +71,17 @@ class KVArena:
         """Columns ``[start, end)`` of slot ``source`` into the slots ``rows`` (a prefix computed once)."""
         for t in self.keys + self.values:
             t[rows, :, start:end] = t[source, :, start:end]
+
+    def copy_rows(self, targets: list[int], sources: list[int], start: int, end: int) -> None:
+        """Slot ``targets[i]`` takes columns ``[start, end)`` of slot ``sources[i]`` (beams that
+        continue another beam). Every source is read before any target is written, so running out
+        of memory here changes nothing."""
+        taken_rows = torch.tensor(sources, dtype=torch.long, device=self.keys[0].device)
+        into = torch.tensor(targets, dtype=torch.long, device=self.keys[0].device)
+        buffers = self.keys + self.values
+        taken = [t[taken_rows, :, start:end] for t in buffers]
+        for t, part in zip(buffers, taken, strict=True):
+            t[into, :, start:end] = part
 
     def zero(self, rows: slice, columns: int) -> None:
         """Zero the first ``columns`` columns of these rows: padding that attention reads (masked,

@@ -36,6 +36,12 @@ class NgramIndex:
         if len(self.tokens) >= self.n:
             self.next_of[tuple(self.tokens[len(self.tokens) - self.n:-1])].add(token)
 
+    def copy(self) -> NgramIndex:
+        twin = NgramIndex(self.n, [])
+        twin.tokens = list(self.tokens)
+        twin.next_of = defaultdict(set, {k: set(v) for k, v in self.next_of.items()})
+        return twin
+
     def banned(self) -> list[int]:
         if len(self.tokens) + 1 < self.n:
             return []

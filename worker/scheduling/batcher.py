@@ -1,9 +1,9 @@
 """The batcher: one thread that owns the model, and carries out the scheduling policy's plans.
 
-Jobs decoded one token at a time (greedy and sampling) share one continuous decoding batch
-(worker/model/decoding.py): between two steps, finished jobs leave it and waiting jobs join it, so no job
-waits for a whole batch to end, and jobs with different parameters decode together. Beam search jobs run
-as whole generate() calls, between two steps. Which jobs run when is decided by worker/scheduling/policy.py
+Greedy, sampling and beam search jobs share one continuous decoding batch (worker/model/decoding.py):
+between two steps, finished jobs leave it and waiting jobs join it, so no job waits for a whole batch to
+end, and jobs with different parameters decode together. Beam sampling jobs run as whole generate()
+calls, between two steps. Which jobs run when is decided by worker/scheduling/policy.py
 (pure: it returns a ``Plan``); what happens when memory runs out, by worker/scheduling/oom.py.
 
 A streaming job's outcome goes back to its task thread through the publisher's queue, after the chunks
@@ -388,7 +388,7 @@ class Batcher:
         self._count_attempts(tickets)
         for ticket in tickets:
             if ticket.active is None:
-                ticket.active = ActiveJob.start(ticket.job, engine.decode, engine.device, streaming=ticket.job.request.stream and self.publisher is not None,
+                ticket.active = ActiveJob.start(ticket.job, engine, streaming=ticket.job.request.stream and self.publisher is not None,
                                                 stream_interval_s=self.stream_interval_s)
         rows = [r for t in tickets for r in t.active.live_rows]
         before = len(batch.jobs)
@@ -515,14 +515,17 @@ class Batcher:
         if active.error is not None:
             log.error("job %s: %s", active.job_id, active.error)
             return JobFailure(ErrorCode.GENERATION_ERROR, active.error)
-        output_scores = active.job.request.output_scores
-        sequences = [RawSequence(r.tokens, r.logprobs if output_scores else None) for r in active.rows]
+        request = active.job.request
+        if active.beams is not None:
+            sequences = [RawSequence(h.tokens, h.logprobs if request.output_scores else None, h.score) for h in active.beams.best(request.num_return_sequences)]
+        else:
+            sequences = [RawSequence(r.tokens, r.logprobs if request.output_scores else None) for r in active.rows]
         first_token_s = None if active.first_token_at is None else active.first_token_at - active.started
         return self.engine.job_result(active.job, sequences, generation_s=time.perf_counter() - active.started, batch_size=active.peak_jobs,
                                       cancelled=active.cancelled, stream=active.stream, admission_s=active.started - active.job.prepared_at,
                                       first_token_s=first_token_s)
 
-    # --- generate() calls (beam search) ---
+    # --- generate() calls (beam sampling) ---
 
     def _generate(self, tickets: list[Ticket]) -> None:
         self._count_attempts(tickets)
