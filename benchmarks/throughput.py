@@ -5,7 +5,8 @@
   (a') the same loop on the engine's model (fused activations): what batching alone gains is b/a'
   (b) the worker's engine and batcher, in-process (one batcher for all runs, as in a worker)
   (c) end to end: JobClient → Redis → Celery → a worker subprocess → the job records
-plus (b) again with 8 distinct parameter sets over the same jobs (they share the decoding batch).
+plus (b) again with 8 distinct parameter sets over the same jobs (they share the decoding batch), and
+the seed's default request, beam search (num_beams=4), on --beam-jobs jobs: (b) against (a).
 
 Each path has one untimed warm-up run. Targets: b/a ≥ 8, c/b ≥ 0.9.
 Run: .venv/bin/python -m benchmarks.throughput --runs 3
@@ -14,6 +15,7 @@ Run: .venv/bin/python -m benchmarks.throughput --runs 3
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -37,6 +39,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="repetitions; medians are reported")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-words", type=int, default=20, help="prompts have 2 to this many words (60 for long prompts)")
+    parser.add_argument("--beam-jobs", type=int, default=32, help="beam search (num_beams=4) jobs; 0 leaves them out")
+    parser.add_argument("--seed-beam-jobs", type=int, default=4, help="of those, how many the seed's loop runs (it is slow)")
     args = parser.parse_args()
 
     path = benchmark_model()
@@ -58,14 +62,14 @@ def main() -> None:
     gen_config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                   repetition_penalty=1.2, pad_token_id=engine.pad_token_id, eos_token_id=engine.eos_token_id)
 
-    def one_at_a_time(model, count: int = args.jobs) -> float:
+    def one_at_a_time(model, count: int = args.jobs, config: GenerationConfig = gen_config) -> float:
         """One generate() per prompt, as in the seed's generate_answer()."""
         seed_outputs.clear()
         started = time.perf_counter()
         for prompt in prompts[:count]:
             inputs = engine.tokenizer(engine.config.template.user.replace("{content}", prompt), return_tensors="pt").to(engine.device)
             with torch.inference_mode():
-                out = model.generate(**inputs, generation_config=gen_config)
+                out = model.generate(**inputs, generation_config=config)
             seed_outputs.append(out[0, inputs["input_ids"].shape[1]:].tolist())
         return count * args.new_tokens / (time.perf_counter() - started)
 
@@ -78,7 +82,7 @@ def main() -> None:
         results = [f.result() for f in futures]
         seconds = time.perf_counter() - started
         batched_outputs.update({g.job_id: g.result.sequences[0].token_ids for g in results})
-        return tokens / seconds
+        return len(requests) * args.new_tokens / seconds
 
     on_own_thread(lambda: one_at_a_time(seed_model, 4))
     a_fused = median_of(args.runs, lambda: on_own_thread(lambda: one_at_a_time(engine.model)))
@@ -87,6 +91,13 @@ def main() -> None:
     b = median_of(args.runs, lambda: in_process(uniform))
     identical = sum(seed_outputs[i] == batched_outputs[f"j{i}"] for i in range(args.jobs))
     b_mixed = median_of(args.runs, lambda: in_process(mixed))
+    beams = [{**r, "num_beams": 4} for r in uniform[:args.beam_jobs]]
+    if beams:
+        beam_config = copy.deepcopy(gen_config)
+        beam_config.num_beams = 4
+        a_beam = median_of(args.runs, lambda: on_own_thread(lambda: one_at_a_time(seed_model, min(args.seed_beam_jobs, len(beams)), beam_config)))
+        in_process(beams)
+        b_beam = median_of(args.runs, lambda: in_process(beams))
     batcher.stop()
 
     with EmbeddedRedis() as server:
@@ -113,6 +124,8 @@ def main() -> None:
     print(f"(b) batched engine, in-process   {b:10.1f} tokens/s   b/a = {b / a:.2f}   (target ≥ 8)   b/a' = {b / a_fused:.2f} (batching alone)")
     print(f"(c) through Redis + Celery       {c:10.1f} tokens/s   c/b = {c / b:.2f}   (target ≥ 0.9)")
     print(f"(b') 8 parameter sets, in-process {b_mixed:9.1f} tokens/s   mixed/uniform = {b_mixed / b:.2f}")
+    if beams:
+        print(f"beam search (num_beams=4), {len(beams)} jobs: (a) {a_beam:.1f} tokens/s, (b) {b_beam:.1f} tokens/s, b/a = {b_beam / a_beam:.2f}")
     print(f"greedy outputs identical between the seed's model (a) and the batched engine (b): {identical}/{args.jobs}")
     print(f"worker joins in the last queued run ({len(join_lines) // (args.runs + 1)} per run on average): " + "; ".join(join_lines[-3:]))
 

@@ -94,7 +94,7 @@ class JobStream:
 
 
 class RowMonitor(StoppingCriteria):
-    """Cancellation and stop strings inside one generate() call (beam search): a stopping criterion
+    """Cancellation and stop strings inside one generate() call (beam sampling): a stopping criterion
     that generate() asks after every step, which ends the rows of cancelled jobs and the rows whose
     generated text holds a stop string (never counting the prompt, as the decoding batch does); the
     other rows go on."""

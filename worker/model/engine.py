@@ -265,7 +265,7 @@ class Engine:
         return output.logits[:, -1].float()
 
     def generate_batch(self, jobs: Sequence[PreparedJob], is_cancelled: Callable[[str], bool] | None = None, *, held: int = 0) -> list[Generated]:
-        """One generate() call for jobs that share a batch key: the path of beam search, and the
+        """One generate() call for jobs that share a batch key: the path of beam sampling, and the
         reference the decoding batch is tested against. With ``is_cancelled``, a cancelled job's rows
         stop at the next step. ``held``: the cost of what else holds memory (the decoding batch)."""
         first = jobs[0].request

@@ -13,9 +13,9 @@ The rules
   - Jobs join in that order while the batch holds fewer than ``max_size`` jobs (interactive jobs may take it
     a quarter over) and its cost stays within the token budget. The first job that does not fit stops the
     ones behind it, so none is overtaken forever; an empty batch always takes its first waiting job.
-  - When the first waiting job is a beam search job, it runs in one generate() call with the waiting jobs
+  - When the first waiting job is a beam sampling job, it runs in one generate() call with the waiting jobs
     that share its generation config (nearest in prompt length, within the size, budget and padding limits).
-  - A job that must run alone (its last attempt, or a beam job that ran out of memory beside the decoding
+  - A job that must run alone (its last attempt, or a beam sampling job that ran out of memory beside the decoding
     batch) goes first, wherever it waits: no job joins until the decoding batch has drained, the outcomes
     before it are recorded, and it has run.
   - A job cancelled or past its deadline while it waits ends there; at shutdown every waiting job that has
@@ -47,7 +47,7 @@ class Waiting:
     arrived: float  # monotonic seconds
     priority: int = INTERACTIVE
     order: int = 0  # arrival number: a stable order within a priority
-    key: tuple | None = None  # its generate() batch key (beam search); None: it joins the decoding batch
+    key: tuple | None = None  # its generate() batch key (beam sampling); None: it joins the decoding batch
     deadline: float | None = None  # Unix seconds; only a job that has not started can expire
     resumed: bool = False  # set aside after running out of memory, with its progress
     alone: bool = False  # runs alone, once the decoding batch is empty
@@ -203,7 +203,7 @@ class Policy:
         joining: list[Waiting] = []
         for waiting in line:
             if waiting.key is not None:
-                continue  # beam search waits for its turn as the first waiting job
+                continue  # beam sampling waits for its turn as the first waiting job
             if jobs + len(joining) >= (self.interactive_size if waiting.priority == INTERACTIVE else self.max_size):
                 break
             width_after, remaining_after = max(width, waiting.length), max(remaining, waiting.new_tokens)
