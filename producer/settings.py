@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     max_stop_strings: int = Field(8, ge=0, description="Most `stop` strings per request.")
     max_stop_chars: int = Field(64, ge=1, description="Longest `stop` string.")
     max_metadata_bytes: int = Field(4_096, ge=0, description="Largest `metadata` object, as JSON bytes.")
+    max_constraint_bytes: int = Field(32_768, ge=64, description="Largest structured-output constraint: a JSON Schema or a choice list as JSON bytes, or a regex.")
     max_return_sequences: int = Field(10, ge=1, le=10, description="Most returned sequences (and beams) per job; at most the seed's 10.")
     max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest job message a worker accepts (a bigger one fails its job unread and unstored).")
     max_batch_lines: int = Field(1_000_000, ge=1, description="Most lines in one batch.")

@@ -45,6 +45,20 @@ def test_submit_without_wait_prints_the_job_id(redis_server, worker, client):
     assert client.wait(job_id, 60).state == "succeeded"
 
 
+def test_submit_with_a_response_format_file_gives_text_in_its_schema(redis_server, worker, tmp_path):
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"], "additionalProperties": False}
+    path = tmp_path / "format.json"
+    path.write_text(json.dumps({"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}))
+    done = cli(redis_server.url, "submit", "--prompt", "Yes or no?", "--response-format", str(path), "--set", "num_beams=1", "--set", "max_new_tokens=40",
+               "--wait", "60", "--json")
+    assert done.returncode == 0, done.stderr
+    (sequence,) = json.loads(done.stdout)["result"]["sequences"]
+    assert json.loads(sequence["text"])["answer"] in ("yes", "no")
+    path.write_text(json.dumps({"type": "json_schema", "json_schema": {"name": "answer", "schema": {"oneOf": [schema]}}}))
+    refused = cli(redis_server.url, "submit", "--prompt", "hi", "--response-format", str(path))
+    assert refused.returncode == 2 and "uses 'oneOf', which structured output does not enforce; use anyOf" in refused.stderr
+
+
 def test_an_invalid_request_exits_2_and_names_the_parameter(redis_server):
     done = cli(redis_server.url, "submit", "--prompt", "hi", "--set", "temperature=3")
     assert done.returncode == 2

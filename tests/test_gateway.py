@@ -4,11 +4,12 @@ official `openai` client (sync and async) and httpx against it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
-import json
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import yaml
@@ -84,7 +85,7 @@ def test_invalid_and_unsupported_parameters_are_bad_requests_that_name_them(stac
     message = [{"role": "user", "content": "hi"}]
     for extra, param in [({"temperature": 5}, "temperature"), ({"top_p": 0}, "top_p"), ({"logit_bias": {"1": 2}}, "logit_bias"),
                          ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-                         ({"response_format": {"type": "json_object"}}, "response_format")]:
+                         ({"response_format": {"type": "xml"}}, "response_format.type")]:
         with pytest.raises(openai.BadRequestError) as refused:
             api.chat.completions.create(model=MODEL, messages=message, max_tokens=4, **extra)
         assert refused.value.body["param"] == param, refused.value.body
@@ -105,6 +106,24 @@ def test_belle_parameters_pass_as_extra_body_fields_and_models_are_the_workers(s
     request = client.get(reply.id).request
     assert (request["num_beams"], request["repetition_penalty"], request["min_new_tokens"]) == (2, 1.3, 3)
     assert [m.id for m in api.models.list().data] == [MODEL]
+
+
+def test_response_format_with_a_json_schema_through_the_openai_client(stack):
+    gateway, _, client, _ = stack
+    api = oa(gateway)
+    schema = {"type": "object", "properties": {"answer": {"enum": ["red", "green", "blue"]}, "score": {"type": "integer", "minimum": 1, "maximum": 5}},
+              "required": ["answer", "score"], "additionalProperties": False}
+    reply = api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Pick a colour and rate it."}], max_tokens=80, temperature=0,
+                                        response_format={"type": "json_schema", "json_schema": {"name": "pick", "schema": schema, "strict": True}})
+    value = json.loads(reply.choices[0].message.content)
+    jsonschema.validate(value, schema)
+    assert reply.choices[0].finish_reason == "stop" and client.get(reply.id).request["response_format"]["json_schema"]["name"] == "pick"
+    choice = api.completions.create(model=MODEL, prompt="Yes or no?", max_tokens=8, temperature=0, extra_body={"guided_choice": ["yes", "no"]})
+    assert choice.choices[0].text in ("yes", "no")
+    with pytest.raises(openai.BadRequestError) as refused:
+        api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                    response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "string"}}}})
+    assert refused.value.body["param"] == "response_format.json_schema.schema" and "'not'" in refused.value.body["message"]
 
 
 def test_logprobs_name_each_token_by_its_text_and_id(stack):

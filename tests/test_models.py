@@ -16,7 +16,7 @@ from producer.errors import ErrorCode
 from producer.records import JobState
 from producer.schemas import parse_request
 from producer.settings import Settings
-from worker.scheduling.batcher import Batcher
+from tests.test_real_model import run_batched
 from worker.model.engine import Engine
 from worker.errors import JobFailure
 from worker.model.model_config import ModelConfig, load_model_config
@@ -41,15 +41,6 @@ def lora_engine(request, adapters) -> Engine:
 def jobs_with_adapters(engine: Engine, **params):
     return [engine.prepare(f"{adapter or 'base'}-{i}", parse_request({"prompt": prompt, "adapter": adapter, "max_new_tokens": 12, **params}))
             for i, prompt in enumerate(PROMPTS) for adapter in (None, "poet", "coder")]
-
-
-def run_batched(engine: Engine, jobs) -> dict:
-    batcher = Batcher(engine, Settings(batch_wait_ms=50, batch_max_delay_ms=500)).start()
-    try:
-        futures = [batcher.submit(job) for job in jobs]
-        return {g.job_id: g.result for g in (f.result(timeout=120) for f in futures)}
-    finally:
-        batcher.stop()
 
 
 def test_jobs_with_different_adapters_decode_in_one_batch_each_as_with_its_adapter_alone(lora_engine):

@@ -5,6 +5,10 @@ distinct, ranked, sensible sequences; and the queue gives what the engine gives 
 
 from __future__ import annotations
 
+import json
+import re
+
+import jsonschema
 import pytest
 import yaml
 
@@ -40,6 +44,16 @@ def engine(smollm2) -> Engine:
 def generate(engine: Engine, **data):
     job = engine.prepare("real", parse_request(data))
     return engine.generate_batch([job])[0].result
+
+
+def run_batched(engine: Engine, jobs) -> dict:
+    """The jobs' results from one in-process batcher, submitted together (they share the decoding batch)."""
+    batcher = Batcher(engine, Settings(batch_wait_ms=50, batch_max_delay_ms=500)).start()
+    try:
+        futures = [batcher.submit(job) for job in jobs]
+        return {g.job_id: g.result for g in (f.result(timeout=300) for f in futures)}
+    finally:
+        batcher.stop()
 
 
 def test_greedy_answers_hold_the_fact_and_end_on_the_models_own_eos(engine):
@@ -90,12 +104,7 @@ def test_beam_search_in_the_decoding_batch_gives_what_generate_gives_each_job_al
                 {**FRANCE, "stop": [" Paris"], "num_beams": 2, "max_new_tokens": 16}, JAPAN, FRANCE]
     jobs = [engine.prepare(f"j{i}", parse_request(r)) for i, r in enumerate(requests)]
     reference = {job.job_id: engine.generate_batch([job])[0].result.sequences for job in jobs}
-    batcher = Batcher(engine, Settings(batch_wait_ms=50, batch_max_delay_ms=500)).start()
-    try:
-        futures = [batcher.submit(job) for job in jobs]
-        results = {g.job_id: g.result for g in (f.result(timeout=300) for f in futures)}
-    finally:
-        batcher.stop()
+    results = run_batched(engine, jobs)
     for job in jobs:
         got, want = results[job.job_id].sequences, reference[job.job_id]
         assert [(s.token_ids, s.text, s.finish_reason) for s in got] == [(s.token_ids, s.text, s.finish_reason) for s in want], job.job_id
@@ -104,6 +113,46 @@ def test_beam_search_in_the_decoding_batch_gives_what_generate_gives_each_job_al
             assert (g.logprobs is None) == (w.logprobs is None) and (w.logprobs is None or g.logprobs == pytest.approx(w.logprobs, abs=1e-3))
     assert max(results[job.job_id].timings.batch_size for job in jobs) > 1
     assert "Paris" in results["j0"].sequences[0].text and results["j3"].sequences[0].finish_reason is FinishReason.STOP
+
+
+STRUCTURED = {
+    "person": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 30}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                                "city": {"enum": ["Paris", "Tokyo", "Lima"]}},
+               "required": ["name", "age", "city"], "additionalProperties": False},
+    "order": {"type": "object", "properties": {"items": {"type": "array", "minItems": 1, "maxItems": 3, "items": {
+        "type": "object", "properties": {"product": {"type": "string", "maxLength": 20}, "quantity": {"type": "integer", "minimum": 1, "maximum": 9},
+                                         "price": {"type": "number", "minimum": 0, "maximum": 100}},
+        "required": ["product", "quantity", "price"], "additionalProperties": False}},
+        "express": {"type": "boolean"}}, "required": ["items", "express"], "additionalProperties": False},
+    "review": {"type": "object", "properties": {"sentiment": {"enum": ["positive", "negative", "neutral"]},
+                                                "stars": {"type": "integer", "minimum": 1, "maximum": 5},
+                                                "summary": {"type": "object", "properties": {"title": {"type": "string", "maxLength": 40},
+                                                                                             "tags": {"type": "array", "items": {"type": "string", "maxLength": 12},
+                                                                                                      "maxItems": 3}},
+                                                            "required": ["title", "tags"], "additionalProperties": False}},
+               "required": ["sentiment", "stars", "summary"], "additionalProperties": False},
+}
+
+
+def test_structured_output_of_a_real_model_parses_and_validates(engine):
+    """Schemas with nested objects, arrays, enums, bounded numbers and required fields; a regex and a
+    choice: each answer, decoded in one batch beside the others, is what its constraint allows."""
+    prompts = {"person": "Describe a person who lives in Tokyo.", "order": "Order two coffees and a cake.",
+               "review": "Review a restaurant you liked."}
+    requests = {name: {"prompt": prompts[name], "num_beams": 1, "max_new_tokens": 120,
+                       "response_format": {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}}
+                for name, schema in STRUCTURED.items()}
+    requests["date"] = {"prompt": "When did the Berlin wall fall? Answer with a date.", "num_beams": 1, "max_new_tokens": 16,
+                        "guided_regex": r"\d{4}-\d{2}-\d{2}"}
+    requests["capital"] = {"prompt": FRANCE["prompt"], "num_beams": 1, "max_new_tokens": 8, "guided_choice": ["Paris", "Lyon", "Marseille"]}
+    jobs = [engine.prepare(name, parse_request(r)) for name, r in requests.items()]
+    results = run_batched(engine, jobs)
+    for name, schema in STRUCTURED.items():
+        (sequence,) = results[name].sequences
+        assert sequence.finish_reason is FinishReason.EOS, (name, sequence.text)
+        jsonschema.validate(json.loads(sequence.text), schema)
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", results["date"].sequences[0].text)
+    assert results["capital"].sequences[0].text in ("Paris", "Lyon", "Marseille")
 
 
 def test_the_queue_gives_what_the_engine_gives_in_process(engine, smollm2, new_database, start_worker, tmp_path):

@@ -54,6 +54,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         request["prompt"] = args.prompt
     if args.messages is not None:
         request["messages"] = read_json_file(args.messages, "--messages")
+    if args.response_format is not None:
+        request["response_format"] = read_json_file(args.response_format, "--response-format")
     if args.preset:
         request["preset"] = args.preset
     if args.stream:
@@ -261,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="the user's prompt")
     p.add_argument("--messages", metavar="FILE", help="JSON file with a list of {role, content} messages instead of --prompt")
     p.add_argument("--preset", help="named parameter set (see `belle-queue presets`)")
+    p.add_argument("--response-format", metavar="FILE", help='JSON file with a response_format, e.g. {"type": "json_schema", "json_schema": {"name": …, "schema": …}}')
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a request field; VALUE is JSON or a bare string (repeatable)")
     p.add_argument("--wait", type=seconds, metavar="SECONDS", help="wait this long for the final record")
     p.add_argument("--stream", action="store_true", help="stream=true, and print the text as it is generated (as `watch`)")

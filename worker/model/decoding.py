@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,7 @@ from producer.records import FinishReason, StreamChunk
 from worker.costs import tokens_held
 from worker.model.beams import BeamSearch, BeamStep
 from worker.model.detokenize import IncrementalText, JobStream, cut_at_stop
+from worker.model.grammar import apply_masks, new_matcher
 from worker.model.kv_cache import KVArena
 from worker.model.logits import (
     NgramIndex,
@@ -57,6 +58,7 @@ class Row:
     ngrams: NgramIndex | None = None
     text: IncrementalText | None = None  # kept for streaming jobs and jobs with stop strings
     generator: torch.Generator | None = None  # a seeded sampling row's own random stream
+    matcher: Any = None  # a constrained row's grammar matcher (grammar.py)
 
     @property
     def inputs(self) -> list[int]:
@@ -111,6 +113,8 @@ class ActiveJob:
                 row.generator.manual_seed((request.seed + index * SEED_STRIDE) % 2**63)
             if request.no_repeat_ngram_size:
                 row.ngrams = NgramIndex(request.no_repeat_ngram_size, job.input_ids)
+            if job.grammar is not None:
+                row.matcher = new_matcher(job.grammar)
             if (streaming or request.stop) and active.beams is None:  # beams check stop strings on their whole text
                 row.text = IncrementalText(decode)
             active.rows.append(row)
@@ -186,6 +190,7 @@ class DecodeBatch:
         self.beam_rows: torch.Tensor | None = None  # [rows] bool: rows that are beams; None when none is
         self.beam_index: torch.Tensor | None = None  # the beams' slots
         self.scored: list[int] = []  # greedy and sampling rows whose job asked for output_scores
+        self.constrained: list[int] = []  # rows with a grammar matcher
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -336,6 +341,7 @@ class DecodeBatch:
         self.beam_rows = torch.tensor(is_beam, dtype=torch.bool, device=self.engine.device) if any(is_beam) else None
         self.beam_index = self.beam_rows.nonzero().flatten() if self.beam_rows is not None else None
         self.scored = [i for i in self.params.scored if not is_beam[i]]
+        self.constrained = [i for i, r in enumerate(self.rows) if r.matcher is not None]
 
     # --- a step ---
 
@@ -381,6 +387,10 @@ class DecodeBatch:
                     finished.append(row)
                 continue
             row.tokens.append(token)
+            if row.matcher is not None and not row.matcher.accept_token(token):
+                row.active.fail(f"the grammar of its structured output refused token {token}, which its own mask allowed (a grammar engine bug)")
+                finished.append(row)
+                continue
             if row.active.first_token_at is None:
                 row.active.first_token_at = time.perf_counter()
             if i in logprobs:
@@ -413,6 +423,9 @@ class DecodeBatch:
             logits = logits.clone()
             logits[self.beam_index] = torch.log_softmax(logits[self.beam_index], dim=-1)
         logits = apply_processors(logits, self.seen, self.params, generated, bans, self.engine.eos_token_id)
+        if self.constrained:
+            logits = apply_masks(logits, self.constrained, [self.rows[i].matcher for i in self.constrained], self.engine.vocab_size,
+                                 self.engine.eos_token_id)
         # A row with no finite score left (or a NaN) cannot choose: it fails alone, its neighbours go on.
         # A beam with every token forbidden only drops out: its search chooses among all its beams.
         no_choice = ~torch.isfinite(logits).any(-1)
@@ -459,15 +472,19 @@ class DecodeBatch:
         active.beams.commit(step)
         if active.first_token_at is None:
             active.first_token_at = time.perf_counter()
-        before = [(r.tokens, r.logprobs, r.ngrams) for r in active.rows]
+        before = [(r.tokens, r.logprobs, r.ngrams, r.matcher) for r in active.rows]
         slots = self.beam_slots[active]
         for row, continuation in zip(active.rows, step.beams, strict=True):
-            parent_tokens, parent_logprobs, parent_ngrams = before[continuation.parent]
+            parent_tokens, parent_logprobs, parent_ngrams, parent_matcher = before[continuation.parent]
             row.tokens = [*parent_tokens, continuation.token]
             row.logprobs = [*parent_logprobs, continuation.logprob]
             if parent_ngrams is not None:
                 row.ngrams = parent_ngrams.copy()
                 row.ngrams.add(continuation.token)
+            if parent_matcher is not None:
+                row.matcher = parent_matcher.fork()
+                if not row.matcher.is_terminated() and not row.matcher.accept_token(continuation.token) and not step.done:
+                    active.fail(f"the grammar of its structured output refused token {continuation.token}, which its own mask allowed")
         tokens[slots] = torch.tensor([c.token for c in step.beams], dtype=tokens.dtype, device=tokens.device)
 
     @torch.inference_mode()

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import transformers
@@ -30,6 +31,7 @@ from producer.schemas import GenerationRequest, Message
 from worker.costs import tokens_held
 from worker.errors import JobFailure
 from worker.model.fused_ops import fuse_activations
+from worker.model.grammar import Grammars
 from worker.model.model_config import ModelConfig, Quantization
 from worker.model.packaged_model import prepare
 from worker.model.prompting import fit_prompt, render
@@ -54,6 +56,7 @@ class PreparedJob:
     queued_s: float = 0.0
     attempt: int = 1
     prepared_at: float = field(default_factory=time.perf_counter)  # at the start of its attempt, once tokenized
+    grammar: Any = None  # its structured output's compiled grammar (worker/model/grammar.py), or None
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,7 @@ class Engine:
         self._cache_argument = "cache" if "cache" in accepted else "past_key_values"  # renamed during transformers 5.x
         self._takes_position_ids = "position_ids" in accepted  # rotary models need them with left padding
         self._takes_logits_to_keep = "logits_to_keep" in accepted
+        self.grammars = Grammars(copy.deepcopy(tokenizer), self.vocab_size)
 
     @classmethod
     def load(cls, config: ModelConfig, device: str = "auto", *, fault_memory_budget_tokens: int | None = None) -> Engine:
@@ -218,7 +222,12 @@ class Engine:
             raise JobFailure(ErrorCode.INVALID_REQUEST, f"adapter must be one of the adapters this worker serves ({self.adapters}), got {request.adapter!r}; "
                              "pick one of those or drop adapter", parameter="adapter")
         fitted = fit_prompt(request, self.encode, self.config.context_length)
-        return PreparedJob(job_id, request, fitted.input_ids, fitted.max_new_tokens, fitted.fit, queued_s, attempt)
+        constraint = request.constraint
+        grammar = None
+        if constraint is not None:
+            parameter = "guided_regex" if constraint.kind == "regex" else "guided_choice" if constraint.kind == "choice" else "response_format"
+            grammar = self.grammars.compile(constraint, parameter)
+        return PreparedJob(job_id, request, fitted.input_ids, fitted.max_new_tokens, fitted.fit, queued_s, attempt, grammar=grammar)
 
     @staticmethod
     def batch_key(job: PreparedJob) -> tuple:
