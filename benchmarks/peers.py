@@ -209,6 +209,8 @@ def main() -> None:
         for name, run in (("belle-queue engine", lambda: belle(beam_requests)),
                           ("seed loop", lambda: on_own_thread(lambda: static(beam_ids[:max(2, args.seed_jobs // 2)], 1, beam_config))),
                           ("HF static batches of 8", lambda: on_own_thread(lambda: static(beam_ids, 8, beam_config)))):
+            if (name == "seed loop" and "seed" in skip) or (name.startswith("HF static") and "static" in skip):
+                continue
             run()
             for _ in range(args.runs):
                 started = time.perf_counter()

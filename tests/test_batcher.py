@@ -50,7 +50,8 @@ def engine(request) -> Engine:
 
 
 def batcher_for(engine: Engine, **settings) -> Batcher:
-    return Batcher(engine, Settings(**{"batch_wait_ms": 50, "batch_max_delay_ms": 500, **settings})).start()
+    """Jobs of several rows join beside jobs of fewer at once (batch_yield_s 0), so that they decode together."""
+    return Batcher(engine, Settings(**{"batch_wait_ms": 50, "batch_max_delay_ms": 500, "batch_yield_s": 0, **settings})).start()
 
 
 def prepare(engine: Engine, job_id: str, **data):

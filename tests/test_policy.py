@@ -32,8 +32,11 @@ def line_of(*jobs: Waiting) -> WaitingLine:
     return line
 
 
-def policy(max_size: int = 4, wait_s: float = 0.02, max_delay_s: float = 0.5) -> Policy:
-    return Policy(max_size=max_size, wait_s=wait_s, max_delay_s=max_delay_s)
+YIELD_S = 30.0
+
+
+def policy(max_size: int = 4, wait_s: float = 0.02, max_delay_s: float = 0.5, yield_s: float = YIELD_S) -> Policy:
+    return Policy(max_size=max_size, wait_s=wait_s, max_delay_s=max_delay_s, yield_s=yield_s)
 
 
 def test_jobs_join_in_order_within_size_and_budget_and_the_first_that_does_not_fit_stops_the_rest():
@@ -50,6 +53,27 @@ def test_jobs_join_in_order_within_size_and_budget_and_the_first_that_does_not_f
     assert full.job_ids == ["s2", "s3", "s4", "s5"]
     assert policy().plan(line, Running(jobs=4, rows=4, width=8, remaining=2), budget=10**9, now=NOW + 1, wall=WALL).job_ids == ["s2"], \
         "interactive jobs may take the batch a quarter over its size"
+
+
+def test_jobs_of_several_rows_let_single_rows_go_first_and_decode_alone_for_a_while():
+    # Arrived interleaved: beam jobs (4 rows each) and greedy jobs (1 row).
+    line = line_of(*(job(f"b{i}", rows=4) if i % 2 else job(f"g{i}") for i in range(8)))
+    plan = policy(max_size=16).plan(line, Running(), budget=10**9, now=NOW + 1, wall=WALL)
+    assert plan.action is Action.JOIN and plan.job_ids == ["g0", "g2", "g4", "g6"], "the beam jobs wait while greedy jobs join"
+    line.remove(plan.jobs)
+    greedy_decoding = Running(jobs=4, rows=4, fewest_rows=1, width=8, remaining=4)
+    assert policy(max_size=16).plan(line, greedy_decoding, budget=10**9, now=NOW + 2, wall=WALL).action is Action.STEP, \
+        "... and while they decode"
+    assert policy(max_size=16).plan(line, Running(), budget=10**9, now=NOW + 2, wall=WALL).job_ids == ["b1", "b3", "b5", "b7"], \
+        "then they join together"
+    beam_decoding = Running(jobs=1, rows=4, fewest_rows=4, width=8, remaining=4)
+    assert policy(max_size=16).plan(line, beam_decoding, budget=10**9, now=NOW + 2, wall=WALL).job_ids == ["b1", "b3", "b5", "b7"], \
+        "beside jobs of as many rows"
+    # Once they have waited yield_s, they join in arrival order whatever decodes: none waits forever.
+    aged = policy(max_size=16).plan(line, greedy_decoding, budget=10**9, now=NOW + YIELD_S + 1, wall=WALL)
+    assert aged.job_ids == ["b1", "b3", "b5", "b7"]
+    mixed = line_of(*(job(f"b{i}", rows=4) if i % 2 else job(f"g{i}") for i in range(4)))
+    assert policy(max_size=16).plan(mixed, greedy_decoding, budget=10**9, now=NOW + YIELD_S + 1, wall=WALL).job_ids == ["g0", "b1", "g2", "b3"]
 
 
 def test_bulk_jobs_do_not_take_the_batch_over_its_size_and_interactive_ones_wait_ahead_of_them():

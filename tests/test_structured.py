@@ -78,6 +78,19 @@ def test_what_structured_output_takes_and_refuses_at_submit_time():
     assert "BELLE_MAX_CONSTRAINT_BYTES" in str(refusal(json_schema(big)))
 
 
+def test_an_openai_batch_line_carries_its_response_format_into_the_job():
+    from producer.openai_compat import openai_job_fields, openai_request
+
+    line = {"method": "POST", "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": "Pick."}], "temperature": 0, **json_schema(ENUM_SCHEMA)}}
+    request = parse_request(openai_job_fields(openai_request(line), presets={}))
+    assert request.constraint.kind == "json_schema" and request.response_format["json_schema"]["schema"] == ENUM_SCHEMA
+    assert request.num_beams == 1 and not request.do_sample
+    bad = {**line, "body": {**line["body"], "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"if": {}}}}}}
+    with pytest.raises(InvalidRequestError, match="uses 'if', which structured output does not enforce"):
+        parse_request(openai_job_fields(openai_request(bad), presets={}))
+
+
 def test_a_regex_the_grammar_engine_cannot_compile_fails_the_job_with_invalid_request(tiny_bloom):
     engine = load(tiny_bloom)
     with pytest.raises(JobFailure) as info:
@@ -101,7 +114,7 @@ def test_constrained_and_free_rows_share_a_batch_and_each_gives_what_it_gives_al
         "beams": {"prompt": "Pick a colour.", **json_schema(ENUM_SCHEMA), "num_beams": 3, "num_return_sequences": 2},
     }
     jobs = [prepare(engine, job_id, **{"num_beams": 1, "max_new_tokens": 32, **r}) for job_id, r in requests.items()]
-    batcher = Batcher(engine, Settings(batch_wait_ms=50, batch_max_delay_ms=500)).start()
+    batcher = Batcher(engine, Settings(batch_wait_ms=50, batch_max_delay_ms=500, batch_yield_s=0)).start()
     try:
         alone = {job.job_id: batcher.run(job).result for job in jobs}
         futures = [batcher.submit(job) for job in jobs]

@@ -133,7 +133,8 @@ class Batcher:
         self.max_attempts = settings.max_attempts
         self.crash_on = settings.fault_crash_on
         self.metrics = metrics or Metrics()
-        self.policy = Policy(max_size=settings.batch_max_size, wait_s=settings.batch_wait_ms / 1000, max_delay_s=settings.batch_max_delay_ms / 1000)
+        self.policy = Policy(max_size=settings.batch_max_size, wait_s=settings.batch_wait_ms / 1000, max_delay_s=settings.batch_max_delay_ms / 1000,
+                             yield_s=settings.batch_yield_s)
         self.memory = MemoryRecovery(settings.batch_max_tokens, self.metrics)
         self.max_size = settings.batch_max_size
         self.max_prefill_tokens = settings.batch_max_prefill_tokens
@@ -286,7 +287,9 @@ class Batcher:
 
     def _running(self) -> Running:
         batch = self._batch
-        return Running(jobs=len(batch.jobs), rows=len(batch), width=batch.length, remaining=max((r.remaining for r in batch.rows), default=0),
+        jobs = batch.jobs
+        return Running(jobs=len(jobs), rows=len(batch), fewest_rows=min((len(a.rows) for a in jobs), default=0), width=batch.length,
+                       remaining=max((r.remaining for r in batch.rows), default=0),
                        alone=any(t.waiting.alone for t in self._in_batch.values()), outcomes_unrecorded=bool(self._handovers))
 
     def _carry_out(self, plan: Plan) -> None:

@@ -13,6 +13,10 @@ The rules
   - Jobs join in that order while the batch holds fewer than ``max_size`` jobs (interactive jobs may take it
     a quarter over) and its cost stays within the token budget. The first job that does not fit stops the
     ones behind it, so none is overtaken forever; an empty batch always takes its first waiting job.
+  - Fewer rows first, for a while: during its first ``yield_s`` seconds of waiting (BELLE_BATCH_YIELD_S), a
+    job of several rows (beams, returned sequences) comes after the jobs of its priority with fewer rows,
+    and does not join while a job with fewer rows decodes. A step costs per row on a CPU: one beam-4 job
+    costs what four greedy jobs cost, and decoding them together would slow the greedy jobs as much.
   - When the first waiting job is a beam sampling job, it runs in one generate() call with the waiting jobs
     that share its generation config (nearest in prompt length, within the size, budget and padding limits).
   - A job that must run alone (its last attempt, or a beam sampling job that ran out of memory beside the decoding
@@ -106,6 +110,7 @@ class Running:
 
     jobs: int = 0
     rows: int = 0
+    fewest_rows: int = 0  # the rows of its job with fewest (0: no job)
     width: int = 0  # its columns
     remaining: int = 0  # most tokens a row still has to generate
     alone: bool = False  # a job that runs alone is in it
@@ -140,8 +145,9 @@ class Plan:
 
 
 class Policy:
-    def __init__(self, *, max_size: int, wait_s: float, max_delay_s: float):
+    def __init__(self, *, max_size: int, wait_s: float, max_delay_s: float, yield_s: float = 0.0):
         self.max_size = max_size
+        self.yield_s = yield_s
         self.interactive_size = max_size + max(1, max_size // 4)
         self.wait_s = wait_s
         self.max_delay_s = max_delay_s
@@ -156,7 +162,7 @@ class Policy:
             if ended:
                 return Plan(Action.END, tuple(w for w, _ in ended), tuple(e for _, e in ended))
             wait = self.until_due(line, running, now)
-            if wait <= 0 and (chosen := self._choose(line, running, budget)) is not None:
+            if wait <= 0 and (chosen := self._choose(line, running, budget, now)) is not None:
                 return chosen
             if not running.rows:
                 return Plan(Action.WAIT, wait_s=wait if wait > 0 else POLL_S)
@@ -185,7 +191,7 @@ class Policy:
             return 0.0
         return min(first.arrived + self.max_delay_s, last.arrived + self.wait_s) - now
 
-    def _choose(self, line: WaitingLine, running: Running, budget: int) -> Plan | None:
+    def _choose(self, line: WaitingLine, running: Running, budget: int, now: float) -> Plan | None:
         if running.alone:
             return None
         alone = line.first_alone()
@@ -194,16 +200,18 @@ class Policy:
         anchor = alone or line[0]
         if anchor.key is not None:
             return Plan(Action.GENERATE, tuple(self.generate_group(line, anchor, budget)))
-        joining = [anchor] if alone is not None else self.joining(line, running, budget)
+        joining = [anchor] if alone is not None else self.joining(line, running, budget, now)
         return Plan(Action.JOIN, tuple(joining)) if joining else None
 
-    def joining(self, line: WaitingLine, running: Running, budget: int) -> list[Waiting]:
-        """Waiting jobs that join the decoding batch now, in line order."""
+    def joining(self, line: WaitingLine, running: Running, budget: int, now: float | None = None) -> list[Waiting]:
+        """Waiting jobs that join the decoding batch now, in the order of ``join_order``."""
         jobs, rows, width, remaining = running.jobs, running.rows, running.width, running.remaining
         joining: list[Waiting] = []
-        for waiting in line:
+        for waiting in self.join_order(line, now):
             if waiting.key is not None:
                 continue  # beam sampling waits for its turn as the first waiting job
+            if self.yields(waiting, now) and waiting.rows > min([running.fewest_rows or waiting.rows] + [j.rows for j in joining]):
+                continue  # the jobs of fewer rows decode first
             if jobs + len(joining) >= (self.interactive_size if waiting.priority == INTERACTIVE else self.max_size):
                 break
             width_after, remaining_after = max(width, waiting.length), max(remaining, waiting.new_tokens)
@@ -212,6 +220,19 @@ class Policy:
             joining.append(waiting)
             rows, width, remaining = rows + waiting.rows, width_after, remaining_after
         return joining
+
+    def yields(self, waiting: Waiting, now: float | None) -> bool:
+        """Whether a waiting job still lets jobs of fewer rows go first (``now`` None: no job does)."""
+        return now is not None and waiting.rows > 1 and not waiting.resumed and now - waiting.arrived < self.yield_s
+
+    def join_order(self, line: WaitingLine, now: float | None) -> list[Waiting]:
+        """The line's order, except that within a priority the jobs of several rows that have waited less
+        than ``yield_s`` come after those of fewer rows (``now`` None: none yields)."""
+        def key(item: tuple[int, Waiting]) -> tuple:
+            position, w = item
+            return (not w.resumed, w.priority, w.rows if self.yields(w, now) else 1, position)
+
+        return [w for _, w in sorted(enumerate(line), key=key)]
 
     def generate_group(self, line: WaitingLine, anchor: Waiting, budget: int) -> list[Waiting]:
         """The anchor and the waiting jobs that share its generate() call."""
