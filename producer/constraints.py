@@ -24,8 +24,8 @@ from typing import Any
 ENFORCED_KEYWORDS = frozenset({
     "type", "enum", "const", "anyOf", "$ref", "$defs", "definitions",
     "properties", "required", "additionalProperties", "patternProperties", "propertyNames", "minProperties", "maxProperties",
-    "items", "prefixItems", "minItems", "maxItems", "uniqueItems", "contains",
-    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+    "items", "prefixItems", "minItems", "maxItems",
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
     "minLength", "maxLength", "pattern", "format",
 })
 # Keywords that only describe: accepted, and they change nothing.
@@ -35,7 +35,10 @@ INSTEAD = {
     "oneOf": "use anyOf (an output may match more than one branch, which oneOf forbids)",
     "allOf": "merge the subschemas into one",
     "nullable": 'use "type": ["…", "null"]',
+    "multipleOf": "use minimum and maximum, or enum",
 }
+# Escapes Python's regexes know and the grammar's do not (it would read them as letters or ignore them).
+UNSUPPORTED_ESCAPES = {"A": "\\A", "Z": "\\Z", "z": "\\z", "b": "\\b (a word boundary)", "B": "\\B", "G": "\\G"}
 FORMATS = frozenset({"date", "time", "date-time", "email", "uuid", "ipv4", "ipv6", "hostname", "uri"})
 TYPES = frozenset({"string", "number", "integer", "boolean", "object", "array", "null"})
 SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -110,6 +113,9 @@ def check_schema(schema: Any, where: str = "schema", depth: int = 0) -> None:
         return
     if not isinstance(schema, dict):
         raise ConstraintProblem(parameter, f"{parameter}: {where} must be a schema (an object or a boolean), got {type(schema).__name__}")
+    if ("pattern" in schema or "format" in schema) and ("minLength" in schema or "maxLength" in schema):
+        raise ConstraintProblem(parameter, f"{parameter}: {where} has a pattern or format and minLength/maxLength, which structured output "
+                                           "cannot enforce together; put the length into the pattern (e.g. {2,10})")
     for keyword, value in schema.items():
         if keyword in ANNOTATIONS:
             continue
@@ -153,7 +159,37 @@ def check_regex(value: Any, parameter: str = "guided_regex", max_bytes: int | No
         re.compile(value)
     except re.error as exc:
         raise ConstraintProblem(parameter, f"{parameter} does not compile: {exc}; fix the expression") from None
+    if problem := _unsupported_regex(value):
+        raise ConstraintProblem(parameter, f"{parameter} uses {problem}, which structured output's regexes do not support; rewrite it without")
     return value
+
+
+def _unsupported_regex(pattern: str) -> str | None:
+    """What in a (Python-valid) regex the grammar's regexes would not honour; None if nothing."""
+    i, in_class = 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            e = pattern[i + 1]
+            if not in_class and (e in UNSUPPORTED_ESCAPES or (e.isdigit() and e != "0")):
+                return UNSUPPORTED_ESCAPES.get(e, f"a back-reference (\\{e})")
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            if pattern[i + 1:i + 2] == "]" or pattern[i + 1:i + 3] == "^]":
+                i += 2 if pattern[i + 1] == "]" else 3  # a ']' first in a class is a character
+                continue
+        elif c == "(" and pattern[i + 1:i + 2] == "?" and pattern[i + 2:i + 3] != ":":
+            return "(?…) group syntax (lookaround, named groups or flags)"
+        elif c == "^" and i != 0:
+            return "^ other than at its start"
+        elif c == "$" and i != len(pattern) - 1:
+            return "$ other than at its end"
+        i += 1
+    return None
 
 
 def check_choices(value: Any, max_bytes: int) -> list[str]:
@@ -176,4 +212,6 @@ def constraint_of(response_format: dict[str, Any] | None, guided_regex: str | No
         return None
     if response_format["type"] == "json_object":
         return Constraint("json_object")
+    # Keys keep their order (it is the order properties are generated in), so equal schemas written in
+    # another key order are compiled once more.
     return Constraint("json_schema", json.dumps(response_format["json_schema"]["schema"], ensure_ascii=False))

@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     batch_max_prefill_tokens: int = Field(8_192, ge=1, description="Most padded prompt tokens in one prefill call of joining jobs (bounds its activations' memory).")
     batch_wait_ms: float = Field(0.0, ge=0, description="0: waiting jobs are taken in at once (a running batch takes them at its next step). Above 0: once no new job has arrived for this long...")
     batch_max_delay_ms: float = Field(200.0, ge=0, description="...or once the oldest has waited this long, whichever comes first (with BELLE_BATCH_WAIT_MS above 0).")
-    batch_yield_s: float = Field(30.0, ge=0, description="How long a waiting job of several rows (beams, returned sequences) lets jobs of fewer rows decode first; 0: never.")
+    batch_yield_s: float = Field(15.0, ge=0, description="How long a waiting job of several rows (beams, returned sequences) lets jobs of fewer rows decode first; 0: never.")
     stream_interval_ms: float = Field(100.0, ge=0, description="Least time between two chunk sends of one streaming job (its first goes out at once); 0 sends every step.")
     fault_crash_on: str | None = Field(None, description="Fault injection: a job whose prompt holds this text kills its worker process as it starts generating (tests poison jobs).")
     fault_memory_budget_tokens: int | None = Field(None, ge=1, description="Fault injection: a batch costing more tokens raises a real torch.OutOfMemoryError (tests OOM handling on CPU).")

@@ -61,17 +61,20 @@ def test_jobs_of_several_rows_let_single_rows_go_first_and_decode_alone_for_a_wh
     plan = policy(max_size=16).plan(line, Running(), budget=10**9, now=NOW + 1, wall=WALL)
     assert plan.action is Action.JOIN and plan.job_ids == ["g0", "g2", "g4", "g6"], "the beam jobs wait while greedy jobs join"
     line.remove(plan.jobs)
-    greedy_decoding = Running(jobs=4, rows=4, fewest_rows=1, width=8, remaining=4)
+    greedy_decoding = Running(jobs=4, rows=4, decoding=((INTERACTIVE, 1),) * 4, width=8, remaining=4)
     assert policy(max_size=16).plan(line, greedy_decoding, budget=10**9, now=NOW + 2, wall=WALL).action is Action.STEP, \
         "... and while they decode"
     assert policy(max_size=16).plan(line, Running(), budget=10**9, now=NOW + 2, wall=WALL).job_ids == ["b1", "b3", "b5", "b7"], \
         "then they join together"
-    beam_decoding = Running(jobs=1, rows=4, fewest_rows=4, width=8, remaining=4)
+    beam_decoding = Running(jobs=1, rows=4, decoding=((INTERACTIVE, 4),), width=8, remaining=4)
     assert policy(max_size=16).plan(line, beam_decoding, budget=10**9, now=NOW + 2, wall=WALL).job_ids == ["b1", "b3", "b5", "b7"], \
         "beside jobs of as many rows"
     # Once they have waited yield_s, they join in arrival order whatever decodes: none waits forever.
     aged = policy(max_size=16).plan(line, greedy_decoding, budget=10**9, now=NOW + YIELD_S + 1, wall=WALL)
     assert aged.job_ids == ["b1", "b3", "b5", "b7"]
+    bulk_greedy = Running(jobs=4, rows=4, decoding=((BULK, 1),) * 4, width=8, remaining=4)
+    assert policy(max_size=16).plan(line, bulk_greedy, budget=10**9, now=NOW + 2, wall=WALL).job_ids == ["b1", "b3", "b5", "b7"], \
+        "an interactive beam job does not wait for bulk greedy jobs"
     mixed = line_of(*(job(f"b{i}", rows=4) if i % 2 else job(f"g{i}") for i in range(4)))
     assert policy(max_size=16).plan(mixed, greedy_decoding, budget=10**9, now=NOW + YIELD_S + 1, wall=WALL).job_ids == ["g0", "b1", "g2", "b3"]
 

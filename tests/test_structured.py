@@ -46,6 +46,8 @@ def refusal(data: dict) -> InvalidRequestError:
     ({"if": {"type": "string"}, "then": {"minLength": 2}}, "if", "drop it"),
     ({"type": "object", "properties": {"a": {"type": "integer", "nullable": True}}}, "nullable", '"type": ["…", "null"]'),
     ({"type": "array", "items": {"type": "string", "x-custom": 1}}, "x-custom", "drop it"),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems", "drop it"),
+    ({"type": "number", "multipleOf": 0.5}, "multipleOf", "use minimum and maximum"),
 ])
 def test_a_schema_keyword_the_grammar_would_not_enforce_is_refused_by_name_and_place(schema, keyword, hint):
     error = refusal(json_schema(schema))
@@ -67,6 +69,12 @@ def test_what_structured_output_takes_and_refuses_at_submit_time():
     assert parse_request({"prompt": "a", **REGEX}).constraint.key != parse_request({"prompt": "a", "guided_regex": "x"}).constraint.key
 
     assert "guided_regex does not compile" in str(refusal({"guided_regex": "(unclosed"}))
+    # What Python's regexes take and the grammar's would not honour (it would read \Z as a letter, say).
+    for regex, what in ((r"a(?=b)b", "(?…) group syntax"), (r"end\Z", "\\Z"), (r"\bword", "word boundary"), (r"(a)\1", "back-reference"),
+                        (r"a^b", "^ other than at its start")):
+        assert what in str(refusal({"guided_regex": regex})), regex
+    assert parse_request({"prompt": "hi", "guided_regex": r"^[^a-z]+(?:-\d{2})?$"}).guided_regex
+    assert "minLength/maxLength" in str(refusal(json_schema({"type": "string", "pattern": "^a+$", "maxLength": 3})))
     assert refusal({"guided_choice": []}).problems[0].parameter == "guided_choice"
     assert "give at most one of" in str(refusal({**REGEX, **CHOICE}))
     assert "not beam sampling" in str(refusal({**CHOICE, "do_sample": True, "num_beams": 2}))
@@ -94,7 +102,7 @@ def test_an_openai_batch_line_carries_its_response_format_into_the_job():
 def test_a_regex_the_grammar_engine_cannot_compile_fails_the_job_with_invalid_request(tiny_bloom):
     engine = load(tiny_bloom)
     with pytest.raises(JobFailure) as info:
-        prepare(engine, "lookahead", prompt="hi", num_beams=1, guided_regex=r"a(?=b)b")  # Python compiles it; the grammar cannot
+        prepare(engine, "possessive", prompt="hi", num_beams=1, guided_regex=r"a*+b")  # Python compiles it; the grammar cannot
     assert info.value.error.code is ErrorCode.INVALID_REQUEST and info.value.error.parameter == "guided_regex"
     assert "could not be compiled into a grammar" in info.value.error.message
 

@@ -356,16 +356,17 @@ class DecodeBatch:
             failing = {self.rows[i].active for i in broken}
             beam_steps = {active: active.beams.step(chosen_from[slots], active.rows, self._stop_check(active))
                           for active, slots in self.beam_slots.items() if active not in failing and active.beams is not None}
-            self._move_beams(beam_steps)
+            logprobs = logprobs_of(chosen_from, tokens, self.scored)
+            self._move_beams(beam_steps)  # last: it writes the beams' rows
         except BaseException:
             for generator, state in zip(self.generators, states, strict=True):
                 if generator is not None:
                     generator.set_state(state)
             raise
-        logprobs = logprobs_of(chosen_from, tokens, self.scored)
         for active, step in beam_steps.items():
             if step is None:
-                active.fail("no continuation of this beam search job has a finite score (every token forbidden); relax no_repeat_ngram_size")
+                active.fail("no continuation of this beam search job has a finite score (every token forbidden: by no_repeat_ngram_size, "
+                            "min_new_tokens or its structured output's grammar); relax those parameters")
             else:
                 self._continue_beams(active, step, tokens)
         self.seen[torch.arange(len(self.rows), device=tokens.device), tokens] = True
@@ -374,8 +375,9 @@ class DecodeBatch:
         sending = {id(r.active) for r in self.rows if r.active.stream is not None and r.active.stream.due(now)}
         finished = []
         for i in broken:
-            self.rows[i].active.fail("the model gave this job no usable next-token scores (NaN, or every token forbidden); "
-                                     "if it runs in float16, try bfloat16 or float32, or relax no_repeat_ngram_size")
+            self.rows[i].active.fail("the model gave this job no usable next-token scores (NaN, or every token forbidden: by no_repeat_ngram_size, "
+                                     "min_new_tokens or its structured output's grammar); if it runs in float16, try bfloat16 or float32, "
+                                     "or relax those parameters")
         for i, token in enumerate(tokens.tolist()):
             row = self.rows[i]
             if row.finish is not None:  # its job failed
@@ -462,10 +464,12 @@ class DecodeBatch:
             return
         into = torch.tensor(targets, dtype=torch.long, device=self.mask.device)
         taken = torch.tensor(sources, dtype=torch.long, device=self.mask.device)
-        start = int((self.mask[into, : self.length].cumsum(-1) == 0).sum(-1).min()) if self.length else 0
+        both = torch.cat([into, taken])  # the sources' real columns may start before the targets'
+        start = int((self.mask[both, : self.length].cumsum(-1) == 0).sum(-1).min()) if self.length else 0
+        mask, seen = self.mask[taken], self.seen[taken]  # read before anything is written
         self.arena.copy_rows(targets, sources, start, self.length)
-        self.mask[into] = self.mask[taken]
-        self.seen[into] = self.seen[taken]
+        self.mask[into] = mask
+        self.seen[into] = seen
 
     def _continue_beams(self, active: ActiveJob, step: BeamStep, tokens: torch.Tensor) -> None:
         """The job's rows become the beams they continue, each with its new token."""
@@ -483,8 +487,10 @@ class DecodeBatch:
                 row.ngrams.add(continuation.token)
             if parent_matcher is not None:
                 row.matcher = parent_matcher.fork()
-                if not row.matcher.is_terminated() and not row.matcher.accept_token(continuation.token) and not step.done:
-                    active.fail(f"the grammar of its structured output refused token {continuation.token}, which its own mask allowed")
+                if not row.matcher.is_terminated():
+                    # Refused only for a continuation the mask scored -inf (fewer allowed tokens than beams): that
+                    # beam can never win, and when no beam has a finite score left its search fails the job.
+                    row.matcher.accept_token(continuation.token)
         tokens[slots] = torch.tensor([c.token for c in step.beams], dtype=tokens.dtype, device=tokens.device)
 
     @torch.inference_mode()

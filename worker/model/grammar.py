@@ -55,12 +55,13 @@ class Grammars:
                 self.hits += 1
                 return cached
             compiler = self._compiler or self._start()
-            started = time.perf_counter()
-            try:
-                grammar = _compile(compiler, constraint)
-            except Exception as exc:  # xgrammar raises RuntimeError (and others) with its parser's message
-                raise JobFailure(ErrorCode.INVALID_REQUEST, f"{parameter} could not be compiled into a grammar: {str(exc).strip()[:500]}; "
-                                                            "simplify it", parameter=parameter) from None
+        started = time.perf_counter()  # outside the lock: other task threads' cache hits do not wait for it
+        try:
+            grammar = _compile(compiler, constraint)
+        except Exception as exc:  # xgrammar raises RuntimeError (and others) with its parser's message
+            raise JobFailure(ErrorCode.INVALID_REQUEST, f"{parameter} could not be compiled into a grammar: {str(exc).strip()[:500]}; "
+                                                        "simplify it", parameter=parameter) from None
+        with self._lock:
             self._compiled[constraint.key] = grammar
             if len(self._compiled) > CACHED_GRAMMARS:
                 self._compiled.popitem(last=False)
@@ -76,7 +77,8 @@ class Grammars:
                                                         "worker: pip install 'belle-queue[structured]', or drop the constraint",
                              parameter="response_format") from None
         info = xgrammar.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size)
-        self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
+        # Its own cache is off (by default it keeps every grammar forever): this class keeps CACHED_GRAMMARS.
+        self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         return self._compiler
 
 

@@ -15,7 +15,7 @@ The rules
     ones behind it, so none is overtaken forever; an empty batch always takes its first waiting job.
   - Fewer rows first, for a while: during its first ``yield_s`` seconds of waiting (BELLE_BATCH_YIELD_S), a
     job of several rows (beams, returned sequences) comes after the jobs of its priority with fewer rows,
-    and does not join while a job with fewer rows decodes. A step costs per row on a CPU: one beam-4 job
+    and does not join while a job of its priority (or a higher one) with fewer rows decodes. A step costs per row on a CPU: one beam-4 job
     costs what four greedy jobs cost, and decoding them together would slow the greedy jobs as much.
   - When the first waiting job is a beam sampling job, it runs in one generate() call with the waiting jobs
     that share its generation config (nearest in prompt length, within the size, budget and padding limits).
@@ -110,7 +110,7 @@ class Running:
 
     jobs: int = 0
     rows: int = 0
-    fewest_rows: int = 0  # the rows of its job with fewest (0: no job)
+    decoding: tuple[tuple[int, int], ...] = ()  # (priority, live rows) of each of its jobs
     width: int = 0  # its columns
     remaining: int = 0  # most tokens a row still has to generate
     alone: bool = False  # a job that runs alone is in it
@@ -210,8 +210,11 @@ class Policy:
         for waiting in self.join_order(line, now):
             if waiting.key is not None:
                 continue  # beam sampling waits for its turn as the first waiting job
-            if self.yields(waiting, now) and waiting.rows > min([running.fewest_rows or waiting.rows] + [j.rows for j in joining]):
-                continue  # the jobs of fewer rows decode first
+            if self.yields(waiting, now):
+                fewest = min([rows for priority, rows in running.decoding if priority <= waiting.priority] + [j.rows for j in joining],
+                             default=waiting.rows)
+                if waiting.rows > fewest:
+                    continue  # the jobs of fewer rows (of its priority or a higher one) decode first
             if jobs + len(joining) >= (self.interactive_size if waiting.priority == INTERACTIVE else self.max_size):
                 break
             width_after, remaining_after = max(width, waiting.length), max(remaining, waiting.new_tokens)
