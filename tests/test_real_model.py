@@ -98,11 +98,11 @@ def test_beam_search_returns_distinct_ranked_sensible_sequences(engine):
 def test_beam_search_in_the_decoding_batch_gives_what_generate_gives_each_job_alone(engine):
     """The seed's default request (beam search) decodes in the continuous batch beside greedy jobs, with
     transformers' sequences, finish reasons and scores for each job."""
-    requests = [{**FRANCE, "num_beams": 4, "num_return_sequences": 2, "max_new_tokens": 16},
-                {**JAPAN, "num_beams": 3, "length_penalty": 0.6, "max_new_tokens": 16},
+    requests = [{**FRANCE, "num_beams": 4, "num_return_sequences": 2, "max_new_tokens": 12},
+                {**JAPAN, "num_beams": 3, "length_penalty": 0.6, "max_new_tokens": 12},
                 {"prompt": "Name three colours.", "num_beams": 4, "early_stopping": True, "no_repeat_ngram_size": 3, "output_scores": True,
-                 "max_new_tokens": 16},
-                {**FRANCE, "stop": [" Paris"], "num_beams": 2, "max_new_tokens": 16}, JAPAN, FRANCE]
+                 "max_new_tokens": 12},
+                {**FRANCE, "stop": [" Paris"], "num_beams": 2, "max_new_tokens": 12}, JAPAN]
     jobs = [engine.prepare(f"j{i}", parse_request(r)) for i, r in enumerate(requests)]
     reference = {job.job_id: engine.generate_batch([job])[0].result.sequences for job in jobs}
     results = run_batched(engine, jobs)
