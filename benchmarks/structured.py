@@ -80,17 +80,17 @@ def main() -> None:
 
     grammars = Grammars(engine.tokenizer, engine.vocab_size)
     started = time.perf_counter()
-    grammars.compile(constraint_of({"type": "json_object"}, None, None), "response_format")
+    grammars.compile(constraint_of({"type": "json_object"}, None, None))
     print(f"\nxgrammar: tokenizer read and the first (json_object) grammar: {(time.perf_counter() - started) * 1000:.0f} ms")
     import xgrammar
 
     for name, schema in STRUCTURED.items():
         constraint = constraint_of({"type": "json_schema", "json_schema": {"name": name, "schema": schema}}, None, None)
         started = time.perf_counter()
-        grammar = grammars.compile(constraint, "response_format")
+        grammar = grammars.compile(constraint)
         first = time.perf_counter() - started
         started = time.perf_counter()
-        grammars.compile(constraint, "response_format")
+        grammars.compile(constraint)
         cached = time.perf_counter() - started
         matcher = new_matcher(grammar)
         bitmask = xgrammar.allocate_token_bitmask(1, engine.vocab_size)

@@ -63,6 +63,11 @@ class Constraint:
     source: str = ""
 
     @property
+    def parameter(self) -> str:
+        """The request field it comes from."""
+        return {"regex": "guided_regex", "choice": "guided_choice"}.get(self.kind, "response_format")
+
+    @property
     def key(self) -> str:
         """A hash that names the compiled grammar (the worker's cache key)."""
         return hashlib.sha256(f"{self.kind}\0{self.source}".encode()).hexdigest()[:32]

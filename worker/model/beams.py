@@ -113,18 +113,9 @@ class BeamSearch:
         candidates += full.to(torch.float32) * NEG
         candidates += (~self.improvable).to(torch.float32) * NEG
         candidates += (~just_finished) * NEG
-        merged_scores = torch.cat((self.scores, candidates), dim=1)
-        kept = torch.topk(merged_scores, k=self.num_beams)[1]
-        scores = torch.gather(merged_scores, 1, kept)
+        kept, scores, hypotheses = self._merge(candidates, lambda c, score: Hypothesis(
+            [*beams[parents[c]].tokens, tokens[c]], [*beams[parents[c]].logprobs, token_logprobs[c]], score))
         finished = torch.gather(torch.cat((self.finished, just_finished), dim=1), 1, kept)
-        hypotheses = []
-        for k, score in zip(kept[0].tolist(), scores[0].tolist(), strict=True):
-            if k < self.num_beams:
-                hypotheses.append(self.hypotheses[k])
-            else:
-                c = k - self.num_beams
-                path = beams[parents[c]]
-                hypotheses.append(Hypothesis([*path.tokens, tokens[c]], [*path.logprobs, token_logprobs[c]], score))
 
         improvable = self._improvable(generated, running, scores, finished)
         open_beams = not (bool(torch.all(finished)) and self.early_stopping is True)
@@ -154,13 +145,18 @@ class BeamSearch:
         if generated == 0:  # nothing generated yet: empty sequences
             self.hypotheses = [Hypothesis([], [], 0.0)] * self.num_beams
             return
-        candidates = self.running / (generated**self.length_penalty)
-        merged_scores = torch.cat((self.scores, candidates), dim=1)
-        kept = torch.topk(merged_scores, k=self.num_beams)[1][0].tolist()
-        scores = torch.gather(merged_scores, 1, torch.tensor([kept], device=self.device))[0].tolist()
-        self.hypotheses = [self.hypotheses[k] if k < self.num_beams else Hypothesis(list(beams[k - self.num_beams].tokens),
-                                                                                    list(beams[k - self.num_beams].logprobs), scores[i])
-                           for i, k in enumerate(kept)]
+        _, self.scores, self.hypotheses = self._merge(self.running / (generated**self.length_penalty),
+                                                      lambda c, score: Hypothesis(list(beams[c].tokens), list(beams[c].logprobs), score))
+
+    def _merge(self, candidates: torch.Tensor, hypothesis: Callable[[int, float], Hypothesis]) -> tuple[torch.Tensor, torch.Tensor, list[Hypothesis]]:
+        """The best ``num_beams`` of the hypotheses and the ``candidates`` (their scores, ``[1, k]``): their
+        places in the merge, their scores, and the hypotheses (``hypothesis(c, score)`` makes candidate c's)."""
+        merged = torch.cat((self.scores, candidates), dim=1)
+        kept = torch.topk(merged, k=self.num_beams)[1]
+        scores = torch.gather(merged, 1, kept)
+        hypotheses = [self.hypotheses[k] if k < self.num_beams else hypothesis(k - self.num_beams, score)
+                      for k, score in zip(kept[0].tolist(), scores[0].tolist(), strict=True)]
+        return kept, scores, hypotheses
 
     def best(self, n: int) -> list[Hypothesis]:
         """The ``n`` best hypotheses, best first."""

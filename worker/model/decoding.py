@@ -187,8 +187,7 @@ class DecodeBatch:
         self.adapters: list[str | None] = []  # each row's adapter, as the model call takes them
         self.generators: list[torch.Generator | None] = []
         self.beam_slots: dict[ActiveJob, list[int]] = {}  # each beam search job's slots, by beam
-        self.beam_rows: torch.Tensor | None = None  # [rows] bool: rows that are beams; None when none is
-        self.beam_index: torch.Tensor | None = None  # the beams' slots
+        self.beam_index: torch.Tensor | None = None  # the beams' slots; None when no row is a beam
         self.scored: list[int] = []  # greedy and sampling rows whose job asked for output_scores
         self.constrained: list[int] = []  # rows with a grammar matcher
 
@@ -338,8 +337,8 @@ class DecodeBatch:
             if row.active.beams is not None:
                 self.beam_slots.setdefault(row.active, [0] * len(row.active.rows))[row.index] = i
         is_beam = [r.active.beams is not None for r in self.rows]
-        self.beam_rows = torch.tensor(is_beam, dtype=torch.bool, device=self.engine.device) if any(is_beam) else None
-        self.beam_index = self.beam_rows.nonzero().flatten() if self.beam_rows is not None else None
+        beams = [i for i, beam in enumerate(is_beam) if beam]
+        self.beam_index = torch.tensor(beams, dtype=torch.long, device=self.engine.device) if beams else None
         self.scored = [i for i in self.params.scored if not is_beam[i]]
         self.constrained = [i for i, r in enumerate(self.rows) if r.matcher is not None]
 
@@ -355,7 +354,7 @@ class DecodeBatch:
             tokens, chosen_from, broken = self._choose_tokens()
             failing = {self.rows[i].active for i in broken}
             beam_steps = {active: active.beams.step(chosen_from[slots], active.rows, self._stop_check(active))
-                          for active, slots in self.beam_slots.items() if active not in failing and active.beams is not None}
+                          for active, slots in self.beam_slots.items() if active not in failing}
             logprobs = logprobs_of(chosen_from, tokens, self.scored)
             self._move_beams(beam_steps)  # last: it writes the beams' rows
         except BaseException:
@@ -431,8 +430,8 @@ class DecodeBatch:
         # A row with no finite score left (or a NaN) cannot choose: it fails alone, its neighbours go on.
         # A beam with every token forbidden only drops out: its search chooses among all its beams.
         no_choice = ~torch.isfinite(logits).any(-1)
-        if self.beam_rows is not None:
-            no_choice &= ~self.beam_rows
+        if self.beam_index is not None:
+            no_choice[self.beam_index] = False
         unusable = torch.isnan(logits).any(-1) | no_choice
         broken = unusable.nonzero().flatten().tolist()
         if broken:

@@ -223,10 +223,7 @@ class Engine:
                              "pick one of those or drop adapter", parameter="adapter")
         fitted = fit_prompt(request, self.encode, self.config.context_length)
         constraint = request.constraint
-        grammar = None
-        if constraint is not None:
-            parameter = "guided_regex" if constraint.kind == "regex" else "guided_choice" if constraint.kind == "choice" else "response_format"
-            grammar = self.grammars.compile(constraint, parameter)
+        grammar = self.grammars.compile(constraint) if constraint is not None else None
         return PreparedJob(job_id, request, fitted.input_ids, fitted.max_new_tokens, fitted.fit, queued_s, attempt, grammar=grammar)
 
     @staticmethod

@@ -45,9 +45,9 @@ class Grammars:
         self._compiled: OrderedDict[str, Any] = OrderedDict()
         self.compiled = self.hits = 0
 
-    def compile(self, constraint: Constraint, parameter: str) -> Any:
+    def compile(self, constraint: Constraint) -> Any:
         """The compiled grammar of ``constraint``; raises JobFailure (invalid_request) when it cannot
-        be compiled, naming ``parameter``."""
+        be compiled, naming its request field."""
         with self._lock:
             cached = self._compiled.get(constraint.key)
             if cached is not None:
@@ -59,8 +59,8 @@ class Grammars:
         try:
             grammar = _compile(compiler, constraint)
         except Exception as exc:  # xgrammar raises RuntimeError (and others) with its parser's message
-            raise JobFailure(ErrorCode.INVALID_REQUEST, f"{parameter} could not be compiled into a grammar: {str(exc).strip()[:500]}; "
-                                                        "simplify it", parameter=parameter) from None
+            raise JobFailure(ErrorCode.INVALID_REQUEST, f"{constraint.parameter} could not be compiled into a grammar: {str(exc).strip()[:500]}; "
+                                                        "simplify it", parameter=constraint.parameter) from None
         with self._lock:
             self._compiled[constraint.key] = grammar
             if len(self._compiled) > CACHED_GRAMMARS:
