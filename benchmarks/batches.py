@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {machine()}")
 
-    with EmbeddedRedis(args=["--databases", "4"]) as server:
+    with EmbeddedRedis(args=["--databases", "4"], ephemeral=True) as server:
         enqueue_url, backlog_url = server.url.rsplit("/", 1)[0] + "/1", server.url.rsplit("/", 1)[0] + "/2"
         with JobClient(Settings(redis_url=enqueue_url)) as client, tempfile.TemporaryDirectory() as tmp:
             api, from_file, raw = [], [], []

@@ -159,7 +159,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {machine()}")
     prompts = mixed_prompts(JOBS)
-    with EmbeddedRedis(args=["--databases", "4", "--maxclients", "10000"]) as server:
+    with EmbeddedRedis(args=["--databases", "4", "--maxclients", "10000"], ephemeral=True) as server:
         base = server.url.rsplit("/", 1)[0]
         big, tiny, idle = f"{base}/0", f"{base}/1", f"{base}/2"
         with JobClient(Settings(redis_url=big)) as client:

@@ -97,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
     model = build_tiny_model(get_settings().cache_dir / "tiny-bloom", TINY_SPECS["bloom"])
     print(f"model: tiny BLOOM ({model}); machine: {machine()}")
-    with EmbeddedRedis() as redis_server:
+    with EmbeddedRedis(ephemeral=True) as redis_server:
         url = redis_server.url
         client = JobClient(Settings(redis_url=url))
         rows = []

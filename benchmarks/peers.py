@@ -126,7 +126,7 @@ def main() -> None:
     timed("belle-queue engine", lambda: belle(requests))
 
     if "e2e" not in skip:
-        with EmbeddedRedis() as server, JobClient(Settings(redis_url=server.url)) as client:
+        with EmbeddedRedis(ephemeral=True) as server, JobClient(Settings(redis_url=server.url)) as client:
             worker = WorkerSubprocess(server.url, Path(MODEL))
             try:
                 worker.wait_ready(client, timeout=600)

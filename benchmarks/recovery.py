@@ -81,7 +81,7 @@ def main() -> None:
     model = benchmark_model()
     print(f"machine: {machine()}\nmodel: {model}; {args.jobs} jobs per run ({REQUEST}); default settings (visibility timeout 3600 s)")
     results = []
-    with EmbeddedRedis() as server, JobClient(Settings(redis_url=server.url)) as client, tempfile.TemporaryFile() as log:
+    with EmbeddedRedis(ephemeral=True) as server, JobClient(Settings(redis_url=server.url)) as client, tempfile.TemporaryFile() as log:
         supervisor = subprocess.Popen([sys.executable, "-m", "worker", "--redis-url", server.url, "worker", "--model", str(model), "--device", "cpu",
                                        "--processes", "2", "--name", "rec@bench"], stdout=log, stderr=subprocess.STDOUT)
         try:

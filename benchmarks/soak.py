@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     model = build_tiny_model(get_settings().cache_dir / "tiny-bloom")
     print(f"machine: {machine()}\n{args.jobs} jobs (max_new_tokens 2, prompts of 1-7 phrases), worker RSS after each {args.step}")
-    with EmbeddedRedis() as server, JobClient(Settings(redis_url=server.url)) as client:
+    with EmbeddedRedis(ephemeral=True) as server, JobClient(Settings(redis_url=server.url)) as client:
         worker = WorkerSubprocess(server.url, model)
         worker.wait_ready(client)
         done, started = 0, time.perf_counter()

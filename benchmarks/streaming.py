@@ -60,7 +60,7 @@ def main() -> None:
     print(f"model: {name}; machine: {machine()}")
     print(f"{args.jobs} jobs × {args.new_tokens} tokens (greedy) through Redis + Celery + 1 worker; {args.runs} alternating pairs")
 
-    with EmbeddedRedis() as server:
+    with EmbeddedRedis(ephemeral=True) as server:
         worker = WorkerSubprocess(server.url, path, device=args.device)
         with JobClient(Settings(redis_url=server.url)) as client:
             worker.wait_ready(client)

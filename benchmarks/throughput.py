@@ -100,7 +100,7 @@ def main() -> None:
         b_beam = median_of(args.runs, lambda: in_process(beams))
     batcher.stop()
 
-    with EmbeddedRedis() as server:
+    with EmbeddedRedis(ephemeral=True) as server:
         settings = Settings(redis_url=server.url)
         worker = WorkerSubprocess(server.url, path, device=args.device)
         with JobClient(settings) as client:

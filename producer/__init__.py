@@ -8,6 +8,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "AsyncJobClient": "producer.aio",
+    "BatchCancellation": "producer.batches",
     "JobClient": "producer.client",
     "BelleError": "producer.errors",
     "ErrorCode": "producer.errors",

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from producer import keys, lua
-from producer.batches import BatchResultLine, BatchStatus, BatchSubmission
+from producer.batches import BatchCancellation, BatchResultLine, BatchStatus, BatchSubmission
 from producer.client import RequestLike, prepare
 from producer.connection import async_redis_client, typed_redis_errors
 from producer.errors import JobNotFoundError, JobTimeoutError
@@ -42,7 +42,7 @@ class AsyncJobClient:
         if check_workers:
             check_against_workers(validated, await self.workers())
         item = enqueue_item(validated, queue, tuple((record_fields or {}).items()))
-        check_outcome(await self._enqueue(**item.call(now(), self.settings.pending_ttl_s)), item)
+        check_outcome(await self._enqueue(**item.call(now(), self.settings)), item)
         return item.job_id
 
     @typed_redis_errors
@@ -127,7 +127,7 @@ class AsyncJobClient:
         """As ``JobClient.iter_batch_results``, as a list (in input order)."""
         return await asyncio.to_thread(lambda: list(self.sync.iter_batch_results(batch_id)))
 
-    async def cancel_batch(self, batch_id: str) -> dict[str, int]:
+    async def cancel_batch(self, batch_id: str) -> BatchCancellation:
         """As ``JobClient.cancel_batch``."""
         return await asyncio.to_thread(self.sync.cancel_batch, batch_id)
 

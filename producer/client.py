@@ -14,7 +14,7 @@ from producer import keys, lua
 from producer.connection import redis_client, typed_redis_errors
 from producer.errors import JobNotFoundError, JobTimeoutError
 from producer.enqueue import check_outcome, enqueue_item
-from producer.batches import Batches, BatchResultLine, BatchStatus, BatchSubmission, FileSource, ListSource, RedisListSource
+from producer.batches import BatchCancellation, Batches, BatchResultLine, BatchStatus, BatchSubmission, FileSource, ListSource, RedisListSource
 from producer.records import JobError, JobRecord, JobResult, JobState, StreamEvent
 from producer.schemas import GenerationRequest, parse_request
 from producer.settings import Settings, get_settings
@@ -65,7 +65,7 @@ class JobClient:
         if check_workers:
             check_against_workers(validated, self.workers())
         item = enqueue_item(validated, queue, tuple((record_fields or {}).items()))
-        check_outcome(self._enqueue(**item.call(now(), self.settings.pending_ttl_s)), item)
+        check_outcome(self._enqueue(**item.call(now(), self.settings)), item)
         return item.job_id
 
     @typed_redis_errors
@@ -199,9 +199,10 @@ class JobClient:
                                   error=JobError.model_validate_json(fields["error"]) if fields["error"] else None)
 
     @typed_redis_errors
-    def cancel_batch(self, batch_id: str) -> dict[str, int]:
-        """Cancel the batch's jobs not ended yet; returns how many ended 'cancelled' (queued ones), were
-        'requested' (running ones stop at their next step), or had 'ended' already."""
+    def cancel_batch(self, batch_id: str) -> BatchCancellation:
+        """Cancel the batch's jobs not ended yet; returns how many were ``cancelled`` (queued ones),
+        ``requested`` to stop (running ones stop at their next step), had ``ended`` already, or were ``missing``
+        (their record expired)."""
         return self.batches.cancel(batch_id)
 
     @functools.cached_property

@@ -49,7 +49,7 @@ DATABASES = 128
 @pytest.fixture(scope="session")
 def redis_server():
     # Tests that need a quiet queue use a database of their own (new_database); 0 is the shared worker's.
-    with EmbeddedRedis(args=["--databases", str(DATABASES)]) as server:
+    with EmbeddedRedis(args=["--databases", str(DATABASES)], ephemeral=True) as server:
         yield server
 
 

@@ -6,6 +6,9 @@ import json
 import subprocess
 import sys
 
+from producer import keys
+from producer.client import JobClient
+from producer.settings import Settings
 
 # Run the CLI in a fresh interpreter where torch, transformers and the worker cannot be imported,
 # as on a backend host that installed only the client.
@@ -108,3 +111,57 @@ def test_worker_commands_are_listed_but_not_imported():
     assert done.returncode == 0
     for command in ("submit", "status", "result", "worker", "tiny-model", "demo", "redis"):
         assert command in done.stdout
+
+
+def test_submit_goes_to_the_queue_named_by_queue(new_database):
+    url = new_database()
+    bulk = cli(url, "submit", "--prompt", "overnight", "--queue", "bulk")
+    interactive = cli(url, "submit", "--prompt", "now")
+    assert bulk.returncode == 0 and interactive.returncode == 0, bulk.stderr + interactive.stderr
+    with JobClient(Settings(redis_url=url)) as client:
+        assert client.redis.hget(keys.job(bulk.stdout.strip()), "queue") == keys.QUEUE_BULK
+        assert client.redis.hget(keys.job(interactive.stdout.strip()), "queue") == keys.QUEUE_INTERACTIVE
+    wrong = cli(url, "submit", "--prompt", "hi", "--queue", "nightly")
+    assert wrong.returncode == 2 and "invalid choice: 'nightly'" in wrong.stderr
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(new_database):
+    url = new_database()
+    with JobClient(Settings(redis_url=url)) as client:
+        batch_id = client.submit_batch([{"prompt": f"question {i}"} for i in range(3_000)], new=True).batch_id  # ~250 kB of results lines
+    reader = subprocess.Popen([sys.executable, "-c", NO_GPU_STACK, "--redis-url", url, "batch", "results", batch_id],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = json.loads(reader.stdout.readline())
+    reader.stdout.close()  # as `| head -1` does: the rest cannot fit in the pipe, so the writer meets the closed end
+    assert reader.wait(60) == 141
+    assert (first["line"], first["state"]) == (1, "queued")
+    assert reader.stderr.read() == "", "no 'Broken pipe', no traceback"
+    reader.stderr.close()
+
+
+def test_skip_invalid_writes_the_refused_lines_next_to_the_input(new_database, tmp_path):
+    url = new_database()
+    source = tmp_path / "bad.jsonl"
+    source.write_text('{"prompt": "fine"}\n{"prompt": "hot", "temperature": 9}\n{"prompt": "fine too"}\n', encoding="utf-8")
+    done = cli(url, "batch", "submit", str(source), "--skip-invalid")
+    assert done.returncode == 0, done.stderr
+    refusals = tmp_path / "bad.refused.jsonl"
+    assert f"their errors are in {refusals}" in done.stderr
+    assert [json.loads(line)["line"] for line in refusals.read_text(encoding="utf-8").splitlines()] == [2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "bad.refused.jsonl"]
+
+
+def test_cancelling_a_batch_returns_its_counts_by_outcome(new_database):
+    import producer
+
+    url = new_database()
+    with JobClient(Settings(redis_url=url)) as client:
+        batch_id = client.submit_batch([{"prompt": f"question {i}"} for i in range(3)], new=True).batch_id
+        text = cli(url, "batch", "cancel", batch_id)
+        assert text.returncode == 0 and f"batch {batch_id}: 3 queued jobs cancelled," in text.stdout and "0 had ended already" in text.stdout
+        again = client.cancel_batch(batch_id)
+        assert isinstance(again, producer.BatchCancellation)
+        assert again == producer.BatchCancellation(ended=3)
+    shown = cli(url, "batch", "cancel", batch_id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == {"batch_id": batch_id, **dict.fromkeys(producer.BatchCancellation.model_fields, 0), "ended": 3}

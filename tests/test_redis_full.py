@@ -29,7 +29,7 @@ REQUEST = {"prompt": "fill the memory " * 5, "num_beams": 1, "max_new_tokens": 4
 
 @pytest.fixture
 def small_redis():
-    with EmbeddedRedis(args=["--maxmemory-policy", "noeviction"]) as server:
+    with EmbeddedRedis(args=["--maxmemory-policy", "noeviction"], ephemeral=True) as server:
         yield server
 
 

@@ -48,7 +48,7 @@ def assert_one_line(done: subprocess.CompletedProcess, *fragments: str) -> None:
 @pytest.mark.slow  # starts its worker processes itself (serve_one_job), not through the start_worker fixture
 def test_requirepass_and_an_acl_user_work_from_the_url_and_a_wrong_password_is_one_line(bloom_config):
     acl_user = ["--user", "belle", "on", ">w0rker-pass", "~*", "&*", "+@all"]
-    with EmbeddedRedis(password="s3cret", args=acl_user) as server:
+    with EmbeddedRedis(password="s3cret", args=acl_user, ephemeral=True) as server:
         base = f"127.0.0.1:{server.port}/0"
         serve_one_job(f"redis://:s3cret@{base}", bloom_config, "auth@tests")
         serve_one_job(f"redis://belle:w0rker-pass@{base}", bloom_config, "acl@tests")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_REDIS = 0, 1, 2, 3, 4
+EXIT_OUTPUT_CLOSED = 128 + 13  # the reader of stdout went away (`| head`): what a Unix tool killed by SIGPIPE reports
 
 
 def parse_set(pairs: list[str]) -> dict:
@@ -65,6 +67,13 @@ def seconds(text: str) -> float:
     if not 0 <= value < 10**9:  # (also refuses nan and inf)
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds from 0, got {shown(text)!r}")
     return value
+
+
+def memory_size(text: str) -> str:
+    """argparse type of --maxmemory: bytes, or a number with Redis's units (512mb, 2gb), as Redis reads it."""
+    if not re.fullmatch(r"\d+([kmg]b?)?", text.strip().lower()):
+        raise argparse.ArgumentTypeError(f"must be a size such as 512mb or 2gb (or bytes), got {shown(text)!r}")
+    return text.strip().lower()
 
 
 def open_output(path: str, option: str):

@@ -49,7 +49,7 @@ def run_demo(settings: Settings, model: str = DEFAULT_MODEL) -> int:
         print(f"belle-queue demo: {config.name}, a real trained model (first run: prepared into {settings.cache_dir}, about a minute)")
         prepare(config.source, config.path)
     print(f"model {config.name}: {config.path} ({time.perf_counter() - started:.1f} s)")
-    with EmbeddedRedis() as server:
+    with EmbeddedRedis(ephemeral=True) as server:
         print(f"redis-server: {server.url}")
         worker = subprocess.Popen(
             [sys.executable, "-m", "worker", "--redis-url", server.url, "worker", "--model", model, "--device", "cpu", "--name", "demo@localhost"],
