@@ -3,7 +3,8 @@ transformers' ``GenerationConfig``, plus the job-level fields. ``parse_request``
 it applies the preset, validates, and turns every problem into an ``InvalidRequestError`` whose
 message names the parameter, the value and the fix.
 
-Defaults resolve in this order: explicit field → preset → built-in default below.
+Defaults resolve in this order: explicit field → preset → built-in default below, where ``num_beams``'s
+built-in default is 4, and 1 for a streamed request (``stream``: beam search cannot stream).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class GenerationRequest(BaseModel):
 
     # --- decoding strategy (seed §3.2) ---
     do_sample: bool = Field(False, description="Sample from the distribution instead of greedy/beam search.")
-    num_beams: int = Field(4, ge=1, le=10, description="Beams for beam search; 1 means greedy or plain sampling.")
+    num_beams: int = Field(4, ge=1, le=10, description="Beams for beam search; 1 means greedy or plain sampling. Default 4, and 1 with stream=true.")
     num_return_sequences: int = Field(1, ge=1, le=10, description="Sequences returned: ≤ num_beams with beams, 1 for greedy.")
     length_penalty: float = Field(1.0, ge=-3.0, le=3.0, description="Beam search: a finished sequence's score is its log-probability / length ** length_penalty.")
     early_stopping: bool | Literal["never"] = Field(
@@ -80,7 +81,7 @@ class GenerationRequest(BaseModel):
     guided_choice: list[str] | None = Field(None, description="The text is one of these strings.")
 
     # --- job-level ---
-    stream: bool = Field(False, description="Publish text chunks while generating (needs num_beams=1).")
+    stream: bool = Field(False, description="Publish text chunks while generating (needs num_beams=1: its default then).")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Random seed for reproducible sampling.")
     stop: list[str] = Field(default_factory=list, description="Stop strings: generation ends at the first match, which is cut off.")
     adapter: str | None = Field(None, pattern=ADAPTER_NAME.pattern, description="LoRA adapter name served by the worker.")
@@ -240,6 +241,8 @@ def parse_request(
         if not isinstance(preset_name, str) or preset_name not in presets:
             raise InvalidRequestError.single("preset", _short(preset_name), f"preset must be one of {sorted(presets)}, got {_short(preset_name)!r}")
         data = {**presets[preset_name], **data}
+    if not resolved and data.get("stream") is True and "num_beams" not in data:
+        data["num_beams"] = STREAMING_NUM_BEAMS
     try:
         request = GenerationRequest.model_validate(data, context={"settings": settings or _DEFAULT_LIMITS})
     except ValidationError as exc:
@@ -251,6 +254,10 @@ def parse_request(
 
 
 _DEFAULT_LIMITS = Settings.model_construct()
+
+# num_beams of a streamed request that sets none (itself or through its preset): beam search knows its best
+# sequence only at the end, so the built-in default (4) would refuse every plain streamed request.
+STREAMING_NUM_BEAMS = 1
 
 
 def _limits(info: ValidationInfo) -> Settings:

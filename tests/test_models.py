@@ -3,6 +3,9 @@ and through a real worker."""
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +19,14 @@ from producer.errors import ErrorCode
 from producer.records import JobState
 from producer.schemas import parse_request
 from producer.settings import Settings
+from tests.conftest import WorkerProcess
 from tests.test_real_model import run_batched
 from worker.model.engine import Engine
 from worker.errors import JobFailure
+from worker.model.import_noise import BITSANDBYTES_CPU_LOGGER
 from worker.model.model_config import ModelConfig, load_model_config
-from worker.ops.tiny_model import build_tiny_adapter
+from worker.model.warmup import ModelNotServable, unsuited_4bit_layers
+from worker.ops.tiny_model import TinyModelSpec, build_tiny_adapter, build_tiny_model
 
 PROMPTS = ["请解释什么是人工智能", "What is machine learning?", "北京是中国的首都", "写一篇关于环保的短文"]
 
@@ -117,6 +123,75 @@ def test_quantised_weights_load_and_generate_on_cpu(request, arch, mode):
         assert batched[job.job_id].sequences[0].token_ids[:3] == alone[job.job_id].sequences[0].token_ids[:3]
 
 
+@pytest.fixture(scope="session")
+def bloom_unsuited_to_4bit(tmp_path_factory) -> Path:
+    """A tiny BLOOM whose layer sizes bitsandbytes' repacked 4-bit CPU kernel refuses: in_features 48 (not a
+    multiple of the block size, 64), out_features 144 (not a multiple of 32)."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-bloom-48", TinyModelSpec(hidden_size=48))
+
+
+def test_the_4bit_layers_whose_sizes_the_kernel_refuses_are_named_with_the_size_at_fault(bloom_unsuited_to_4bit, tiny_bloom):
+    odd = Engine.load(ModelConfig(name="odd", path=str(bloom_unsuited_to_4bit), context_length=256, quantization="4bit"), "cpu")
+    named = unsuited_4bit_layers(odd.model)
+    assert len(named) == 8 and "layer transformer.h.0.self_attention.query_key_value has in_features 48, not a multiple of the 4-bit block size 64" in named
+    assert "layer transformer.h.1.mlp.dense_4h_to_h has out_features 48, not a multiple of 32" in named  # (in_features 192 suits)
+    suited = Engine.load(ModelConfig(name="even", path=str(tiny_bloom), context_length=256, quantization="4bit"), "cpu")
+    assert unsuited_4bit_layers(suited.model) == []
+
+
+def test_4bit_weights_whose_layer_sizes_the_kernel_refuses_are_refused_at_load_naming_the_setting(bloom_unsuited_to_4bit):
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("bitsandbytes repacks 4-bit layers (and refuses these sizes) only on CPUs with AVX512-BF16; on this one it dequantises, "
+                    "and every layer size generates (see the test above for the layers it would name)")
+    with pytest.raises(ModelNotServable, match=r"cannot generate with quantization mode 4bit: layer transformer\.h\.0\.self_attention\.query_key_value "
+                                               r"has in_features 48, not a multiple of the 4-bit block size 64.*set quantization: 8bit or none"):
+        Engine.load(ModelConfig(name="odd", path=str(bloom_unsuited_to_4bit), context_length=256, quantization="4bit"), "cpu")
+
+
+def test_a_model_that_loads_but_cannot_generate_is_refused_at_load(tiny_bloom):
+    with pytest.raises(ModelNotServable, match=r"model t loaded but has no memory left to generate \(a 2-token warm-up generation failed: OutOfMemoryError: "
+                                               r"simulated: .* BELLE_FAULT_MEMORY_BUDGET_TOKENS=4\); free memory on the device"):
+        Engine.load(ModelConfig(name="t", path=str(tiny_bloom), context_length=256), "cpu", fault_memory_budget_tokens=4)
+
+
+@pytest.mark.slow  # starts its worker process itself: it must not be waited for as ready
+def test_a_worker_whose_model_cannot_generate_stops_before_announcing_itself(new_database, bloom_config):
+    url = new_database()
+    worker = WorkerProcess(url, bloom_config, name="unservable@tests", env={"BELLE_FAULT_MEMORY_BUDGET_TOKENS": "4"})
+    assert worker.process.wait(timeout=120) == 1, worker.log
+    worker.stop()
+    assert "error: model tiny-bloom loaded but has no memory left to generate" in worker.log and "Traceback" not in worker.log, worker.log
+    assert " ready." not in worker.log
+    with JobClient(Settings(redis_url=url)) as client:
+        assert client.workers() == []
+
+
+def _bitsandbytes_tries_the_kernels_package():
+    """bitsandbytes' own code, from its source, that tries the optional ``kernels`` package (it runs at import on
+    CPUs with AVX512-BF16 only, so a test elsewhere runs it from here)."""
+    source = importlib.util.find_spec(BITSANDBYTES_CPU_LOGGER).origin
+    for node in ast.walk(ast.parse(Path(source).read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Try) and any(isinstance(n, ast.ImportFrom) and n.module == "kernels" for n in ast.walk(node)):
+            return compile(ast.Module(body=[node], type_ignores=[]), source, "exec")
+    raise AssertionError(f"{source} no longer tries the kernels package: review worker/model/import_noise.py")
+
+
+def test_bitsandbytes_missing_its_optional_kernels_package_is_not_logged_while_its_other_failures_are(caplog):
+    if importlib.util.find_spec("kernels") is not None:
+        pytest.skip("the optional kernels package is installed here")
+    logger = logging.getLogger(BITSANDBYTES_CPU_LOGGER)  # (its filter is installed when worker.model.engine is imported)
+    namespace = {"logger": logger}
+    with caplog.at_level(logging.WARNING):
+        exec(_bitsandbytes_tries_the_kernels_package(), namespace)
+        assert namespace["gemm_4bit_forward_kernel"] is None, "the attempt failed, as it does without the package"
+        assert not [r for r in caplog.records if r.name == BITSANDBYTES_CPU_LOGGER], caplog.text
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s", OSError("the hub cannot be reached"))
+    assert [r.getMessage() for r in caplog.records if r.name == BITSANDBYTES_CPU_LOGGER] == [
+        "Failed to load CPU gemm_4bit_forward from kernels-community: the hub cannot be reached"]
+
+
 def test_a_worker_serves_its_adapters_through_the_queue(new_database, start_worker, tiny_bloom, adapters, tmp_path_factory):
     config = tmp_path_factory.mktemp("configs") / "tiny-bloom-lora.yaml"
     config.write_text(yaml.safe_dump({"name": "tiny-bloom-lora", "path": str(tiny_bloom), "context_length": 256, "adapters": adapters["bloom"]}))
@@ -132,3 +207,4 @@ def test_a_worker_serves_its_adapters_through_the_queue(new_database, start_work
         failed = client.wait(unknown, 60)
         assert failed.state is JobState.FAILED and failed.error.code is ErrorCode.INVALID_REQUEST and "['coder', 'poet']" in failed.error.message
     assert worker.alive() and "adapters: coder, poet" in worker.log
+    assert "No module named 'kernels'" not in worker.log  # (bitsandbytes tries that optional package on CPUs with AVX512-BF16)

@@ -95,6 +95,18 @@ def test_stream_needs_a_single_beam_and_says_why():
     assert parse_request({"prompt": "hi", "stream": True, "num_beams": 1}).stream
 
 
+def test_a_streamed_request_that_sets_no_num_beams_gets_one_beam_and_one_that_sets_some_keeps_them():
+    assert parse_request({"prompt": "hi"}).num_beams == 4
+    streamed = parse_request({"prompt": "hi", "stream": True})
+    assert (streamed.num_beams, streamed.stream) == (1, True)
+    assert parse_request(streamed.to_wire(), resolved=True).num_beams == 1, "the worker gets it as sent"
+    presets = {"live": {"stream": True, "max_new_tokens": 50}, "wide": {"num_beams": 3}}
+    assert parse_request({"prompt": "hi", "preset": "live"}, presets=presets).num_beams == 1
+    for data in ({"prompt": "hi", "stream": True, "num_beams": 3}, {"prompt": "hi", "stream": True, "preset": "wide"}):
+        error = refusal(data, presets=presets)  # beams the request or its preset set are kept, and refused with stream
+        assert error.parameter == "stream" and "got num_beams=3" in str(error)
+
+
 @pytest.mark.parametrize(("data", "parameter", "fragment"), [
     ({}, "prompt", "exactly one of prompt or messages is required, got neither"),
     ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "prompt", "got both"),

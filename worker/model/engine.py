@@ -6,7 +6,8 @@ Two ways to run jobs:
 - beam sampling jobs (``do_sample`` with ``num_beams`` > 1) go through transformers' ``generate()``
   (``generate_batch``), one call per group of jobs that share a generation config (``batch_key``);
   ``generate_batch`` is also the reference the decoding batch is tested against.
-Both build their results with ``job_result``.
+Both build their results with ``job_result``. Loading ends with a two-token warm-up generation
+(worker/model/warmup.py): a model that loads but cannot generate is refused there.
 """
 
 from __future__ import annotations
@@ -32,14 +33,17 @@ from worker.costs import tokens_held
 from worker.errors import JobFailure
 from worker.model.fused_ops import fuse_activations
 from worker.model.grammar import Grammars
+from worker.model.import_noise import quiet_optional_kernels
 from worker.model.model_config import ModelConfig, Quantization
 from worker.model.packaged_model import prepare
 from worker.model.prompting import fit_prompt, render
+from worker.model.warmup import warm_up
 from worker.model.detokenize import JobStream, RowMonitor, cut_at_stop
 
 log = logging.getLogger("belle.engine")
 
 transformers.utils.logging.disable_progress_bar()
+quiet_optional_kernels()  # before peft or transformers import bitsandbytes
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -193,7 +197,9 @@ class Engine:
         model.eval()
         log.info("loaded %s from %s on %s (%s, %s weights, %.1f MB, %d activations fused, adapters: %s) in %.1f s", config.name, config.path, target,
                  model.dtype, quantization.mode, model.get_memory_footprint() / 1e6, fused, ", ".join(config.adapters) or "none", time.perf_counter() - started)
-        return cls(model, tokenizer, config, target, fault_memory_budget_tokens=fault_memory_budget_tokens)
+        engine = cls(model, tokenizer, config, target, fault_memory_budget_tokens=fault_memory_budget_tokens)
+        warm_up(engine)  # a model that loads but cannot generate stops here, before the worker announces itself
+        return engine
 
     # --- preparing jobs ---
 

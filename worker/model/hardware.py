@@ -38,10 +38,12 @@ class HardwareProfile(BaseModel):
                                       ("num_beams", request.num_beams, self.num_beams),
                                       ("num_return_sequences", request.num_return_sequences, self.num_beams)):
             if value > cap:
+                # The worker sees every field set (the wire form): a value equal to the built-in default may not be the caller's.
+                default = f" (the default for a request that leaves {parameter} unset)" if value == GenerationRequest.model_fields[parameter].default else ""
                 raise JobFailure(
                     ErrorCode.INVALID_REQUEST,
-                    f"{parameter} must be in [1, {cap}] on this worker (hardware profile {self.name}: {self.description}), got {value}; "
-                    f"lower {parameter} or send the job to a worker with a larger profile",
+                    f"{parameter} must be in [1, {cap}] on this worker (hardware profile {self.name}: {self.description}), got {value}{default}; "
+                    f"submit with {parameter}={cap} or less, or to a worker with a larger profile",
                     parameter=parameter,
                 )
 
