@@ -5,20 +5,41 @@ from __future__ import annotations
 import logging
 
 from celery import Celery, Task, signals
+from celery.exceptions import Ignore
 from celery.worker.consumer import Consumer
 from vine import promise
 
 from producer import keys
+from producer.connection import redis_client
 from producer.queueing import celery_config
+from producer.records import JobState
 from producer.settings import Settings
-from worker.serving.handler import JobHandler
+from producer.store import JobStore
+from worker.serving import remote_control
+from worker.serving.handler import JobEnd, JobHandler
 from worker.serving.intake import named_job, task_problem
 from worker.serving.redis_writes import RedisWrites
 from worker.serving.transport import bound_transport
 
 
+class JobFailed(Exception):
+    """What the task raises, once its job's record is final, for a job that failed or expired: Celery (and
+    Flower) show the task FAILURE, with ``<code>: <message>`` (the job's error) as its exception."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+    def __repr__(self) -> str:
+        return f"JobFailed({str(self)!r})"
+
+
 class GenerateTask(Task):
-    """Delivery policy of a generation job (see the README's "Guarantees")."""
+    """Delivery policy of a generation job (see docs/guarantees.md)."""
 
     # Acknowledge only after the job's record is final, so a worker that dies mid-job leaves the
     # message to be redelivered; the record's attempt counter stops a poison job (BELLE_MAX_ATTEMPTS).
@@ -29,6 +50,31 @@ class GenerateTask(Task):
     ignore_result = True
     # Accept any argument shape: a malformed message must reach the handler, not fail in Celery.
     typing = False
+    # Celery's state follows the job's (``report``): a failed or expired job raises JobFailed after its record is final.
+    # Such a failure is acknowledged as a success is (the job has ended: never requeued), and logged in one line without
+    # a traceback (an expected exception).
+    acks_on_failure_or_timeout = True
+    throws = (JobFailed,)
+
+
+def report(task: Task, end: JobEnd) -> None:
+    """Give the task the Celery state of its job, whose record is final by now: SUCCESS for a succeeded job
+    (the task returns), FAILURE for a failed or expired one (``JobFailed``), REVOKED for a cancelled one
+    (whether it ran or not, and however it was cancelled: a ``task-revoked`` event, as Celery sends for a
+    task it revokes, then ``Ignore``: the message is acknowledged, and no other end event is sent)."""
+    if end.state is JobState.SUCCEEDED:
+        return
+    if end.state is JobState.CANCELLED:
+        if task.app.conf.worker_send_task_events:
+            try:
+                task.send_event("task-revoked", terminated=False, signum=None, expired=False)
+            except Exception as exc:  # an event is not worth the job's acknowledgement
+                log.warning("job %s: its task-revoked event could not be sent (%s: %s)", task.request.id, type(exc).__name__, exc)
+        signals.task_revoked.send(sender=task, request=task.request, terminated=False, signum=None, expired=False)
+        raise Ignore()
+    if end.error is None:
+        raise JobFailed(end.state.value, f"the job ended {end.state.value}")
+    raise JobFailed(end.error.code.value, end.error.message)
 
 
 log = logging.getLogger("belle.worker")
@@ -39,9 +85,15 @@ class JobConsumer(Consumer):
     (worker/serving/intake.py). Any other message (a task of another name, Celery's built-ins included, a
     body of the wrong shape, an ETA, callbacks, a content type other than JSON, anything Celery fails to
     take as a task) is rejected unread and never redelivered; if it names one of our jobs, that job fails
-    ``invalid_request`` unless it has a record (an existing record is never changed by it)."""
+    ``invalid_request`` unless it has a record (an existing record is never changed by it). Its remote
+    control answers revoke (a cancel) and inspection only (worker/serving/remote_control.py)."""
 
     handler: JobHandler | None = None
+    jobs: JobStore | None = None  # for the remote control's cancellations, on the consumer's thread (no waiting on Redis)
+
+    class Blueprint(Consumer.Blueprint):
+        default_steps = [remote_control.RemoteControl if step == "celery.worker.consumer.control:Control" else step
+                         for step in Consumer.Blueprint.default_steps]
 
     def create_task_handler(self, promise=promise):
         received = super().create_task_handler(promise)
@@ -49,6 +101,7 @@ class JobConsumer(Consumer):
         def on_task_received(message):
             problem = task_problem(message.headers, message.content_type, message.content_encoding, message.decode)
             if problem is None:
+                remote_control.check_revoked(self.jobs, named_job(message.headers))
                 try:
                     return received(message)
                 except self.connection_errors:
@@ -93,8 +146,9 @@ def create_app(settings: Settings, handler: JobHandler, *, writes: RedisWrites, 
     app.conf.broker_transport_options = {**app.conf.broker_transport_options, "max_connections": settings.worker_concurrency + 16}
     app.conf.update(
         broker_transport=bound_transport(writes=writes, incarnation=incarnation, on_refused=handler.unreadable),
-        # No remote control: a broadcast on Redis (`celery control shutdown`, pool changes) must not be able to stop or change a worker.
-        worker_enable_remote_control=False,
+        # Remote control answers revoke (a cancel) and inspection only: a broadcast on Redis (`celery control shutdown`, pool
+        # changes) must not be able to stop or change a worker (worker/serving/remote_control.py).
+        worker_enable_remote_control=True,
         worker_pool="threads",
         worker_concurrency=settings.worker_concurrency,
         worker_prefetch_multiplier=settings.prefetch_multiplier,
@@ -105,11 +159,12 @@ def create_app(settings: Settings, handler: JobHandler, *, writes: RedisWrites, 
         worker_redirect_stdouts=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_queues=None,
-        worker_consumer=type("BoundJobConsumer", (JobConsumer,), {"handler": handler}),
+        worker_consumer=type("BoundJobConsumer", (JobConsumer,), {
+            "handler": handler, "jobs": JobStore(redis_client(settings.redis_url), result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s)}),
     )
 
     @app.task(base=GenerateTask, bind=True, name=keys.TASK_GENERATE)
     def generate(self, *args, **kwargs):
-        handler.handle(args, kwargs, worker=self.request.hostname or "unknown", queue=(self.request.delivery_info or {}).get("routing_key"))
+        report(self, handler.handle(args, kwargs, worker=self.request.hostname or "unknown", queue=(self.request.delivery_info or {}).get("routing_key")))
 
     return app
