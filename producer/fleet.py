@@ -1,5 +1,5 @@
 """The fleet: the live workers, as they announce themselves in Redis (what clients read about them), and
-the producer's check of a job against them.
+the producer's check of a job against them, and a worker's health (``belle-queue health``, a healthcheck).
 
 Each worker process writes its ``WorkerInfo`` under ``keys.worker(name)`` every few seconds with a
 short expiry, so the keys present are the workers alive now (``belle-queue workers``).
@@ -8,6 +8,7 @@ short expiry, so the keys present are the workers alive now (``belle-queue worke
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict
 
@@ -67,6 +68,50 @@ def parse_workers(values: list[str | None]) -> list[WorkerInfo]:
             except ValueError:
                 continue  # a worker of another version, or a stray key
     return workers
+
+
+@dataclass(frozen=True)
+class WorkerHealth:
+    healthy: bool
+    worker: str | None  # the worker looked at (None: none was found)
+    detail: str  # what was seen, or why it is not healthy
+
+
+def worker_health(redis, name: str | None, *, max_age_s: float = EXPIRES_S, now: float | None = None) -> WorkerHealth:
+    """Whether the worker called ``name`` (None: any live worker) lives and works: its announcement is there,
+    its heartbeat at most ``max_age_s`` old, and its process's liveness key there. A worker whose batcher has
+    died or hangs (a wedged GPU) keeps announcing itself but stops renewing its liveness (worker/serving/announce.py)."""
+    now = time.time() if now is None else now
+    if name is None:
+        workers = live_workers(redis)
+        if not workers:
+            return WorkerHealth(False, None, "no live worker is announced")
+        checked = [worker_health(redis, w.name, max_age_s=max_age_s, now=now) for w in workers]
+        return next((h for h in checked if h.healthy), checked[0])
+    value = redis.get(keys.worker(name))
+    if not value:
+        return WorkerHealth(False, name, f"worker {name} is not announced: it is stopped, still loading its model, hung for more than {EXPIRES_S} s, "
+                                         "or cannot reach Redis")
+    (info,) = parse_workers([value]) or [None]
+    if info is None:
+        return WorkerHealth(False, name, f"worker {name}'s announcement cannot be read (another version of belle-queue?)")
+    age = now - info.heartbeat_at
+    if age > max_age_s:
+        return WorkerHealth(False, name, f"worker {name}'s last heartbeat was {age:.1f} s ago (more than {max_age_s:g} s)")
+    if not redis.exists(keys.worker_alive(info.incarnation)):
+        return WorkerHealth(False, name, f"worker {name} (pid {info.pid}) announces itself but its batcher has died or is stuck "
+                                         f"(its liveness lapsed): its jobs are being taken over")
+    full = " (Redis refuses its writes: out of memory)" if info.redis_refusing_writes_since else ""
+    return WorkerHealth(True, name, f"worker {name} (pid {info.pid}, {info.model} on {info.device}): heartbeat {max(age, 0.0):.1f} s ago{full}")
+
+
+def can_run(worker: WorkerInfo, request: GenerationRequest, queue: str) -> bool:
+    """Whether ``worker`` takes jobs from ``queue`` and would run ``request``: it serves its adapter, and its
+    hardware profile's caps (as announced) admit its new tokens and its rows (beams or returned sequences)."""
+    if queue not in worker.queues or (request.adapter is not None and request.adapter not in worker.adapters):
+        return False
+    rows = max(request.num_beams, request.num_return_sequences)
+    return all(cap is None or value <= cap for value, cap in ((request.max_new_tokens, worker.max_new_tokens), (rows, worker.num_beams)))
 
 
 def check_against_workers(request: GenerationRequest, workers: list[WorkerInfo]) -> None:

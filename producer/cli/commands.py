@@ -3,19 +3,22 @@ Worker-side commands (worker, demo, tiny-model) are registered by the worker pac
 `belle_queue.commands` entry point and import the GPU stack only when they run.
 
 Exit codes: 0 success, 1 job failed (or cancelled/expired, or not found), 2 invalid request (or
-command line), 3 timed out / not finished, 4 Redis unreachable, refused us, or refuses writes. Every
-error is one line on stderr, never a traceback.
+command line), 3 timed out / not finished, 4 Redis unreachable, refused us, or refuses writes; 141 (as ``cat`` killed
+by SIGPIPE) when the reader of our output went away early (``| head``), silently. Every error is one line
+on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib.metadata import entry_points
 
-from producer.cli import batch
-from producer.cli.common import EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_REDIS, EXIT_TIMEOUT, parse_set, read_json_file, seconds
+from producer.cli import batch, monitoring
+from producer.cli.common import (EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_OUTPUT_CLOSED, EXIT_REDIS, EXIT_TIMEOUT, memory_size, parse_set,
+                                 read_json_file, seconds)
 
 
 def _settings(args: argparse.Namespace):
@@ -49,6 +52,8 @@ def _print_record(record, as_json: bool) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from producer import keys
+
     request = parse_set(args.set or [])
     if args.prompt is not None:
         request["prompt"] = args.prompt
@@ -60,8 +65,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         request["preset"] = args.preset
     if args.stream:
         request["stream"] = True
+    queue = {"interactive": keys.QUEUE_INTERACTIVE, "bulk": keys.QUEUE_BULK}[args.queue]
     with _client(args) as client:
-        job_id = client.submit(request, check_workers=args.check_workers)
+        job_id = client.submit(request, queue=queue, check_workers=args.check_workers)
         if args.stream:
             print(job_id, file=sys.stderr)
             return _watch(client, job_id, args.wait if args.wait is not None else args.timeout, args.json)
@@ -223,10 +229,12 @@ def cmd_redis(args: argparse.Namespace) -> int:
 
     from producer.embedded_redis import EmbeddedRedis
 
-    server = EmbeddedRedis(port=args.port, data_dir=args.dir)
+    data_dir = args.dir or (None if args.ephemeral else _settings(args).redis_data_dir)
+    server = EmbeddedRedis(port=args.port, data_dir=data_dir, ephemeral=args.ephemeral, maxmemory=args.maxmemory)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_OK))
     server.start()
     print(server.url, flush=True)
+    print(f"redis-server on port {server.port}: {server.description}", file=sys.stderr, flush=True)
     try:
         server.process.wait()
     except KeyboardInterrupt:
@@ -269,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="stream=true, and print the text as it is generated (as `watch`)")
     p.add_argument("--timeout", type=seconds, default=600, metavar="SECONDS", help="with --stream: how long to follow the job (default 600)")
     p.add_argument("--check-workers", action="store_true", help="refuse the job unless a live worker serves its adapter and allows its size")
+    p.add_argument("--queue", choices=("interactive", "bulk"), default="interactive",
+                   help="interactive (default; workers take it first) or bulk (behind interactive jobs, as batches)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_submit)
 
@@ -306,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_settings)
 
     batch.register(sub, _with_client)
+    monitoring.register(sub, _settings)
 
     p = sub.add_parser("gateway", help="serve the HTTP gateway: OpenAI's API, the job API, Batch files, webhooks (needs the gateway extra)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
@@ -313,9 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="gateway processes (uvicorn workers; default 1)")
     p.set_defaults(func=cmd_gateway)
 
-    p = sub.add_parser("redis", help="run an embedded redis-server in the foreground and print its URL")
+    p = sub.add_parser("redis", help="run an embedded redis-server in the foreground and print its URL (AOF everysec, no eviction)")
     p.add_argument("--port", type=int, help="port (default: a free one)")
-    p.add_argument("--dir", help="data folder (default: a temporary one)")
+    p.add_argument("--dir", help="data folder, created if absent (default: BELLE_REDIS_DATA_DIR; with --ephemeral, a temporary one)")
+    p.add_argument("--maxmemory", type=memory_size, metavar="SIZE", help="memory limit, e.g. 2gb or 512mb; at it, writes are refused, "
+                   "nothing is evicted (default: no limit)")
+    p.add_argument("--ephemeral", action="store_true", help="keep nothing on disk: no append-only file, no snapshots (demos, tests)")
     p.set_defaults(func=cmd_redis)
 
     for entry in entry_points(group="belle_queue.commands"):
@@ -326,6 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except BrokenPipeError:  # the reader of our output went away (`belle-queue … | head`): stop quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # (what is still buffered goes nowhere at exit, instead of a second error)
+        return EXIT_OUTPUT_CLOSED
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     import redis
 
@@ -333,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     from producer.errors import BelleError, InvalidRequestError, JobNotFoundError, JobTimeoutError
 
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # (a reader that went away shows here, not at exit)
+        return code
     except InvalidRequestError as exc:
         print(f"invalid request: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -354,9 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     except BelleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except BrokenPipeError:  # the reader of our output went away (e.g. `| head`)
-        sys.stderr.close()
-        return EXIT_FAILED
+    except BrokenPipeError:
+        raise  # (main's)
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from producer import keys
 from producer.aio import AsyncJobClient
 from producer.errors import JobNotFoundError
+from producer.fleet_metrics import fleet_registry
 from producer.gateway import batch_routes, errors, job_routes, openai_routes
 from producer.gateway.auth import KeyRing
 from producer.gateway.webhooks import WebhookDeliverer
@@ -95,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.client = client = AsyncJobClient(settings)
+        app.state.fleet = fleet_registry(client.sync.redis, batch_series=settings.fleet_batch_series)  # (read at each scrape)
         if app.state.keyring.open:
             log.warning("no API key is configured (BELLE_API_KEYS, BELLE_API_KEYS_FILE): the gateway serves anyone who reaches it")
         stopping, delivering = asyncio.Event(), None
@@ -134,7 +136,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok" if workers else "no_workers", "redis": "ok", "workers": len(workers), "models": models}
 
     @app.get("/metrics")
-    async def prometheus():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus(request: Request):
+        """This process's own metrics, then the fleet's (producer/fleet_metrics.py: read from Redis now, on a thread)."""
+        fleet = await asyncio.to_thread(generate_latest, request.app.state.fleet)
+        return Response(generate_latest(metrics.registry) + fleet, media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -3,10 +3,11 @@ the worker's in worker/serving/lua/ (whose ``script(name)`` passes its folder to
 file starts with a comment saying what it does, its KEYS and its ARGV.
 
 A line ``-- include: NAME`` stands for the fragment ``NAME.lua`` (from the script's own folder, else this one):
-Lua functions that several scripts share (``events``, ``batch_move``, ``finalize``; the worker's ``requeue``).
+Lua functions that several scripts share (``events``, ``batch_move``, ``finalize``, ``stats``; the worker's ``requeue``).
 A fragment goes into a script once, at its first include, so one that includes another that its script also
 includes is fine. The fragment ``constants`` is no file: it gives the scripts what Python defines (the
-webhooks stream's key, ``keys.WEBHOOKS``, and the final states, ``records.FINAL_STATES``).
+webhooks stream's key, ``keys.WEBHOOKS``, a job record's key without its id, the fleet metrics' keys
+``keys.JOBS_ENDED`` and ``keys.OPEN_BATCHES``, and the final states, ``records.FINAL_STATES``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def _constants() -> str:
     return (f"-- constants (producer/lua/__init__.py)\n"
             f"local WEBHOOKS = '{keys.WEBHOOKS}'\n"
             f"local WEBHOOK_STREAM_MAX = '{WEBHOOK_STREAM_MAX}'\n"
+            f"local JOB_KEY_PREFIX = '{keys.job('')}'\n"
+            f"local JOBS_ENDED = '{keys.JOBS_ENDED}'\n"
+            f"local OPEN_BATCHES = '{keys.OPEN_BATCHES}'\n"
             f"local FINAL = {{{final}}}\n")
 
 

@@ -2,14 +2,17 @@
 --   finalize(state, now, ttl, field, payload, channel, end_event, streaming): the record's state, finish time,
 --     'field' ('result', 'error', or '' for none) set to 'payload', and its expiry; the end event on the chunks
 --     stream (when the job streams, or has streamed) and on the job's channel; its batch's counts and its
---     webhook events. The caller has checked that the record is not final yet.
+--     webhook events; and the cluster-wide count of ended jobs (stats.lua). The caller has checked that the
+--     record is not final yet.
 -- KEYS[1]: the job's record, KEYS[2]: its chunks stream. ARGV: none of its own.
 -- include: batch_move
+-- include: stats
 
 local function finalize(state, now, ttl, field, payload, channel, end_event, streaming)
   batch_move(redis.call('HGET', KEYS[1], 'state'), state)
   stop_waiting()
   redis.call('HSET', KEYS[1], 'state', state, 'finished_at', now)
+  count_ended(state, field, payload)
   if field ~= '' then
     redis.call('HSET', KEYS[1], field, payload)
   end

@@ -525,6 +525,8 @@ class Batcher:
         else:
             sequences = [RawSequence(r.tokens, r.logprobs if request.output_scores else None) for r in active.rows]
         first_token_s = None if active.first_token_at is None else active.first_token_at - active.started
+        if active.first_token_at is not None:
+            self.metrics.observe_time_between_tokens(time.perf_counter() - active.first_token_at, max((len(r.tokens) for r in active.rows), default=0))
         return self.engine.job_result(active.job, sequences, generation_s=time.perf_counter() - active.started, batch_size=active.peak_jobs,
                                       cancelled=active.cancelled, stream=active.stream, admission_s=active.started - active.job.prepared_at,
                                       first_token_s=first_token_s)
