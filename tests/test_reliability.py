@@ -26,7 +26,7 @@ from tests.conftest import WorkerProcess
 from tests.waiting import wait_for
 from worker.serving.unacked import HeldMessages
 
-# Redelivery within seconds instead of an hour (see the README's "Guarantees" for production values).
+# Redelivery within seconds instead of an hour (see docs/guarantees.md for production values).
 FAST_REDELIVERY = {"BELLE_VISIBILITY_TIMEOUT_S": "4", "BELLE_UNACKED_RESTORE_INTERVAL_S": "1", "BELLE_UNACKED_RESTORE_THROTTLE": "1",
                    "BELLE_LOST_MESSAGE_SWEEP_S": "1"}
 LONG = {"num_beams": 1, "max_new_tokens": 300, "min_new_tokens": 100}
@@ -64,8 +64,8 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_its_jobs_run_again_once(new
         with JobClient(Settings(redis_url=url)) as client:
             doomed = start_worker(bloom_config, name="doomed@tests", redis_url=url, env=FAST_REDELIVERY)
             ids = [client.submit({"prompt": f"question {i}", **LONG}) for i in range(50)]
-            # Killed once it holds all 50 (some decoding, the others waiting to join): see the README's
-            # "Guarantees" for the one moment a kill can lose a message, inside kombu.
+            # Killed once it holds all 50 (some decoding, the others waiting to join): see docs/guarantees.md,
+            # for the one moment a kill can lose a message, inside kombu.
             deadline = time.monotonic() + 60
             while not all(client.get(j).attempts == 1 for j in ids):  # all generating
                 assert time.monotonic() < deadline

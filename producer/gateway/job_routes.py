@@ -1,6 +1,6 @@
 """The native job API, mirroring ``JobClient``: submit, read, cancel, and follow a job's events.
 
-- ``POST /v1/jobs``: the request contract (README, "The request") plus ``queue`` (``interactive`` or
+- ``POST /v1/jobs``: the request contract (docs/requests.md) plus ``queue`` (``interactive`` or
   ``bulk``); an ``Idempotency-Key`` header is the request's ``idempotency_key``. 202 with the job id.
 - ``GET /v1/jobs/{id}``: its record. ``POST /v1/jobs/{id}/cancel``: the cancel's outcome.
 - ``GET /v1/jobs/{id}/events``: server-sent events ``chunk`` and ``end`` (data: the event as JSON, id:

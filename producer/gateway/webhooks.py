@@ -10,7 +10,7 @@ retries knows how many were made). Every attempt of an event carries the same ``
 
 Deliveries are signed per the Standard Webhooks spec: ``webhook-id``, ``webhook-timestamp`` and
 ``webhook-signature`` = ``v1,`` + base64(HMAC-SHA256(secret, "{id}.{timestamp}.{body}")), the secret
-being the tenant's ``whsec_`` secret (README, "Webhooks"). A target that resolves to a loopback,
+being the tenant's ``whsec_`` secret (docs/gateway.md, "Webhooks"). A target that resolves to a loopback,
 private, link-local or otherwise reserved address is refused (at submission and again at delivery)
 unless ``BELLE_WEBHOOK_ALLOW_PRIVATE``; redirects are not followed; a receiver slower than
 ``BELLE_WEBHOOK_TIMEOUT_S`` is cut off.

@@ -1,6 +1,6 @@
 """Turning a request into prompt tokens that fit the model's context window.
 
-The rule (documented in the README): the prompt and max_new_tokens must fit in context_length.
+The rule (documented in docs/requests.md): the prompt and max_new_tokens must fit in context_length.
 1. Multi-turn ``messages`` lose their oldest turns (a user message with the reply that follows it)
    until they fit; a leading system message and the last user turn are always kept.
 2. If the kept prompt still leaves fewer than max_new_tokens, max_new_tokens is clamped to what is
