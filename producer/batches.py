@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from producer import keys, lua
+from producer import fairness, keys, lua
 from producer.connection import describe_error
 from producer.enqueue import Enqueue, derived_job_id, webhook_fields
 from producer.errors import BelleError, InvalidRequestError
@@ -42,7 +42,7 @@ from producer.settings import Settings
 from producer.store import cancel_call, canonical_json, now
 
 CHUNK = 1_000  # jobs per pipeline (one round trip)
-COUNTED = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
+COUNTED = ("queued", "held", "running", "succeeded", "failed", "cancelled", "expired")
 
 
 class BatchError(BelleError):
@@ -91,7 +91,8 @@ class BatchStatus(BaseModel):
     state: str  # submitting | submitted | cancelled
     total: int
     queued: int = 0
-    running: int = 0
+    held: int = 0  # delivered to a worker, waiting there to join its decoding batch
+    running: int = 0  # generating
     succeeded: int = 0
     failed: int = 0
     cancelled: int = 0
@@ -110,9 +111,21 @@ class BatchStatus(BaseModel):
 
     @property
     def finished(self) -> bool:
-        if self.state == "cancelled" and self.queued == 0 and self.running == 0:
+        if self.state == "cancelled" and self.queued == 0 and self.held == 0 and self.running == 0:
             return True  # cancelled while being submitted: some lines never got a job
         return self.state != "submitting" and self.done >= self.total
+
+
+class BatchCancellation(BaseModel):
+    """What ``cancel_batch`` did to each of the batch's jobs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    cancelled: int = Field(0, description="Queued jobs, now ended 'cancelled' without running.")
+    requested: int = Field(0, description="Running jobs, told to stop at their next decoding step (they keep their partial text).")
+    requested_held: int = Field(0, description="Jobs a worker held but had not started: they end 'cancelled' without running.")
+    ended: int = Field(0, description="Jobs that had ended already: left as they were.")
+    missing: int = Field(0, description="Jobs whose record had expired: nothing to cancel.")
 
 
 RECORD_GONE = "the job's record has expired (BELLE_RESULT_TTL_S after it ended, BELLE_PENDING_TTL_S before): its result is gone"
@@ -254,7 +267,8 @@ class Batches:
             raise InvalidRequestError.single("file", None, f"nothing to submit: {what}; a batch needs at least one request line")
         digest.update(json.dumps([defaults, completion_window_s, queue, skip_invalid], sort_keys=True).encode())
         batch_id = keys.checked_id("batch_id", batch_id or (uuid.uuid4().hex if new else digest.hexdigest()[:32]))
-        state, deadline = self._open(batch_id, len(valid), len(refused), completion_window_s, queue, name, digest.hexdigest(), batch_fields or {})
+        tenant = {"tenant": record_fields["tenant"]} if record_fields and record_fields.get("tenant") else {}  # (whose fair-share line: producer/fairness.py)
+        state, deadline = self._open(batch_id, len(valid), len(refused), completion_window_s, queue, name, digest.hexdigest(), {**tenant, **(batch_fields or {})})
         if state in ("new", "submitting"):
             in_batch = [0]  # lines known to be in so far (an interruption reports it)
             try:
@@ -342,7 +356,7 @@ class Batches:
             pipe = self.redis.pipeline(transaction=False)
             stamp = now()
             for item in chunk:
-                self._enqueue(**item.call(stamp, self.settings.pending_ttl_s), client=pipe)
+                self._enqueue(**item.call(stamp, self.settings), client=pipe)
             pipe.expire(keys.batch(batch_id), self.settings.pending_ttl_s)
             pipe.expire(keys.batch_jobs(batch_id), self.settings.pending_ttl_s)
             pipe.hget(keys.batch(batch_id), "state")
@@ -408,11 +422,13 @@ class Batches:
             for job_id, values in zip(job_ids, pipe.execute(), strict=True):
                 yield job_id, dict(zip(fields, values, strict=True))
 
-    def cancel(self, batch_id: str) -> dict[str, int]:
+    def cancel(self, batch_id: str) -> BatchCancellation:
         """Cancel every job of the batch not ended yet: queued ones end cancelled, running ones stop at
         their next step. Returns how many of each outcome."""
         pages = self._job_id_pages(batch_id)  # (checks that the batch exists before it is marked)
         self.redis.hset(keys.batch(batch_id), "state", "cancelled")
+        queue, tenant = self.redis.hmget(keys.batch(batch_id), "queue", "tenant")
+        fairness.drop_batch_line(self.redis, queue or keys.QUEUE_BULK, tenant or "", batch_id)  # its jobs there never go on the queue
         outcomes: dict[str, int] = {}
         for job_ids in pages:
             pipe = self.redis.pipeline(transaction=False)
@@ -421,7 +437,7 @@ class Batches:
             for outcome in pipe.execute():
                 kind = "ended" if outcome.startswith("final:") else outcome
                 outcomes[kind] = outcomes.get(kind, 0) + 1
-        return outcomes
+        return BatchCancellation(**outcomes)
 
     def _job_id_pages(self, batch_id: str) -> Iterator[list[str]]:
         """The batch's job ids in input order, CHUNK at a time; BatchError at once if there is no such batch."""

@@ -17,10 +17,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from producer import keys
+from producer import fairness, keys
 from producer.errors import ErrorCode, InvalidRequestError
 from producer.records import JobError
 from producer.schemas import GenerationRequest
+from producer.settings import Settings
 from producer.store import canonical_json
 
 # Job ids derived from an idempotency key (or a batch id and line) are UUID5s in this namespace.
@@ -95,15 +96,17 @@ class Enqueue:
     line: int = 0
     fields: tuple[tuple[str, str], ...] = ()  # more record fields: tenant, webhook, webhook_events
 
-    def call(self, now: float, pending_ttl_s: int) -> dict[str, list]:
+    def call(self, now: float, settings: Settings) -> dict[str, list]:
         """The keys and arguments of producer/lua/enqueue.lua."""
         batch = keys.batch(self.batch_id) if self.batch_id else ""
+        line = fairness.line_keys(self.queue, dict(self.fields).get("tenant", ""), self.batch_id)
         return {
             "keys": [keys.job(self.job_id), self.queue, batch or keys.job(self.job_id), keys.batch_jobs(self.batch_id) if self.batch_id else keys.job(self.job_id),
                      keys.queue_sequence(self.queue), keys.queue_waiting(self.queue)],
-            "args": [canonical_json(self.wire), now, pending_ttl_s, task_message(self.job_id, self.wire, self.queue), self.job_id, batch,
+            "args": [canonical_json(self.wire), now, settings.pending_ttl_s, task_message(self.job_id, self.wire, self.queue), self.job_id, batch,
                      self.batch_id, self.custom_id, self.line, self.queue, keys.queue_taken(self.queue),
-                     BATCH_CANCELLED_JSON if self.batch_id else "", *(part for pair in self.fields for part in pair)],
+                     BATCH_CANCELLED_JSON if self.batch_id else "", *line, settings.bulk_ready_jobs,
+                     *(part for pair in self.fields for part in pair)],
         }
 
 

@@ -31,7 +31,7 @@ def job(job_id: str) -> str:
 def job_channel(job_id: str) -> str:
     """Pub/sub channel with a job's live events (state changes, chunks, its end). It has the name of the job's
     record on purpose, and that is no clash: pub/sub channels are not keys (Redis keeps them apart), and
-    subscribers outside this code know the channel by that name (README, Streaming and cancellation)."""
+    subscribers outside this code know the channel by that name (docs/streaming.md)."""
     return job(job_id)
 
 
@@ -85,6 +85,24 @@ def queue_taken(queue: str) -> str:
     return f"{PREFIX}:queue:{queue}:taken"
 
 
+def fair_tenants(queue: str) -> str:
+    """List of the tenants' line lists (``fair_tenant``) with jobs waiting to go on QUEUE, in the order they
+    are served (producer/fairness.py)."""
+    return f"{PREFIX}:fair:{queue}:tenants"
+
+
+def fair_tenant(queue: str, tenant: str) -> str:
+    """List of a tenant's lines (``fair_line``) with jobs waiting to go on QUEUE, in the order they are served."""
+    return f"{PREFIX}:fair:{queue}:tenant:{tenant or '-'}"
+
+
+def fair_line(queue: str, tenant: str, batch_id: str = "") -> str:
+    """List of the jobs of one line (a batch, or a tenant's single jobs) waiting to go on QUEUE: each
+    "JOB_ID MESSAGE", first in first out."""
+    line = f"batch:{batch_id}" if batch_id else "jobs"
+    return f"{PREFIX}:fair:{queue}:tenant:{tenant or '-'}:{line}"
+
+
 def worker_alive(incarnation: str) -> str:
     """Present while a worker process lives (renewed by its heartbeat): a job it holds is not taken over."""
     return f"{PREFIX}:alive:{incarnation}"
@@ -115,6 +133,21 @@ def worker(name: str) -> str:
 # Sorted set of worker names by their last heartbeat: where the live announcements are found (without
 # scanning the keyspace, which holds every job).
 WORKERS_SEEN = f"{PREFIX}:workers"
+
+
+# Hash: the jobs that ended, cluster-wide, by "STATE:ERROR_CODE" (``ended_field``), counted by every script that
+# writes a final state (producer/lua/stats.lua); read at scrape time by the fleet metrics (producer/fleet_metrics.py).
+JOBS_ENDED = f"{PREFIX}:stats:ended"
+
+# Sorted set of the batches not completed yet (their hashes' keys, ``batch(id)``) by creation time: added when a
+# batch opens (producer/lua/batch_open.lua), removed when it completes (producer/lua/events.lua); the fleet
+# metrics read their progress.
+OPEN_BATCHES = f"{PREFIX}:batches:open"
+
+
+def ended_field(state: str, code: str | None) -> str:
+    """A field of JOBS_ENDED: a final state and its error's code ('' for none)."""
+    return f"{state}:{code or ''}"
 
 
 def rate(tenant: str, minute: int) -> str:

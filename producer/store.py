@@ -96,7 +96,7 @@ def cancel_outcome(job_id: str, outcome: str) -> CancelOutcome:
 
 @dataclass(frozen=True)
 class CancelOutcome:
-    outcome: str  # 'cancelled' | 'requested' | 'final:<state>'
+    outcome: str  # 'cancelled' | 'requested' | 'requested_held' | 'final:<state>'
 
     @property
     def description(self) -> str:
@@ -104,6 +104,8 @@ class CancelOutcome:
             return "cancelled before it started"
         if self.outcome == "requested":
             return "cancellation requested: the job stops at its next decoding step and keeps its partial text"
+        if self.outcome == "requested_held":
+            return "cancellation requested: a worker holds the job but has not started it; it ends cancelled without running"
         return f"already {self.outcome.removeprefix('final:')}; nothing to cancel"
 
 

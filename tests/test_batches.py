@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from producer import keys
+from producer import fairness, keys
 from producer.batches import openai_request, parse_line
 from producer.client import JobClient
 from producer.errors import InvalidRequestError
@@ -90,7 +90,7 @@ def test_a_2000_line_file_runs_end_to_end_and_its_results_come_back_in_input_ord
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["custom_id"] for r in rows] == [line["custom_id"] for line in lines]
     assert [r["line"] for r in rows] == list(range(1, 2001))
-    assert all(r["state"] == "succeeded" and len(r["result"]["sequences"][0]["token_ids"]) == 2 for r in rows)
+    assert all(r["state"] == "succeeded" and len(r["result"]["sequences"][0]["token_ids"]) == 2 for r in rows), [r for r in rows if "result" not in r][:2]
     shown = cli(url, "batch", "status", info["batch_id"])
     assert shown.returncode == 0 and "2000/2000 done" in shown.stdout and "succeeded 2000" in shown.stdout
 
@@ -205,7 +205,8 @@ def test_a_batch_resubmitted_after_the_submitter_crashed_enqueues_every_line_onc
         info = json.loads(again.stdout)
         assert keys.batch(info["batch_id"]) == batch_key and info["total"] == 20_000 and info["created"] == 20_000 - partial
         assert "were already in: batch resumed" in again.stderr
-        assert client.redis.llen(keys.QUEUE_BULK) == 20_000 and client.redis.llen(keys.batch_jobs(info["batch_id"])) == 20_000
+        assert fairness.waiting_jobs(client.redis, keys.QUEUE_BULK).count == 20_000 and client.redis.llen(keys.batch_jobs(info["batch_id"])) == 20_000
+        assert client.redis.llen(keys.QUEUE_BULK) == client.settings.bulk_ready_jobs, "the rest wait in the batch's fair-share line"
         assert client.batch_status(info["batch_id"]).queued == 20_000
         assert [r.custom_id for r in client.iter_batch_results(info["batch_id"])] == [line["custom_id"] for line in lines]
 

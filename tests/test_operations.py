@@ -69,6 +69,18 @@ def test_a_job_over_the_profiles_caps_is_refused_naming_the_cap_and_the_profile(
     assert "batches of ≤16 jobs, ≤8192 tokens" in worker.log
 
 
+def test_on_a_1080ti_worker_a_plain_stream_runs_with_one_beam_and_a_plain_submit_is_refused_naming_the_default_and_the_fix(profiled_worker):
+    worker, client = profiled_worker
+    streamed = cli(worker.redis_url, "submit", "--prompt", "hi", "--stream", "--set", "max_new_tokens=6", "--set", "min_new_tokens=6")
+    assert streamed.returncode == 0, streamed.stderr
+    record = client.get(streamed.stderr.split()[0])  # (the job id, on stderr)
+    assert record.state is JobState.SUCCEEDED and record.request["num_beams"] == 1 and record.request["stream"] is True
+    plain = cli(worker.redis_url, "submit", "--prompt", "hi", "--set", "max_new_tokens=6", "--wait", "60")
+    assert plain.returncode == 1 and "num_beams must be in [1, 2] on this worker (hardware profile 1080ti" in plain.stdout + plain.stderr
+    assert ("got 4 (the default for a request that leaves num_beams unset); submit with num_beams=2 or less, or to a worker with a larger profile"
+            in plain.stdout + plain.stderr), plain.stdout + plain.stderr
+
+
 def test_workers_announce_themselves_and_the_producer_checks_jobs_against_them(profiled_worker, new_database):
     worker, client = profiled_worker
     (info,) = client.workers()
@@ -86,6 +98,21 @@ def test_workers_announce_themselves_and_the_producer_checks_jobs_against_them(p
     assert refused.returncode == 2 and "on the live workers" in refused.stderr
     empty = cli(new_database(), "workers", "--json")
     assert empty.returncode == 0 and json.loads(empty.stdout) == []
+
+
+def test_a_job_its_workers_profile_refuses_goes_back_for_a_worker_that_runs_it(profiled_worker, start_worker, bloom_config):
+    worker, client = profiled_worker
+    wide = start_worker(bloom_config, name="unprofiled@tests", redis_url=worker.redis_url)
+    try:
+        wait_for(lambda: len(client.workers()) == 2, 30, "both workers announced")
+        records = [client.wait(client.submit({"prompt": f"wide {i}", "num_beams": 4, "max_new_tokens": 4}), 120) for i in range(4)]
+        assert [(r.state, r.worker) for r in records] == [(JobState.SUCCEEDED, "unprofiled@tests")] * 4
+        assert all(r.attempts == 1 for r in records), "going back unrun costs no attempt"
+    finally:
+        wide.stop()
+    wait_for(lambda: [w.name for w in client.workers()] == ["profiled@tests"], 30, "the second worker gone")
+    alone = client.wait(client.submit({"prompt": "wide again", "num_beams": 4, "max_new_tokens": 4}), 60)
+    assert alone.state is JobState.FAILED and alone.error.parameter == "num_beams", "with no other worker it fails at once"
 
 
 def test_checking_against_workers_picks_any_worker_that_can_run_the_job():
@@ -173,7 +200,15 @@ def test_a_warm_shutdown_finishes_the_decoding_jobs_and_returns_the_others(new_d
         assert len(finished) + len(returned) == 6 and returned, [(r.state, r.attempts) for r in records]
         assert decoding <= {r.job_id for r in finished}, "a decoding job is finished, never returned"
         assert all(r.attempts == 0 and r.worker is None for r in returned), "a returned job's attempt is not counted"
-        assert "the worker is stopping before it ran; its message goes back to the queue" in worker.log
+        # The log says so in one line per returned job and one summary line, with no traceback and nothing from Celery
+        # about the rejected messages.
+        wait_for(lambda: "warm shutdown: returned" in worker.log, 10, lambda: f"the worker sums up the returned jobs; its log:\n{worker.log[-4000:]}")
+        lines = worker.log.splitlines()
+        assert "Traceback" not in worker.log and not [line for line in lines if "reject requeue" in line], worker.log[-6000:]
+        for record in returned:
+            said = [line for line in lines if record.job_id in line and "goes back to the queue" in line]
+            assert len(said) == 1 and " INFO belle.worker: " in said[0], said
+        assert f"warm shutdown: returned {len(returned)} held jobs to their queues" in worker.log
         successor = start_worker(bloom_config, name="successor@tests", redis_url=url)
         records = [client.wait(j, 120) for j in ids]
         assert all(r.state is JobState.SUCCEEDED for r in records)
@@ -189,14 +224,22 @@ def test_the_worker_serves_prometheus_metrics(new_database, start_worker, bloom_
         done = [client.wait(client.submit({"prompt": f"hi {i}", "num_beams": 1, "max_new_tokens": 6, "min_new_tokens": 6}), 60) for i in range(3)]
         failed = client.wait(client.submit({"prompt": "hi", "adapter": "nobody"}), 60)
     assert all(r.state is JobState.SUCCEEDED for r in done) and failed.state is JobState.FAILED
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+
+    def scrape() -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+
+    # (the worker counts a job just after writing its final record, which the client may see first)
+    values = wait_for(lambda: (v := scrape()).get('belle_hop_seconds_count{hop="record"}') == 3 and 'belle_jobs_total{error="invalid_request",state="failed"}' in v and v,
+                      10, "the worker has counted the four jobs")
     assert values['belle_jobs_total{error="",state="succeeded"}'] == 3
     assert values['belle_jobs_total{error="invalid_request",state="failed"}'] == 1
     assert values["belle_generated_tokens_total"] == 18
     assert values["belle_decoding_steps_total"] >= 6
     assert all(values[f'belle_hop_seconds_count{{hop="{hop}"}}'] == 3 for hop in ("queued", "admission", "first_token", "generation", "record"))
     assert values["belle_time_to_first_token_seconds_count"] == 3 and values["belle_time_to_first_token_seconds_sum"] > 0
+    # (each job decoded 6 tokens: one observation each, of its 5 gaps after the first token)
+    assert values["belle_time_between_tokens_seconds_count"] == 3 and 0 < values["belle_time_between_tokens_seconds_sum"] < 60
 
 
 def test_a_job_released_by_a_stopping_worker_is_queued_again_without_counting_the_attempt(new_database):

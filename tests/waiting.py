@@ -23,10 +23,10 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str | Callable[[]
     return value
 
 
-def stays(condition: Callable[[], object], seconds: float, what: str) -> None:
+def stays(condition: Callable[[], object], seconds: float, what: str | Callable[[], str]) -> None:
     """Assert that ``condition`` holds at every poll for ``seconds`` (for what must not happen, such as a
-    redelivery, which only time can show)."""
+    redelivery, which only time can show). ``what`` may be a function, called on failure only."""
     until = time.monotonic() + seconds
     while time.monotonic() < until:
-        assert condition(), what
+        assert condition(), what() if callable(what) else what
         time.sleep(POLL_S)

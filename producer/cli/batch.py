@@ -6,14 +6,13 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from producer.cli.common import EXIT_OK, open_output, parse_set
 from producer.cli.common import EXIT_TIMEOUT as EXIT_NOT_FINISHED
 
 
 def cmd_submit(args: argparse.Namespace, client) -> int:
-    from pathlib import Path
-
     from producer.batches import parse_duration
 
     defaults = parse_set(args.set or [])
@@ -23,7 +22,7 @@ def cmd_submit(args: argparse.Namespace, client) -> int:
     submission = client.submit_batch(Path(args.file), defaults=defaults, batch_id=args.batch_id, new=args.new, completion_window_s=window,
                                      skip_invalid=args.skip_invalid, progress=args.progress)
     if submission.refused:
-        refusals = args.refusals or f"{args.file}.refused.jsonl"
+        refusals = args.refusals or str(refusals_path(Path(args.file)))
         with open_output(refusals, "--refusals") as f:
             f.writelines(e.to_json() + "\n" for e in submission.refused)
         print(f"{len(submission.refused)} invalid lines skipped; their errors are in {refusals}", file=sys.stderr)
@@ -36,6 +35,11 @@ def cmd_submit(args: argparse.Namespace, client) -> int:
     else:
         print(submission.batch_id)
     return EXIT_OK
+
+
+def refusals_path(source: Path) -> Path:
+    """Where --skip-invalid writes refused lines by default: next to the input, bad.jsonl → bad.refused.jsonl."""
+    return source.with_name(f"{source.stem}.refused.jsonl")
 
 
 def cmd_status(args: argparse.Namespace, client) -> int:
@@ -91,10 +95,11 @@ def cmd_results(args: argparse.Namespace, client) -> int:
 def cmd_cancel(args: argparse.Namespace, client) -> int:
     outcomes = client.cancel_batch(args.batch_id)
     if args.json:
-        print(json.dumps({"batch_id": args.batch_id, **outcomes}))
+        print(json.dumps({"batch_id": args.batch_id, **outcomes.model_dump()}))
     else:
-        print(f"batch {args.batch_id}: {outcomes.get('cancelled', 0)} queued jobs cancelled, {outcomes.get('requested', 0)} running ones stop at their "
-              f"next step, {outcomes.get('ended', 0)} had ended already")
+        gone = f", {outcomes.missing} had expired records" if outcomes.missing else ""
+        print(f"batch {args.batch_id}: {outcomes.cancelled} queued jobs cancelled, {outcomes.requested_held} held by a worker end cancelled "
+              f"without running, {outcomes.requested} running ones stop at their next step, {outcomes.ended} had ended already{gone}")
     return EXIT_OK
 
 
@@ -107,7 +112,7 @@ def register(sub, with_client) -> None:
     p.add_argument("--preset", help="named parameter set for every line (a line's own fields win)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a request field for every line (repeatable)")
     p.add_argument("--skip-invalid", action="store_true", help="submit the valid lines; write the invalid ones' errors to --refusals")
-    p.add_argument("--refusals", metavar="PATH", help="where --skip-invalid writes the refused lines (default FILE.refused.jsonl)")
+    p.add_argument("--refusals", metavar="PATH", help="where --skip-invalid writes the refused lines (default: next to FILE, bad.jsonl → bad.refused.jsonl)")
     p.add_argument("--completion-window", metavar="DURATION", help="jobs not started within this (e.g. 24h, 90m) end expired")
     p.add_argument("--batch-id", help="the batch's id (default: derived from the file and options, so a resubmission resumes it)")
     p.add_argument("--new", action="store_true", help="a new batch even if the same file was submitted before")

@@ -2,7 +2,8 @@
 -- ('cancel_requested_at') and its worker told on the cancel channel (it stops at its next decoding step).
 -- KEYS: the job's record, its chunks stream.
 -- ARGV: now, ttl, the job's channel, end event JSON, error JSON, the cancel channel, job id.
--- Returns 'missing', 'final:<state>' (nothing done), 'cancelled' or 'requested'.
+-- Returns 'missing', 'final:<state>' (nothing done), 'cancelled', 'requested' (it generates) or 'requested_held'
+-- (a worker holds it, not generating yet: it ends cancelled before it starts).
 -- include: finalize
 
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -20,4 +21,7 @@ if state == 'queued' then
   return 'cancelled'
 end
 redis.call('PUBLISH', ARGV[6], ARGV[7])
+if redis.call('HGET', KEYS[1], 'generating') ~= redis.call('HGET', KEYS[1], 'holder') then
+  return 'requested_held'
+end
 return 'requested'

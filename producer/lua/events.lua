@@ -2,8 +2,8 @@
 -- deliverers consume the webhooks stream, producer/gateway/webhooks.py).
 --   webhook_event(hash, kind, id, event): the event ('start', 'output', 'completed') of a job's record or a
 --     batch's hash ('kind': 'job' or 'batch'; 'id': its id), if it has a webhook that asked for this event.
---   batch_completed(batch): a batch that has ended (none of its jobs queued or running, its submission done)
---     is marked completed (its 'completed_at'), once, with its 'completed' event.
+--   batch_completed(batch): a batch that has ended (none of its jobs queued, held or running, its submission done)
+--     is marked completed (its 'completed_at'), once, with its 'completed' event, and leaves the open batches.
 -- KEYS and ARGV: none of its own (the functions take what they touch).
 -- include: constants
 
@@ -16,9 +16,10 @@ local function webhook_event(hash, kind, id, event)
 end
 
 local function batch_completed(batch)
-  local counts = redis.call('HMGET', batch, 'state', 'queued', 'running')
-  if counts[1] ~= 'submitting' and tonumber(counts[2] or '0') <= 0 and tonumber(counts[3] or '0') <= 0
+  local counts = redis.call('HMGET', batch, 'state', 'queued', 'held', 'running')
+  if counts[1] ~= 'submitting' and tonumber(counts[2] or '0') <= 0 and tonumber(counts[3] or '0') <= 0 and tonumber(counts[4] or '0') <= 0
      and redis.call('HSETNX', batch, 'completed_at', redis.call('TIME')[1]) == 1 then
+    redis.call('ZREM', OPEN_BATCHES, batch)
     webhook_event(batch, 'batch', redis.call('HGET', batch, 'batch_id') or '', 'completed')
   end
 end

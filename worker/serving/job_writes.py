@@ -28,8 +28,9 @@ class StartOutcome:
 class WorkerJobStore(JobStore):
     """A JobStore that also makes the worker's transitions."""
 
-    def __init__(self, redis, *, result_ttl_s: int, pending_ttl_s: int):
+    def __init__(self, redis, *, result_ttl_s: int, pending_ttl_s: int, bulk_ready_jobs: int = 64):
         super().__init__(redis, result_ttl_s=result_ttl_s, pending_ttl_s=pending_ttl_s)
+        self.bulk_ready_jobs = bulk_ready_jobs  # how long starting a job keeps a fairly shared queue (producer/fairness.py)
         self._start = redis.register_script(script("start"))
         self._generating = redis.register_script(script("generating"))
         self._release = redis.register_script(script("release"))
@@ -44,7 +45,7 @@ class WorkerJobStore(JobStore):
         outcome, attempts, created_at = self._start(
             keys=[keys.job(job_id), keys.job_chunks(job_id)],
             args=[worker, started, self.pending_ttl_s, request_json, keys.job_channel(job_id), max_attempts, job_id, keys.worker_alive(""),
-                  holder or worker, "1" if take_over else ""],
+                  holder or worker, "1" if take_over else "", self.bulk_ready_jobs],
         )
         return StartOutcome(outcome, int(attempts), max(0.0, started - float(created_at)) if created_at else 0.0)
 

@@ -11,6 +11,7 @@ import time
 import uuid
 from importlib.metadata import PackageNotFoundError, version
 
+from celery.exceptions import Reject
 
 from producer.connection import WORKER_RETRIES, describe_error, redis_client
 from producer.settings import Settings
@@ -21,16 +22,16 @@ log = logging.getLogger("belle.worker")
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("celery.app.trace").addFilter(_reject_without_traceback)
+    logging.getLogger("celery.app.trace").addFilter(_not_a_reject)
 
 
-def _reject_without_traceback(record: logging.LogRecord) -> bool:
-    """Celery logs a message handed back to its queue (``Reject``: a second copy, a worker stopping) with
-    the exception's traceback; the line says it all."""
-    if record.exc_info and record.exc_info[0] is not None and record.exc_info[0].__name__ == "Reject":
-        record.exc_info = None
-        record.exc_text = None
-    return True
+def _not_a_reject(record: logging.LogRecord) -> bool:
+    """Celery logs every message handed back to its queue (``Reject``) as a warning with the exception's
+    traceback (its log policy for a reject): one per held job at a warm shutdown. The handler raises
+    ``Reject`` only after logging, in one line, which job goes back and why (a worker stopping, a second
+    copy, Redis failing), so Celery's record is dropped; every other record passes, tracebacks of real
+    failures included."""
+    return not (record.exc_info and record.exc_info[0] is not None and issubclass(record.exc_info[0], Reject))
 
 
 def run_worker(settings: Settings, *, queues: list[str]) -> int:
@@ -66,9 +67,10 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
     redis = redis_client(settings.redis_url, retries=WORKER_RETRIES)
     metrics = Metrics()
     if settings.metrics_port:
-        metrics.serve(settings.metrics_port)
+        metrics.serve(settings.metrics_port, settings.metrics_host)
     writes = RedisWrites(metrics)
-    records = WorkerJobStore(redis, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s)
+    records = WorkerJobStore(redis, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s,
+                             bulk_ready_jobs=settings.bulk_ready_jobs)
     store = PatientStore(records, writes)  # the handler's writes wait while Redis refuses them
     name = host_format(settings.worker_name or "belle@%h")  # %h: the host name, as Celery expands it
     incarnation = f"{name}/{os.getpid()}/{uuid.uuid4().hex[:8]}"  # this process: a restarted worker keeps its name, not this
@@ -84,8 +86,8 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
         # The model is loaded on the batcher's thread, the one that runs it (see Batcher.start).
         batcher.start(load=lambda: Engine.load(config, settings.device, fault_memory_budget_tokens=settings.fault_memory_budget_tokens))
         engine = batcher.engine
-        app = create_app(settings, JobHandler(settings, store, engine, batcher, cancellations, profile=profile, holder=incarnation),
-                         writes=writes, incarnation=incarnation)
+        handler = JobHandler(settings, store, engine, batcher, cancellations, profile=profile, holder=incarnation)
+        app = create_app(settings, handler, writes=writes, incarnation=incarnation)
 
         def shutting_down(**_) -> None:  # a warm shutdown (SIGTERM): the jobs being decoded finish, the others go back to the queue
             writes.stopping.set()
@@ -101,11 +103,17 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
         ), healthy=batcher.healthy, writes=writes).start()
         running.callback(announcer.stop)
         sweeper = Sweeper(redis, worker=name, interval_s=settings.lost_message_sweep_s, resend_gap_s=settings.visibility_timeout_s,
-                                     writes=writes).start()
+                          writes=writes, bulk_ready_jobs=settings.bulk_ready_jobs).start()
         running.callback(sweeper.stop)
+
+        def sum_up_returned() -> None:  # once Celery has stopped: one line for the jobs a warm shutdown handed back
+            if handler.returned:
+                log.info("warm shutdown: returned %d held jobs to their queues", len(handler.returned))
+
+        running.callback(sum_up_returned)
         log.info("worker %s serving %s on queues %s (profile %s); batches of ≤%d jobs, ≤%d tokens; %d jobs held at once; metrics %s",
                  name, config.name, ",".join(queues), profile.name if profile else "none", settings.batch_max_size, settings.batch_max_tokens,
-                 settings.worker_concurrency, f"on port {settings.metrics_port}" if settings.metrics_port else "off")
+                 settings.worker_concurrency, f"at http://{settings.metrics_host}:{settings.metrics_port}/metrics" if settings.metrics_port else "off")
         app.worker_main([
             "worker", f"--hostname={name}", f"--queues={','.join(queues)}", f"--loglevel={settings.log_level}",
             "--without-gossip", "--without-mingle",

@@ -28,7 +28,7 @@ import time
 
 import redis
 
-from producer import keys
+from producer import fairness, keys
 from producer.enqueue import task_message
 from producer.fleet import HEARTBEAT_S, live_workers
 from worker.serving.lua import script
@@ -40,8 +40,10 @@ LOOK_AT = 1_000  # waiting jobs looked at per queue per look
 
 
 class Sweeper:
-    def __init__(self, client: redis.Redis, *, worker: str, interval_s: float, resend_gap_s: float, reclaim_s: float = HEARTBEAT_S, writes=None):
+    def __init__(self, client: redis.Redis, *, worker: str, interval_s: float, resend_gap_s: float, reclaim_s: float = HEARTBEAT_S, writes=None,
+                 bulk_ready_jobs: int = 64):
         self.redis = client
+        self.bulk_ready_jobs = bulk_ready_jobs
         self.worker = worker
         self.interval_s = interval_s
         self.reclaim_s = min(reclaim_s, interval_s)
@@ -93,6 +95,8 @@ class Sweeper:
             pipe.llen(queue)
         marks = pipe.execute()
         for queue, taken, length in zip(queues, marks[::2], marks[1::2], strict=True):
+            if fairness.feed(self.redis, queue, self.bulk_ready_jobs):  # (starting jobs feeds it too; this is in case none start)
+                length = self.redis.llen(queue)
             taken, empty = int(taken or 0), length == 0
             top = "+inf" if empty else taken - 1
             waiting = self.redis.zrangebyscore(keys.queue_waiting(queue), 0, top, start=0, num=LOOK_AT, withscores=True)

@@ -15,7 +15,7 @@ local function requeue(seq, channel)
     redis.call('HSET', KEYS[1], 'seq', seq)
     redis.call('ZADD', waiting, seq, redis.call('HGET', KEYS[1], 'job_id'))
   end
-  redis.call('HDEL', KEYS[1], 'started_at', 'worker', 'holder')
+  redis.call('HDEL', KEYS[1], 'started_at', 'worker', 'holder', 'generating')
   redis.call('PUBLISH', channel, cjson.encode({event='state', state='queued'}))
 end
 

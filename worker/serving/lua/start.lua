@@ -8,15 +8,17 @@
 -- ARGV: worker (node name), now, pending ttl, request JSON (canonical), the job's channel, max attempts,
 --   job id, liveness key prefix, this worker process's incarnation (its liveness key's suffix), '1' to take
 --   over a job this process's record says it holds but does not (its first start's reply was lost, the call
---   retried).
+--   retried), the depth of a fairly shared queue (producer/fairness.py).
 -- Returns {outcome, attempts, created_at}; outcome: 'run', 'final:<state>', 'mismatch', 'held' (running on
 -- another live worker), 'held_here' (running on this one), 'cancel' (its cancellation was requested while
 -- an earlier attempt ran), 'exhausted', 'undeliverable'.
 -- include: batch_move
+-- include: fair_feed
 
 local state = redis.call('HGET', KEYS[1], 'state')
 if state and FINAL[state] then
   stop_waiting()
+  feed_after(KEYS[1], tonumber(ARGV[11]))  -- its message left its queue: the next from the lines takes its place
   return {'final:' .. state, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), ''}
 end
 if state then
@@ -52,16 +54,18 @@ end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '')
 if seq and state == 'queued' then
   stop_waiting()
+  feed_after(KEYS[1], tonumber(ARGV[11]))  -- one job fewer on its queue: the next from the lines takes its place
   local taken = redis.call('HGET', KEYS[1], 'k_taken')  -- (absent from a record enqueued before it was kept)
   if taken and seq > tonumber(redis.call('GET', taken) or '0') then
     redis.call('SET', taken, seq)
   end
 end
-local batch = batch_move(state, 'running')
+local batch = batch_move(state, 'held')
 if batch then
   redis.call('HSETNX', batch, 'first_started_at', ARGV[2])
 end
 redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2], 'worker', ARGV[1], 'holder', ARGV[9])
+redis.call('HDEL', KEYS[1], 'generating')  -- (held, until this holder begins generating it)
 redis.call('DEL', KEYS[2])  -- chunks of an earlier attempt: this one streams from the start
 redis.call('PUBLISH', ARGV[5], cjson.encode({event='state', state='running', attempts=done}))
 webhook_event(KEYS[1], 'job', ARGV[7], 'start')

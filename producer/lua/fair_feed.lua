@@ -1,0 +1,56 @@
+-- Fragment: the fair-share lines of a queue (producer/fairness.py). A bulk job that finds its queue busy waits
+-- in its line (its batch's, or its tenant's single jobs') instead of on the queue; feed() keeps the queue
+-- `depth` long by taking one job at a time from the lines in turn: tenants in turn, and each tenant's lines in
+-- turn. A job goes on the queue as the last, numbered there then (as enqueue.lua numbers the others), so the
+-- lost-message sweeper (worker/serving/sweeper.py) sees only jobs that are on the queue; a job that ended while
+-- it waited in its line (cancelled) is dropped there. A tenant's list is in the tenants list while it holds a
+-- line, and a line is in its tenant's list while it holds a job.
+--   wait_in_line(tenants, tenant, line, job_id, message): the job waits at the end of its line.
+--   feed(queue, tenants, depth, sequence, waiting): returns how many jobs went on the queue.
+--   feed_after(record, depth): after a job's message left its queue (KEYS[1] is its record), if the queue is
+--     shared fairly.
+-- include: constants
+
+local function wait_in_line(tenants, tenant, line, job_id, message)
+  if redis.call('RPUSH', line, job_id .. ' ' .. message) == 1 and redis.call('RPUSH', tenant, line) == 1 then
+    redis.call('RPUSH', tenants, tenant)
+  end
+end
+
+local function feed(queue, tenants, depth, sequence, waiting)
+  local moved, looked = 0, 0
+  local room = depth - redis.call('LLEN', queue)
+  while room > 0 and looked < depth + 1000 do
+    local tenant = redis.call('LPOP', tenants)
+    if not tenant then break end
+    local line = redis.call('LPOP', tenant)
+    local entry = line and redis.call('LPOP', line)
+    if line and redis.call('LLEN', line) > 0 then redis.call('RPUSH', tenant, line) end
+    if redis.call('LLEN', tenant) > 0 then redis.call('RPUSH', tenants, tenant) end
+    if entry then
+      looked = looked + 1
+      local cut = string.find(entry, ' ', 1, true)
+      local job_id = string.sub(entry, 1, cut - 1)
+      local record = JOB_KEY_PREFIX .. job_id
+      local state = redis.call('HGET', record, 'state')
+      if not (state and FINAL[state]) then
+        if state then
+          local seq = redis.call('INCR', sequence)
+          redis.call('HSET', record, 'seq', seq)
+          redis.call('ZADD', waiting, seq, job_id)
+        end
+        redis.call('LPUSH', queue, string.sub(entry, cut + 1))
+        moved = moved + 1
+        room = room - 1
+      end
+    end
+  end
+  return moved
+end
+
+local function feed_after(record, depth)
+  local fields = redis.call('HMGET', record, 'k_fair', 'queue', 'k_sequence', 'k_waiting')
+  if fields[1] then
+    feed(fields[2], fields[1], depth, fields[3], fields[4])
+  end
+end
