@@ -162,8 +162,8 @@ def test_random_entries_on_the_queue_leave_the_worker_serving_and_nothing_in_han
         wait_for(lambda: drained(client), 30, lambda: f"the queue and unacked drain (queue {client.redis.llen(QUEUE)}, "
                                                         f"unacked {client.redis.hlen(keys.UNACKED)}); log:\n{worker.log[-3000:]}")
         assert worker.alive(), worker.log[-4000:]
-        # Two entries of one batch may carry the same delivery tag (kombu keeps one unacked entry per tag): the
-        # queue can then drain while the first copy still runs, so its record is waited for, not read once.
+        # Two entries of one batch may name the same job: the queue can drain while one copy still runs (the other
+        # waits to go back), so the records are waited for, not read once.
         named_jobs = [job_id for job_id in named - set(existing) if keys.ID.match(job_id)]
 
         def unfinished() -> list:

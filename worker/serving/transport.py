@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable
 
 import redis
@@ -59,6 +60,10 @@ class CheckedMessage(virtual.Message):
     def __init__(self, payload, channel=None, **kwargs):
         if (problem := envelope_problem(payload)) is not None:
             raise NotAnEnvelope(problem, payload)
+        # The delivery tag keys kombu's record of a message in hand (the unacked hash, shared by every worker). The
+        # sender chose it, and two messages sent with one tag would share one record: acknowledging either would
+        # forget both, and sending one back would send the other's body. Each message taken gets a tag of its own.
+        payload["properties"]["delivery_tag"] = uuid.uuid4().hex
         try:
             super().__init__(payload, channel=channel, **kwargs)
         except _NOT_AN_ENVELOPE as exc:
