@@ -163,6 +163,16 @@ class Channel(kombu_redis.Channel):
             self._dropped(exc)
             return True
 
+    def maybe_refresh_binding_expiry(self):
+        """kombu keeps the pidbox's (remote control's) binding tables from expiring: a write, which Redis refuses
+        while full; that is noted once with the others (RedisWrites), not logged with a traceback each time."""
+        try:
+            return super().maybe_refresh_binding_expiry()
+        except redis.RedisError as exc:
+            if not self.writes.refused(exc, "keeping the remote control's bindings alive"):
+                raise
+            return None
+
     def put_back(self, message) -> bool:
         """Push a message taken off its queue back to the head of it, even while Redis is out of memory;
         False where Redis cannot (before 7: no script flags)."""
