@@ -427,8 +427,6 @@ class Batches:
         their next step. Returns how many of each outcome."""
         pages = self._job_id_pages(batch_id)  # (checks that the batch exists before it is marked)
         self.redis.hset(keys.batch(batch_id), "state", "cancelled")
-        queue, tenant = self.redis.hmget(keys.batch(batch_id), "queue", "tenant")
-        fairness.drop_batch_line(self.redis, queue or keys.QUEUE_BULK, tenant or "", batch_id)  # its jobs there never go on the queue
         outcomes: dict[str, int] = {}
         for job_ids in pages:
             pipe = self.redis.pipeline(transaction=False)
@@ -437,6 +435,9 @@ class Batches:
             for outcome in pipe.execute():
                 kind = "ended" if outcome.startswith("final:") else outcome
                 outcomes[kind] = outcomes.get(kind, 0) + 1
+        # Its jobs waiting in its fair-share line have ended (a line skips them anyway): the line goes, and their messages with it.
+        queue, tenant = self.redis.hmget(keys.batch(batch_id), "queue", "tenant")
+        fairness.drop_batch_line(self.redis, queue or keys.QUEUE_BULK, tenant or "", batch_id)
         return BatchCancellation(**outcomes)
 
     def _job_id_pages(self, batch_id: str) -> Iterator[list[str]]:

@@ -10,6 +10,8 @@ import pytest
 from producer import fairness, keys
 from producer.client import JobClient
 from producer.connection import redis_client
+from producer.errors import ErrorCode
+from producer.records import JobError
 from producer.settings import Settings
 from tests.waiting import wait_for
 from worker.serving.job_writes import WorkerJobStore
@@ -99,8 +101,10 @@ def test_a_cancelled_batch_leaves_its_line_and_a_cancelled_job_is_skipped(queue)
     assert not r.exists(keys.fair_line(keys.QUEUE_BULK, "", "A-batch")), "the cancelled batch's line is gone"
     b_ids = r.lrange(keys.batch_jobs("B-batch"), 0, -1)
     client.cancel(b_ids[2])  # B3, waiting in its line
+    r.delete(keys.job(b_ids[4]))  # B5's record expired while it waited: nobody is served by running it
     order = take(100)
-    assert [name for name in order if name.startswith("B")] == [f"B{i}" for i in range(1, 21) if i != 3]
+    assert [name for name in order if name.startswith("B")] == [f"B{i}" for i in range(1, 21) if i not in (3, 5)]
+    assert not r.exists(keys.job(b_ids[4])), "no record was made for it"
     assert [name for name in order if name.startswith("A")] == [f"A{i} cancelled" for i in range(1, 5)], "only what was on the queue already"
     assert fairness.waiting_jobs(r, keys.QUEUE_BULK).count == 0
     assert not r.exists(keys.fair_tenants(keys.QUEUE_BULK)), "no line left"
@@ -145,3 +149,21 @@ def test_a_small_batch_behind_a_big_one_finishes_long_before_it_on_a_real_worker
         ended = client.batch_status(big.batch_id)
         assert (ended.held, ended.running, ended.queued) == (0, 0, 0) and ended.done == 200
         assert fairness.waiting_jobs(client.redis, keys.QUEUE_BULK).count == 0
+
+
+def test_a_job_started_before_held_was_counted_still_ends_its_batch(queue):
+    """A record a worker started before the 'generating' field was kept (no such field) is counted running."""
+    client, r, take, submit = queue
+    submit("A", 2)
+    job_ids = r.lrange(keys.batch_jobs("A-batch"), 0, -1)
+    take(2)
+    for job_id in job_ids:  # as the earlier START left them: running, counted running
+        r.hdel(keys.job(job_id), "generating")
+    r.hset(keys.batch("A-batch"), mapping={"held": 0, "running": 2})
+    store = WorkerJobStore(r, result_ttl_s=60, pending_ttl_s=600)
+    store.generating([job_ids[0]], holder="w")  # the new worker begins one: it was counted running already
+    for job_id in job_ids:
+        store.fail(job_id, JobError(code=ErrorCode.GENERATION_ERROR, message="x"))
+    status = client.batch_status("A-batch")
+    assert (status.held, status.running, status.failed) == (0, 0, 2)
+    assert r.hget(keys.batch("A-batch"), "completed_at") is not None

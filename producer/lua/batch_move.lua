@@ -4,8 +4,8 @@
 --   batch_move(from, to): a batch job's record names its batch ('batch'); one count there moves from 'from' to
 --     'to', so that the batch's counts are always those of its jobs, and a batch whose last job ended is
 --     completed (events.lua). Returns the batch's key, or nil: no batch, or it has expired (it is not recreated).
---     A 'running' job is counted 'held' until its holder begins generating it (the record's 'generating' names
---     that holder: generating.lua).
+--     A 'running' job is counted 'held' until its holder begins generating it (the record's 'generating' is ''
+--     from its start, then names that holder: generating.lua).
 -- KEYS[1]: the job's record. ARGV: none of its own.
 -- include: events
 
@@ -21,8 +21,11 @@ local function batch_move(from, to)
   if not batch or redis.call('EXISTS', batch) == 0 then
     return nil
   end
-  if from == 'running' and redis.call('HGET', KEYS[1], 'generating') ~= redis.call('HGET', KEYS[1], 'holder') then
-    from = 'held'
+  if from == 'running' then
+    local generating = redis.call('HGET', KEYS[1], 'generating')  -- (absent from a record started before it was kept: running)
+    if generating and generating ~= redis.call('HGET', KEYS[1], 'holder') then
+      from = 'held'
+    end
   end
   if from and from ~= to then
     redis.call('HINCRBY', batch, from, -1)

@@ -21,7 +21,8 @@ if state == 'queued' then
   return 'cancelled'
 end
 redis.call('PUBLISH', ARGV[6], ARGV[7])
-if redis.call('HGET', KEYS[1], 'generating') ~= redis.call('HGET', KEYS[1], 'holder') then
+local generating = redis.call('HGET', KEYS[1], 'generating')
+if generating and generating ~= redis.call('HGET', KEYS[1], 'holder') then
   return 'requested_held'
 end
 return 'requested'

@@ -3,7 +3,7 @@
 -- `depth` long by taking one job at a time from the lines in turn: tenants in turn, and each tenant's lines in
 -- turn. A job goes on the queue as the last, numbered there then (as enqueue.lua numbers the others), so the
 -- lost-message sweeper (worker/serving/sweeper.py) sees only jobs that are on the queue; a job that ended while
--- it waited in its line (cancelled) is dropped there. A tenant's list is in the tenants list while it holds a
+-- it waited in its line (cancelled), or whose record expired there, is dropped. A tenant's list is in the tenants list while it holds a
 -- line, and a line is in its tenant's list while it holds a job.
 --   wait_in_line(tenants, tenant, line, job_id, message): the job waits at the end of its line.
 --   feed(queue, tenants, depth, sequence, waiting): returns how many jobs went on the queue.
@@ -33,12 +33,10 @@ local function feed(queue, tenants, depth, sequence, waiting)
       local job_id = string.sub(entry, 1, cut - 1)
       local record = JOB_KEY_PREFIX .. job_id
       local state = redis.call('HGET', record, 'state')
-      if not (state and FINAL[state]) then
-        if state then
-          local seq = redis.call('INCR', sequence)
-          redis.call('HSET', record, 'seq', seq)
-          redis.call('ZADD', waiting, seq, job_id)
-        end
+      if state and not FINAL[state] then
+        local seq = redis.call('INCR', sequence)
+        redis.call('HSET', record, 'seq', seq)
+        redis.call('ZADD', waiting, seq, job_id)
         redis.call('LPUSH', queue, string.sub(entry, cut + 1))
         moved = moved + 1
         room = room - 1

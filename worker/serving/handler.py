@@ -213,8 +213,10 @@ class JobHandler:
         if len(self._passed_on) > 10_000:  # (jobs another worker took and ran are never seen here again)
             self._passed_on.clear()
         self._passed_on[job_id] = passes + 1
+        log.info("job %s: this worker's hardware profile refuses it and %s would run it; it goes back to its queue", job_id, ", ".join(others))
+        time.sleep(1.0)  # (before the release: the job is numbered on its queue as the message goes back, not a second earlier)
         self.store.release(job_id, holder=self.holder or worker)
-        self._copy_back("job %s: this worker's hardware profile refuses it and %s would run it; it goes back to its queue", job_id, ", ".join(others))
+        raise Reject("another worker would run the job", requeue=True)
 
     def unreadable(self, job_id: str, reason: str) -> None:
         """A refused message naming ``job_id`` (well-formed: worker/serving/intake.py, ``named_job``): fail the job if it has no record."""

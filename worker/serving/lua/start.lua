@@ -16,9 +16,9 @@
 -- include: fair_feed
 
 local state = redis.call('HGET', KEYS[1], 'state')
+feed_after(KEYS[1], tonumber(ARGV[11]))  -- its message left its queue: the next from the lines takes its place
 if state and FINAL[state] then
   stop_waiting()
-  feed_after(KEYS[1], tonumber(ARGV[11]))  -- its message left its queue: the next from the lines takes its place
   return {'final:' .. state, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), ''}
 end
 if state then
@@ -54,7 +54,6 @@ end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '')
 if seq and state == 'queued' then
   stop_waiting()
-  feed_after(KEYS[1], tonumber(ARGV[11]))  -- one job fewer on its queue: the next from the lines takes its place
   local taken = redis.call('HGET', KEYS[1], 'k_taken')  -- (absent from a record enqueued before it was kept)
   if taken and seq > tonumber(redis.call('GET', taken) or '0') then
     redis.call('SET', taken, seq)
@@ -65,7 +64,7 @@ if batch then
   redis.call('HSETNX', batch, 'first_started_at', ARGV[2])
 end
 redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2], 'worker', ARGV[1], 'holder', ARGV[9])
-redis.call('HDEL', KEYS[1], 'generating')  -- (held, until this holder begins generating it)
+redis.call('HSET', KEYS[1], 'generating', '')  -- (held, until this holder begins generating it)
 redis.call('DEL', KEYS[2])  -- chunks of an earlier attempt: this one streams from the start
 redis.call('PUBLISH', ARGV[5], cjson.encode({event='state', state='running', attempts=done}))
 webhook_event(KEYS[1], 'job', ARGV[7], 'start')
