@@ -42,7 +42,9 @@ from producer.settings import Settings
 from producer.store import cancel_call, canonical_json, now
 
 CHUNK = 1_000  # jobs per pipeline (one round trip)
-COUNTED = ("queued", "held", "running", "succeeded", "failed", "cancelled", "expired")
+UNDER_WAY = ("queued", "held", "running")  # a batch's counts of jobs not ended ('held': a worker holds it, not generating yet)
+ENDED = ("succeeded", "failed", "cancelled", "expired")  # and of those ended
+COUNTED = (*UNDER_WAY, *ENDED)
 
 
 class BatchError(BelleError):
@@ -107,7 +109,7 @@ class BatchStatus(BaseModel):
 
     @property
     def done(self) -> int:
-        return self.succeeded + self.failed + self.cancelled + self.expired
+        return sum(getattr(self, name) for name in ENDED)
 
     @property
     def finished(self) -> bool:
@@ -241,6 +243,7 @@ class Batches:
         self._cancel = redis.register_script(lua.script("cancel"))
         self._submitted = redis.register_script(lua.script("batch_submitted"))
         self._open_script = redis.register_script(lua.script("batch_open"))
+        self._fair_drop = redis.register_script(lua.script("fair_drop"))
 
     def submit(self, source, *, defaults: Mapping[str, Any] | None = None, batch_id: str | None = None, new: bool = False,
                completion_window_s: float | None = None, skip_invalid: bool = False, queue: str = keys.QUEUE_BULK,
@@ -426,7 +429,10 @@ class Batches:
         """Cancel every job of the batch not ended yet: queued ones end cancelled, running ones stop at
         their next step. Returns how many of each outcome."""
         pages = self._job_id_pages(batch_id)  # (checks that the batch exists before it is marked)
-        self.redis.hset(keys.batch(batch_id), "state", "cancelled")
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(keys.batch(batch_id), "state", "cancelled")
+        pipe.hmget(keys.batch(batch_id), "queue", "tenant")
+        _, (queue, tenant) = pipe.execute()
         outcomes: dict[str, int] = {}
         for job_ids in pages:
             pipe = self.redis.pipeline(transaction=False)
@@ -436,8 +442,8 @@ class Batches:
                 kind = "ended" if outcome.startswith("final:") else outcome
                 outcomes[kind] = outcomes.get(kind, 0) + 1
         # Its jobs waiting in its fair-share line have ended (a line skips them anyway): the line goes, and their messages with it.
-        queue, tenant = self.redis.hmget(keys.batch(batch_id), "queue", "tenant")
-        fairness.drop_batch_line(self.redis, queue or keys.QUEUE_BULK, tenant or "", batch_id)
+        if drop := fairness.drop_call(queue or keys.QUEUE_BULK, tenant or "", batch_id):
+            self._fair_drop(**drop)
         return BatchCancellation(**outcomes)
 
     def _job_id_pages(self, batch_id: str) -> Iterator[list[str]]:

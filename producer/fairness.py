@@ -67,17 +67,23 @@ def waiting_jobs(redis, queue: str) -> WaitingJobs:
     return WaitingJobs(count, oldest)
 
 
-def drop_batch_line(redis, queue: str, tenant: str, batch_id: str) -> int:
-    """Take a batch's line out of the fair-share lines (its jobs are being cancelled); returns how many jobs it held."""
+def drop_call(queue: str, tenant: str, batch_id: str) -> dict[str, list] | None:
+    """fair_drop.lua's keys, to take a batch's line out of the fair-share lines (its jobs have been cancelled);
+    None for a queue that is not shared fairly."""
     tenants, tenant_lines, line = line_keys(queue, tenant, batch_id)
-    if not line:
-        return 0
-    return int(redis.register_script(script("fair_drop"))(keys=[tenants, tenant_lines, line]))
+    return {"keys": [tenants, tenant_lines, line]} if line else None
+
+
+def feed_call(queue: str, depth: int) -> dict[str, list] | None:
+    """fair_feed_now.lua's keys and arguments, to put jobs from ``queue``'s lines on it until it holds ``depth``;
+    None for a queue that is not shared fairly."""
+    if queue not in FAIR_QUEUES:
+        return None
+    return {"keys": [queue, keys.fair_tenants(queue), keys.queue_sequence(queue), keys.queue_waiting(queue)], "args": [depth]}
 
 
 def feed(redis, queue: str, depth: int) -> int:
-    """Put jobs from ``queue``'s lines on it until it holds ``depth``; returns how many went."""
-    if queue not in FAIR_QUEUES:
-        return 0
-    return int(redis.register_script(script("fair_feed_now"))(
-        keys=[queue, keys.fair_tenants(queue), keys.queue_sequence(queue), keys.queue_waiting(queue)], args=[depth]))
+    """Put jobs from ``queue``'s lines on it until it holds ``depth`` now; returns how many went (a worker's
+    sweeper registers the script once and uses ``feed_call``)."""
+    call = feed_call(queue, depth)
+    return int(redis.register_script(script("fair_feed_now"))(**call)) if call else 0

@@ -30,20 +30,19 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from producer import fairness, keys
+from producer.batches import ENDED, UNDER_WAY
 from producer.fleet import WorkerInfo, live_workers
 
 log = logging.getLogger("belle.fleet_metrics")
 
 MAX_OPEN_BATCHES = 10_000  # open batches read per scrape, the newest first (the totals leave out any older ones)
 CHUNK = 1_000  # batches read per round trip
-ENDED = ("succeeded", "failed", "cancelled", "expired")  # a batch's counts that are done
-UNDER_WAY = ("queued", "held", "running")  # and those that are not ('held': a worker holds it, not generating yet)
 BATCH_FIELDS = ("batch_id", "state", "total", *UNDER_WAY, *ENDED, "completed_at")
 
 
 def queue_label(queue: str) -> str:
-    """A queue's label value: its name without the key prefix (``belle.bulk`` → ``bulk``)."""
-    return queue.removeprefix(f"{keys.PREFIX}.")
+    """A queue's label value: its short name (``belle.bulk`` → ``bulk``)."""
+    return next((name for name, key in keys.QUEUE_NAMES.items() if key == queue), queue)
 
 
 @dataclass(frozen=True)

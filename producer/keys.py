@@ -10,6 +10,7 @@ TASK_GENERATE = "belle.generate"
 QUEUE_INTERACTIVE = "belle.interactive"
 QUEUE_BULK = "belle.bulk"
 QUEUES = (QUEUE_INTERACTIVE, QUEUE_BULK)
+QUEUE_NAMES = {"interactive": QUEUE_INTERACTIVE, "bulk": QUEUE_BULK}  # the short names clients (CLI, gateway) use
 
 # Job ids (the producer makes hex UUIDs) and batch ids (a caller may choose one) go into key names.
 ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -135,7 +136,7 @@ def worker(name: str) -> str:
 WORKERS_SEEN = f"{PREFIX}:workers"
 
 
-# Hash: the jobs that ended, cluster-wide, by "STATE:ERROR_CODE" (``ended_field``), counted by every script that
+# Hash: the jobs that ended, cluster-wide, by "STATE:ERROR_CODE" ('' for no error), counted by every script that
 # writes a final state (producer/lua/stats.lua); read at scrape time by the fleet metrics (producer/fleet_metrics.py).
 JOBS_ENDED = f"{PREFIX}:stats:ended"
 
@@ -143,11 +144,6 @@ JOBS_ENDED = f"{PREFIX}:stats:ended"
 # batch opens (producer/lua/batch_open.lua), removed when it completes (producer/lua/events.lua); the fleet
 # metrics read their progress.
 OPEN_BATCHES = f"{PREFIX}:batches:open"
-
-
-def ended_field(state: str, code: str | None) -> str:
-    """A field of JOBS_ENDED: a final state and its error's code ('' for none)."""
-    return f"{state}:{code or ''}"
 
 
 def rate(tenant: str, minute: int) -> str:

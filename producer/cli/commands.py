@@ -65,7 +65,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         request["preset"] = args.preset
     if args.stream:
         request["stream"] = True
-    queue = {"interactive": keys.QUEUE_INTERACTIVE, "bulk": keys.QUEUE_BULK}[args.queue]
+    queue = keys.QUEUE_NAMES[args.queue]
     with _client(args) as client:
         job_id = client.submit(request, queue=queue, check_workers=args.check_workers)
         if args.stream:
@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="stream=true, and print the text as it is generated (as `watch`)")
     p.add_argument("--timeout", type=seconds, default=600, metavar="SECONDS", help="with --stream: how long to follow the job (default 600)")
     p.add_argument("--check-workers", action="store_true", help="refuse the job unless a live worker serves its adapter and allows its size")
-    p.add_argument("--queue", choices=("interactive", "bulk"), default="interactive",
+    p.add_argument("--queue", choices=("interactive", "bulk"), default="interactive",  # (keys.QUEUE_NAMES: not imported to build the parser)
                    help="interactive (default; workers take it first) or bulk (behind interactive jobs, as batches)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_submit)

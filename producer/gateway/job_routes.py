@@ -26,7 +26,7 @@ from producer.schemas import webhook_url_problem
 
 router = APIRouter()
 
-QUEUES = {"interactive": keys.QUEUE_INTERACTIVE, "bulk": keys.QUEUE_BULK}
+QUEUES = keys.QUEUE_NAMES
 EVENTS_FOLLOW_S = 24 * 3600.0  # how long one events request may follow a job
 
 

@@ -16,16 +16,19 @@ local function stop_waiting()
   end
 end
 
+-- A running job not generating yet: START marks it so ('generating' is ''), generating.lua names its holder there
+-- when it begins, a requeue deletes it. (A record started before the field was kept has none: running.)
+local function held()
+  return redis.call('HGET', KEYS[1], 'generating') == ''
+end
+
 local function batch_move(from, to)
   local batch = redis.call('HGET', KEYS[1], 'batch')
   if not batch or redis.call('EXISTS', batch) == 0 then
     return nil
   end
-  if from == 'running' then
-    local generating = redis.call('HGET', KEYS[1], 'generating')  -- (absent from a record started before it was kept: running)
-    if generating and generating ~= redis.call('HGET', KEYS[1], 'holder') then
-      from = 'held'
-    end
+  if from == 'running' and held() then
+    from = 'held'
   end
   if from and from ~= to then
     redis.call('HINCRBY', batch, from, -1)

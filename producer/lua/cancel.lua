@@ -21,8 +21,7 @@ if state == 'queued' then
   return 'cancelled'
 end
 redis.call('PUBLISH', ARGV[6], ARGV[7])
-local generating = redis.call('HGET', KEYS[1], 'generating')
-if generating and generating ~= redis.call('HGET', KEYS[1], 'holder') then
+if held() then
   return 'requested_held'
 end
 return 'requested'

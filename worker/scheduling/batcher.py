@@ -288,7 +288,8 @@ class Batcher:
     def _running(self) -> Running:
         batch = self._batch
         jobs = batch.jobs
-        decoding = tuple((t.waiting.priority, len(t.active.live_rows)) for t in self._in_batch.values() if t.active is not None)
+        # (read by the policy for waiting jobs of several rows only: not worth a list per step when none waits)
+        decoding = tuple((t.waiting.priority, len(t.active.live_rows)) for t in self._in_batch.values() if t.active is not None) if self._line else ()
         return Running(jobs=len(jobs), rows=len(batch), decoding=decoding, width=batch.length,
                        remaining=max((r.remaining for r in batch.rows), default=0),
                        alone=any(t.waiting.alone for t in self._in_batch.values()), outcomes_unrecorded=bool(self._handovers))

@@ -28,7 +28,7 @@ import time
 
 import redis
 
-from producer import fairness, keys
+from producer import fairness, keys, lua
 from producer.enqueue import task_message
 from producer.fleet import HEARTBEAT_S, live_workers
 from worker.serving.lua import script
@@ -51,6 +51,7 @@ class Sweeper:
         self.writes = writes  # a RedisWrites: a look refused for lack of memory is noted there, not logged each time
         self.held = HeldMessages(client)
         self._resend = client.register_script(script("resend"))
+        self._feed = client.register_script(lua.script("fair_feed_now"))
         self._suspects: dict[str, float] = {}  # job id → when first found lost
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="belle-sweeper", daemon=True)
@@ -89,14 +90,15 @@ class Sweeper:
         resent, suspects, now = [], {}, time.monotonic()
         held: str | None = None  # the messages workers hold, read once if needed
         queues = self.queues()
+        for queue in queues:  # (starting jobs feeds a fairly shared queue too; this is in case none start)
+            if call := fairness.feed_call(queue, self.bulk_ready_jobs):
+                self._feed(**call)
         pipe = self.redis.pipeline(transaction=False)
         for queue in queues:
             pipe.get(keys.queue_taken(queue))
             pipe.llen(queue)
         marks = pipe.execute()
         for queue, taken, length in zip(queues, marks[::2], marks[1::2], strict=True):
-            if fairness.feed(self.redis, queue, self.bulk_ready_jobs):  # (starting jobs feeds it too; this is in case none start)
-                length = self.redis.llen(queue)
             taken, empty = int(taken or 0), length == 0
             top = "+inf" if empty else taken - 1
             waiting = self.redis.zrangebyscore(keys.queue_waiting(queue), 0, top, start=0, num=LOOK_AT, withscores=True)

@@ -6,8 +6,7 @@
 -- include: batch_move
 
 if redis.call('HGET', KEYS[1], 'state') == 'running' and redis.call('HGET', KEYS[1], 'holder') == ARGV[1] then
-  local generating = redis.call('HGET', KEYS[1], 'generating')
-  if generating and generating ~= ARGV[1] then  -- (absent: started before it was kept, and counted running then)
+  if held() then
     batch_move('held', 'running')
   end
   redis.call('HSET', KEYS[1], 'generating', ARGV[1])
