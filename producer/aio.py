@@ -8,17 +8,20 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import redis
+
 from producer import keys, lua
 from producer.batches import BatchCancellation, BatchResultLine, BatchStatus, BatchSubmission
 from producer.client import RequestLike, prepare
 from producer.connection import async_redis_client, typed_redis_errors
-from producer.errors import JobNotFoundError, JobTimeoutError
+from producer.durability import Durability
 from producer.enqueue import check_outcome, enqueue_item
+from producer.errors import JobNotFoundError, JobTimeoutError, NotReplicatedError
+from producer.fleet import WorkerInfo, check_against_workers, live_worker_keys, parse_workers, seen_since
 from producer.records import JobRecord, JobState, StreamEvent
 from producer.settings import Settings, get_settings
 from producer.store import CancelOutcome, cancel_call, cancel_outcome, is_final_event, now, record_from_hash
-from producer.streaming import PUBSUB_RECHECK_S, READ_COUNT, RECHECK_S, StreamFollower, streams, texts_so_far
-from producer.fleet import WorkerInfo, check_against_workers, live_worker_keys, parse_workers, seen_since
+from producer.streaming import OUT_OF_REACH_PAUSE_S, PUBSUB_RECHECK_S, READ_COUNT, RECHECK_S, StreamFollower, streams, texts_so_far
 
 
 class AsyncJobClient:
@@ -28,6 +31,7 @@ class AsyncJobClient:
         self.settings = settings or get_settings()
         self.redis = async_redis_client(self.settings.redis_url)
         self._enqueue = self.redis.register_script(lua.script("enqueue"))
+        self.durability = Durability.of(self.settings)
         self._cancel = self.redis.register_script(lua.script("cancel"))
 
     @classmethod
@@ -42,7 +46,13 @@ class AsyncJobClient:
         if check_workers:
             check_against_workers(validated, await self.workers())
         item = enqueue_item(validated, queue, tuple((record_fields or {}).items()))
-        check_outcome(await self._enqueue(**item.call(now(), self.settings)), item)
+        try:
+            outcome = await self.durability.run_async(self.redis, self._enqueue, f"job {item.job_id} was submitted", item.job_id,
+                                                      **item.call(now(), self.settings))
+        except NotReplicatedError as exc:
+            check_outcome(exc.replies[0], item)
+            raise
+        check_outcome(outcome, item)
         return item.job_id
 
     @typed_redis_errors
@@ -63,8 +73,18 @@ class AsyncJobClient:
 
     @typed_redis_errors
     async def wait(self, job_id: str, timeout: float) -> JobRecord:
+        """As ``JobClient.wait``."""
         deadline = time.monotonic() + timeout
         keys.checked_id("job_id", job_id)
+        while True:
+            try:
+                return await self._wait(job_id, timeout, deadline)
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() + OUT_OF_REACH_PAUSE_S >= deadline:
+                    raise
+                await asyncio.sleep(OUT_OF_REACH_PAUSE_S)
+
+    async def _wait(self, job_id: str, timeout: float, deadline: float) -> JobRecord:
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(keys.job_channel(job_id))
         try:
@@ -147,7 +167,9 @@ class AsyncJobClient:
     @typed_redis_errors
     async def cancel(self, job_id: str) -> CancelOutcome:
         """As ``JobClient.cancel``."""
-        return cancel_outcome(job_id, await self._cancel(**cancel_call(keys.checked_id("job_id", job_id), self.settings.result_ttl_s)))
+        keys.checked_id("job_id", job_id)
+        return cancel_outcome(job_id, await self.durability.run_async(self.redis, self._cancel, f"job {job_id}'s cancellation was written",
+                                                                      **cancel_call(job_id, self.settings.result_ttl_s)))
 
     async def close(self) -> None:
         await self.redis.aclose()

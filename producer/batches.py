@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from producer import fairness, keys, lua
 from producer.connection import describe_error
+from producer.durability import Durability
 from producer.enqueue import Enqueue, derived_job_id, webhook_fields
 from producer.errors import BelleError, InvalidRequestError
 from producer.jsontext import parse_json
@@ -240,6 +241,7 @@ class Batches:
         self.settings = settings
         self._presets_loader = presets_loader
         self._enqueue = redis.register_script(lua.script("enqueue"))
+        self.durability = Durability.of(settings)
         self._cancel = redis.register_script(lua.script("cancel"))
         self._submitted = redis.register_script(lua.script("batch_submitted"))
         self._open_script = redis.register_script(lua.script("batch_open"))
@@ -280,6 +282,8 @@ class Batches:
                 self._submitted(keys=[keys.batch(batch_id)], args=[now()])
             except redis.RedisError as exc:
                 raise BatchInterruptedError(batch_id, in_batch[0], len(valid), describe_error(exc, self.settings.redis_url)) from exc
+            # (after every line is in: one wait for the replicas, which covers all that went before it)
+            self.durability.confirm(self.redis, f"batch {batch_id} was submitted whole")
         else:  # submitted whole before: nothing is enqueued again, even if its jobs' records have expired
             created = 0
         return BatchSubmission(batch_id, len(valid), created, refused, deadline)
@@ -444,6 +448,7 @@ class Batches:
         # Its jobs waiting in its fair-share line have ended (a line skips them anyway): the line goes, and their messages with it.
         if drop := fairness.drop_call(queue or keys.QUEUE_BULK, tenant or "", batch_id):
             self._fair_drop(**drop)
+        self.durability.confirm(self.redis, f"the cancellation of batch {batch_id} was written whole")
         return BatchCancellation(**outcomes)
 
     def _job_id_pages(self, batch_id: str) -> Iterator[list[str]]:

@@ -10,17 +10,20 @@ import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import redis
+
 from producer import keys, lua
-from producer.connection import redis_client, typed_redis_errors
-from producer.errors import JobNotFoundError, JobTimeoutError
-from producer.enqueue import check_outcome, enqueue_item
 from producer.batches import BatchCancellation, Batches, BatchResultLine, BatchStatus, BatchSubmission, FileSource, ListSource, RedisListSource
+from producer.connection import redis_client, typed_redis_errors
+from producer.durability import Durability
+from producer.enqueue import check_outcome, enqueue_item
+from producer.errors import JobNotFoundError, JobTimeoutError, NotReplicatedError
+from producer.fleet import WorkerInfo, check_against_workers, live_workers
 from producer.records import JobError, JobRecord, JobResult, JobState, StreamEvent
 from producer.schemas import GenerationRequest, parse_request
 from producer.settings import Settings, get_settings
 from producer.store import CancelOutcome, JobStore, is_final_event, now
-from producer.streaming import PUBSUB_RECHECK_S, READ_COUNT, RECHECK_S, StreamFollower, streams
-from producer.fleet import WorkerInfo, check_against_workers, live_workers
+from producer.streaming import OUT_OF_REACH_PAUSE_S, PUBSUB_RECHECK_S, READ_COUNT, RECHECK_S, StreamFollower, streams
 
 RequestLike = GenerationRequest | Mapping[str, Any]
 
@@ -43,7 +46,8 @@ class JobClient:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or get_settings()
         self.redis = redis_client(self.settings.redis_url)
-        self.store = JobStore(self.redis, result_ttl_s=self.settings.result_ttl_s, pending_ttl_s=self.settings.pending_ttl_s)
+        self.durability = Durability.of(self.settings)
+        self.store = JobStore(self.redis, result_ttl_s=self.settings.result_ttl_s, pending_ttl_s=self.settings.pending_ttl_s, durability=self.durability)
         self._enqueue = self.redis.register_script(lua.script("enqueue"))
         self._local = threading.local()  # each thread's pub/sub connection for wait()
         self._pubsubs: weakref.WeakSet = weakref.WeakSet()
@@ -65,7 +69,12 @@ class JobClient:
         if check_workers:
             check_against_workers(validated, self.workers())
         item = enqueue_item(validated, queue, tuple((record_fields or {}).items()))
-        check_outcome(self._enqueue(**item.call(now(), self.settings)), item)
+        try:
+            outcome = self.durability.run(self.redis, self._enqueue, f"job {item.job_id} was submitted", item.job_id, **item.call(now(), self.settings))
+        except NotReplicatedError as exc:
+            check_outcome(exc.replies[0], item)  # (a conflict wrote nothing: that is the error to report)
+            raise
+        check_outcome(outcome, item)
         return item.job_id
 
     @typed_redis_errors
@@ -80,9 +89,19 @@ class JobClient:
 
     @typed_redis_errors
     def wait(self, job_id: str, timeout: float) -> JobRecord:
-        """Block until the job reaches a final state; raises JobTimeoutError after ``timeout`` seconds."""
+        """Block until the job reaches a final state; raises JobTimeoutError after ``timeout`` seconds. Redis
+        out of reach for a while (a restart, a Sentinel failover) is waited out within the timeout."""
         deadline = time.monotonic() + timeout
         keys.checked_id("job_id", job_id)
+        while True:
+            try:
+                return self._wait(job_id, timeout, deadline)
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() + OUT_OF_REACH_PAUSE_S >= deadline:
+                    raise
+                time.sleep(OUT_OF_REACH_PAUSE_S)
+
+    def _wait(self, job_id: str, timeout: float, deadline: float) -> JobRecord:
         channel = keys.job_channel(job_id)
         pubsub = self._pubsub()
         done = False

@@ -1,5 +1,6 @@
 """Redis connections made from the URL alone (redis://, rediss:// with ?ssl_ca_certs=..., AUTH and ACL
-users as user:password@), and one-line descriptions of what goes wrong with them.
+users as user:password@, sentinel:// for a primary found through Redis Sentinel: producer/redis_url.py),
+and one-line descriptions of what goes wrong with them.
 
 Commands that fail on a lost connection are retried with exponential back-off: briefly for a client
 (a wrong URL should fail fast), for about half a minute in a worker, long enough to ride out a Redis
@@ -17,11 +18,13 @@ from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio
+import redis.sentinel
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from producer.errors import InvalidRequestError, RedisFullError
+from producer.errors import InvalidRequestError, NotReplicatedError, RedisFullError
+from producer.redis_url import RedisURLError, is_sentinel_url, parse_sentinel_url, sentinel_primary, where
 
 CLIENT_RETRIES = 3
 # Connections one client may open (redis-py's default is 100: a worker's 128 task threads, or a gateway's
@@ -32,19 +35,31 @@ WORKER_RETRIES = 40  # with the back-off capped at 1 s: about 35 s in all
 
 def redis_client(url: str, *, retries: int = CLIENT_RETRIES) -> redis.Redis:
     check_url(url)
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30, max_connections=MAX_CONNECTIONS, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
-                                retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    options = {"decode_responses": True, "health_check_interval": 30, "max_connections": MAX_CONNECTIONS,
+               "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries), "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}
+    if is_sentinel_url(url):
+        return sentinel_primary(parse_sentinel_url(url), **options)
+    return redis.Redis.from_url(url, **options)
 
 
 def async_redis_client(url: str, *, retries: int = CLIENT_RETRIES) -> redis.asyncio.Redis:
     check_url(url)
-    return redis.asyncio.Redis.from_url(url, decode_responses=True, health_check_interval=30, max_connections=MAX_CONNECTIONS,
-                                        retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), retries),
-                                        retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    options = {"decode_responses": True, "health_check_interval": 30, "max_connections": MAX_CONNECTIONS,
+               "retry": AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), retries), "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}
+    if is_sentinel_url(url):
+        return sentinel_primary(parse_sentinel_url(url), asynchronous=True, **options)
+    return redis.asyncio.Redis.from_url(url, **options)
 
 
 def check_url(url: str) -> None:
     """Refuse a Redis URL that redis-py could not use, naming the setting (InvalidRequestError)."""
+    if is_sentinel_url(url):
+        try:
+            parse_sentinel_url(url)
+            return
+        except RedisURLError as exc:
+            raise InvalidRequestError.single("redis_url", where(url), f"the sentinel URL (--redis-url or BELLE_REDIS_URL) is not usable: {exc}; give one like "
+                                             "'sentinel://host1:26379;sentinel://host2:26379;sentinel://host3:26379/0?master_name=NAME'") from None
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -55,9 +70,9 @@ def check_url(url: str) -> None:
         if port is None or 0 < port < 65536:
             return
         problem = f"port {port} is out of range"
-    raise InvalidRequestError.single("redis_url", _without_password(url),
-                                     f"the Redis URL (--redis-url or BELLE_REDIS_URL) is not usable: {problem}; "
-                                     "give one like redis://host:6379/0, rediss://host:6380/0 (TLS) or unix:///path/redis.sock")
+    raise InvalidRequestError.single("redis_url", where(url),
+                                     f"the Redis URL (--redis-url or BELLE_REDIS_URL) is not usable: {problem}; give one like redis://host:6379/0, "
+                                     "rediss://host:6380/0 (TLS), unix:///path/redis.sock or sentinel://host:26379;sentinel://host2:26379/0?master_name=NAME")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -98,7 +113,7 @@ def typed_redis_errors(method: F) -> F:
 
     def raise_typed(self, exc: redis.RedisError) -> None:
         if is_out_of_memory(exc):
-            raise RedisFullError(_without_password(self.settings.redis_url)) from exc
+            raise RedisFullError(where(self.settings.redis_url)) from exc
 
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
@@ -138,36 +153,27 @@ def typed_redis_errors(method: F) -> F:
 
 def describe_error(exc: redis.RedisError, url: str) -> str:
     """One line saying what is wrong with reaching Redis at ``url`` and what to do."""
-    where = _without_password(url)
+    at = where(url)
     text = str(exc)
     if is_out_of_memory(exc):
-        return str(exc) if isinstance(exc, RedisFullError) else str(RedisFullError(where))
+        return str(exc) if isinstance(exc, RedisFullError) else str(RedisFullError(at))
+    if isinstance(exc, NotReplicatedError):
+        return str(exc)
+    if isinstance(exc, redis.sentinel.MasterNotFoundError):
+        return (f"redis at {at}: no sentinel named a reachable primary ({text}); check that the sentinels run, that master_name is the "
+                "name they monitor, and sentinel_password if they have one")
     if isinstance(exc, redis.AuthenticationError) or "WRONGPASS" in text or "NOAUTH" in text or "invalid password" in text:
-        return f"redis at {where} refused the credentials: {text}; check the user and password in the URL (redis://user:password@host:port/db)"
+        return f"redis at {at} refused the credentials: {text}; check the user and password in the URL (redis://user:password@host:port/db)"
     if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-        return (f"redis at {where}: its TLS certificate is not trusted ({text.split('] ')[-1].strip(')')}); give the CA that signed it with "
+        return (f"redis at {at}: its TLS certificate is not trusted ({text.split('] ')[-1].strip(')')}); give the CA that signed it with "
                 "?ssl_ca_certs=/path/to/ca.pem in the URL")
     if isinstance(exc, redis.TimeoutError) and url.startswith("rediss://"):
-        return (f"redis at {where}: the TLS handshake timed out ({text}); the server likely speaks plain text: use redis:// for a plain port, "
+        return (f"redis at {at}: the TLS handshake timed out ({text}); the server likely speaks plain text: use redis:// for a plain port, "
                 "rediss:// only for Redis's TLS port")
     if "wrong version number" in text or "record layer" in text:
-        return f"redis at {where}: TLS and plain connection do not match ({text}); use rediss:// for a TLS port, redis:// otherwise"
+        return f"redis at {at}: TLS and plain connection do not match ({text}); use rediss:// for a TLS port, redis:// otherwise"
     if "NOPERM" in text:
-        return f"redis at {where}: the user in the URL may not run this command ({text}); grant it (ACL SETUSER) or use another user"
+        return f"redis at {at}: the user in the URL may not run this command ({text}); grant it (ACL SETUSER) or use another user"
     if isinstance(exc, redis.ResponseError):
-        return f"redis at {where} refused a command: {text}"
-    return f"cannot reach redis at {where} ({text}); start one (`belle-queue redis`) or set --redis-url / BELLE_REDIS_URL"
-
-
-def _without_password(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "(a malformed URL)"
-    host = parts.hostname or ""
-    try:
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:  # not a number, or out of range: shown as given
-        port = ":" + parts.netloc.rpartition(":")[2]
-    user = f"{parts.username}@" if parts.username else ""
-    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+        return f"redis at {at} refused a command: {text}"
+    return f"cannot reach redis at {at} ({text}); start one (`belle-queue redis`) or set --redis-url / BELLE_REDIS_URL"

@@ -66,6 +66,24 @@ class JobTimeoutError(BelleError, TimeoutError):
 
 
 
+class NotReplicatedError(BelleError, redis.RedisError):
+    """A write was made on the primary, but fewer replicas than BELLE_WAIT_REPLICAS confirmed it in time: it
+    would be lost if the primary failed now. For a submit, the job is queued (it runs) but not durable yet."""
+
+    def __init__(self, what: str, confirmed: int, wanted: int, timeout_ms: int, job_id: str | None = None, replies: list | None = None):
+        self.job_id = job_id
+        self.replies = replies or []  # what the commands whose confirmation was awaited answered
+        self.confirmed = confirmed
+        self.wanted = wanted
+        again = (f"; it is queued and runs, but would be lost if the primary failed now: check it with `status {job_id}` "
+                 "(or submit again with the same idempotency_key, which does not enqueue it twice)" if job_id else "")
+        super().__init__(f"{what}: {confirmed} of the {wanted} replicas asked for (BELLE_WAIT_REPLICAS) confirmed it within "
+                         f"{timeout_ms} ms (BELLE_WAIT_TIMEOUT_MS){again}; bring a replica back or lower BELLE_WAIT_REPLICAS")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class RedisFullError(BelleError, redis.exceptions.OutOfMemoryError):
     """Redis refuses writes: its memory reached ``maxmemory`` (with the ``noeviction`` policy, which
     belle-queue relies on: it never drops a record or a message to make room). Nothing was written."""

@@ -160,3 +160,8 @@ WEBHOOK_ATTEMPTS = f"{PREFIX}:webhooks:attempts"
 
 # Every worker listens here for the ids of running jobs whose cancellation was requested.
 CANCEL_CHANNEL = f"{PREFIX}:cancel"
+
+
+# String: a counter written just before each WAIT (producer/durability.py), so that the connection waiting has
+# written after whatever it asks about, even when its own write changed nothing (an idempotent repeat).
+REPLICATION_MARK = f"{PREFIX}:replication_mark"

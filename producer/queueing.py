@@ -10,15 +10,21 @@ from __future__ import annotations
 from typing import Any
 
 from producer import keys
+from producer.redis_url import is_sentinel_url, parse_sentinel_url
 from producer.settings import Settings
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings that the producer and the worker must agree on."""
+    broker_url, sentinel_options, broker_use_ssl = settings.redis_url, {}, None
+    if is_sentinel_url(settings.redis_url):
+        broker_url, sentinel_options, broker_use_ssl = parse_sentinel_url(settings.redis_url).kombu()
     return {
-        "broker_url": settings.redis_url,
+        "broker_url": broker_url,
+        **({"broker_use_ssl": broker_use_ssl} if broker_use_ssl else {}),
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
+            **sentinel_options,
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": settings.unacked_restore_interval_s,
             "unacked_restore_throttle": settings.unacked_restore_throttle,

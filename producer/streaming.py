@@ -21,6 +21,8 @@ RECHECK_S = 4.0
 # A reader waiting on pub/sub alone (a job that does not stream) re-reads the record this often: only a
 # pub/sub connection that reconnected (Redis restarted) can have missed the end event.
 PUBSUB_RECHECK_S = 15.0
+# A wait that finds Redis out of reach (a restart, a Sentinel failover) tries again this often until its timeout.
+OUT_OF_REACH_PAUSE_S = 0.5
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 

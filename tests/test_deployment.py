@@ -19,6 +19,7 @@ import yaml
 
 from producer.cli.commands import build_parser
 from producer.embedded_redis import find_redis_server, free_port
+from producer.redis_url import parse_sentinel_url
 from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +28,7 @@ PASSWORD = "compose-test-password"
 ENVIRONMENT = {"REDIS_PASSWORD": PASSWORD, "FLOWER_BASIC_AUTH": "admin:flower-test"}  # what the compose file requires
 REDIS_URL = f"redis://:{PASSWORD}@redis:6379/0"
 
-_VARIABLE = re.compile(r"\$\{(\w+)(?::([-?])([^}]*))?\}")
+_VARIABLE = re.compile(r"\$\{(\w+)(?::([-?])((?:(?!\$\{)[^}])*))?\}")  # (an innermost one: defaults may hold variables)
 
 
 class MissingVariable(KeyError):
@@ -36,7 +37,7 @@ class MissingVariable(KeyError):
 
 def interpolate(node, environment: dict[str, str]):
     """``node`` as compose reads it: ${VAR}, ${VAR:-default} (unset or empty: the default), ${VAR:?message}
-    (unset or empty: an error)."""
+    (unset or empty: an error), nested in defaults."""
     if isinstance(node, dict):
         return {key: interpolate(value, environment) for key, value in node.items()}
     if isinstance(node, list):
@@ -52,7 +53,9 @@ def interpolate(node, environment: dict[str, str]):
             raise MissingVariable(f"{name}: {rest}")
         return rest if kind == "-" else ""
 
-    return _VARIABLE.sub(one, node)
+    while (substituted := _VARIABLE.sub(one, node)) != node:
+        node = substituted
+    return node
 
 
 COMPOSE = interpolate(RAW_COMPOSE, ENVIRONMENT)
@@ -238,3 +241,55 @@ def test_the_monitoring_services_run_under_their_profile_with_files_that_exist()
     assert SERVICES["exporter"]["environment"]["BELLE_REDIS_URL"] == REDIS_URL
     home = SERVICES["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert (ROOT / "deploy/grafana/dashboards" / Path(home).name).is_file()
+
+
+HA = interpolate(RAW_COMPOSE, ENVIRONMENT)["services"]
+SENTINEL_URL = next(line.split("=", 1)[1].strip().strip('"') for line in (ROOT / "docker-compose.yml").read_text().splitlines()
+                    if line.startswith("#   export BELLE_REDIS_URL="))
+
+
+def test_the_ha_profile_adds_a_replica_of_redis_and_three_sentinels_that_monitor_it_and_clients_can_take_their_url():
+    added = {name for name, service in HA.items() if service.get("profiles") == ["ha"]}
+    assert added == {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+    primary, replica = HA["redis"]["command"], HA["redis-replica"]["command"]
+    assert replica[: replica.index("--replica-announce-ip")] == primary[: primary.index("--replica-announce-ip")], "the same options"
+    assert replica[replica.index("--replicaof") + 1:] == ["redis", "6379"]
+    for command in (primary, replica):  # either may be the other's replica after a failover
+        assert command[command.index("--masterauth") + 1] == PASSWORD
+    url = parse_sentinel_url(SENTINEL_URL.replace("$REDIS_PASSWORD", PASSWORD))
+    assert {host for host, _ in url.sentinels} == {f"sentinel-{i}" for i in (1, 2, 3)} and url.password == PASSWORD
+    for i in (1, 2, 3):
+        script = HA[f"sentinel-{i}"]["command"][2]
+        assert f"sentinel monitor {url.master_name} redis 6379 2" in script and HA[f"sentinel-{i}"]["hostname"] == f"sentinel-{i}"
+    with_url = interpolate(RAW_COMPOSE, {**ENVIRONMENT, "BELLE_REDIS_URL": SENTINEL_URL})["services"]
+    assert all(with_url[name]["environment"]["BELLE_REDIS_URL"] == SENTINEL_URL for name in ("worker-gpu0", "gateway", "exporter"))
+
+
+def test_a_sentinel_started_with_the_compose_script_monitors_the_primary_with_its_password(tmp_path):
+    """The sentinel service's own script (its hosts mapped to loopback ports), against Redis as compose starts it."""
+    port, sentinel_port = free_port(), free_port()
+    primary = subprocess.Popen([find_redis_server(), *HA["redis"]["command"][1:], "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    script = (HA["sentinel-1"]["command"][2].replace("$$", "$").replace("/data", str(tmp_path)).replace("redis 6379", f"127.0.0.1 {port}")
+              .replace("port 26379", f"port {sentinel_port}").replace("$(hostname)", "127.0.0.1").replace("exec redis-server", f"exec {find_redis_server()}"))
+    sentinel = subprocess.Popen(["sh", "-c", script], env={**os.environ, **HA["sentinel-1"]["environment"]},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=sentinel_port, password=PASSWORD, decode_responses=True, socket_timeout=2)
+
+    def watching():
+        try:
+            return client.sentinel_master("belle")
+        except redis.RedisError:
+            return None
+
+    try:
+        master = wait_for(watching, 20, "the sentinel watches the primary")
+        wait_for(lambda: "s_down" not in (watching() or {"flags": "s_down"})["flags"] and watching()["role-reported"] == "master", 20,
+                 "the sentinel reaches the primary with its password")
+        assert int(master["port"]) == port and int(master["quorum"]) == 2
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=sentinel_port, socket_timeout=2).ping()
+    finally:
+        for process in (sentinel, primary):
+            process.terminate()
+            process.wait(10)

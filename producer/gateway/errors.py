@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 
 from producer.batches import BatchError
 from producer.connection import describe_error, is_out_of_memory
-from producer.errors import ErrorCode, InvalidRequestError, JobNotFoundError
+from producer.errors import ErrorCode, InvalidRequestError, JobNotFoundError, NotReplicatedError
 from producer.records import JobError
 
 log = logging.getLogger("belle.gateway")
@@ -74,7 +74,8 @@ def install(app: FastAPI, redis_url: str) -> None:
     @app.exception_handler(redis.RedisError)
     async def redis_error(request: Request, exc: redis.RedisError) -> JSONResponse:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
-        return unavailable(describe_error(exc, redis_url), "redis_full" if is_out_of_memory(exc) else "redis_unavailable").response()
+        code = "redis_full" if is_out_of_memory(exc) else "not_replicated" if isinstance(exc, NotReplicatedError) else "redis_unavailable"
+        return unavailable(describe_error(exc, redis_url), code).response()
 
     @app.exception_handler(RequestValidationError)
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:

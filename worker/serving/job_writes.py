@@ -6,12 +6,19 @@ client's: producer/store.py.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 from producer import keys
+from producer.durability import Durability
+from producer.errors import NotReplicatedError
 from producer.records import JobError, JobResult, JobState
-from producer.store import JobStore, canonical_json, cancelled_before_start, end_event, now
+from producer.store import JobStore, cancelled_before_start, canonical_json, end_event, now
 from worker.serving.lua import script
+
+log = logging.getLogger("belle.worker")
+NOT_REPLICATED_LOG_S = 60.0  # at most one line a minute while replicas do not confirm final states
 
 
 @dataclass(frozen=True)
@@ -28,9 +35,12 @@ class StartOutcome:
 class WorkerJobStore(JobStore):
     """A JobStore that also makes the worker's transitions."""
 
-    def __init__(self, redis, *, result_ttl_s: int, pending_ttl_s: int, bulk_ready_jobs: int = 64):
+    def __init__(self, redis, *, result_ttl_s: int, pending_ttl_s: int, bulk_ready_jobs: int = 64, durability: Durability = Durability()):
         super().__init__(redis, result_ttl_s=result_ttl_s, pending_ttl_s=pending_ttl_s)
         self.bulk_ready_jobs = bulk_ready_jobs  # how long starting a job keeps a fairly shared queue (producer/fairness.py)
+        self.durability = durability  # final states wait for replicas (BELLE_WAIT_REPLICAS)
+        self.not_replicated = 0  # final states the replicas did not confirm in time
+        self._not_replicated_logged = 0.0
         self._start = redis.register_script(script("start"))
         self._generating = redis.register_script(script("generating"))
         self._release = redis.register_script(script("release"))
@@ -58,7 +68,7 @@ class WorkerJobStore(JobStore):
 
     def fail_if_absent(self, job_id: str, error: JobError) -> bool:
         """Fail a job whose message could not be read, unless it has a record (which is left alone)."""
-        return bool(self._fail_if_absent(keys=[keys.job(job_id)], args=[
+        return bool(self._final(self._fail_if_absent, f"job {job_id}'s final state (failed) was written", keys=[keys.job(job_id)], args=[
             now(), self.result_ttl_s, error.model_dump_json(), keys.job_channel(job_id), end_event(job_id, JobState.FAILED, error=error),
             canonical_json({"unreadable_message": True})]))
 
@@ -87,8 +97,23 @@ class WorkerJobStore(JobStore):
     def _finish_with(self, job_id: str, state: JobState, *, result: JobResult | None = None, error: JobError | None = None,
                      request_json: str = "", streaming: bool = False) -> str:
         field, payload = ("result", result.model_dump_json()) if result is not None else ("error", error.model_dump_json())
-        return self._finish(
-            keys=[keys.job(job_id), keys.job_chunks(job_id)],
-            args=[state.value, now(), self.result_ttl_s, field, payload, keys.job_channel(job_id), request_json,
-                  end_event(job_id, state, result, error), "1" if streaming else "0"],
-        )
+        return self._final(self._finish, f"job {job_id}'s final state ({state.value}) was written",
+                           keys=[keys.job(job_id), keys.job_chunks(job_id)],
+                           args=[state.value, now(), self.result_ttl_s, field, payload, keys.job_channel(job_id), request_json,
+                                 end_event(job_id, state, result, error), "1" if streaming else "0"])
+
+    def _final(self, script, what: str, **call):
+        """A final state's script, waiting for replicas (BELLE_WAIT_REPLICAS) if asked to."""
+        try:
+            return self.durability.run(self.redis, script, what, **call)
+        except NotReplicatedError as exc:
+            self._note_not_replicated(exc)
+            return exc.replies[0]
+
+    def _note_not_replicated(self, exc: NotReplicatedError) -> None:
+        """The final state stands (the job's message is acknowledged): only a failover before the replicas catch
+        up would lose it, and the job would then run again."""
+        self.not_replicated += 1
+        if time.monotonic() - self._not_replicated_logged >= NOT_REPLICATED_LOG_S:
+            self._not_replicated_logged = time.monotonic()
+            log.warning("%s (%d final states not confirmed so far)", exc, self.not_replicated)

@@ -14,8 +14,9 @@ from importlib.metadata import PackageNotFoundError, version
 from celery.exceptions import Reject
 
 from producer.connection import WORKER_RETRIES, describe_error, redis_client
-from producer.settings import Settings
+from producer.durability import Durability
 from producer.fleet import WorkerInfo
+from producer.settings import Settings
 
 log = logging.getLogger("belle.worker")
 
@@ -45,16 +46,16 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
     from celery.signals import worker_shutting_down
     from celery.utils.nodenames import host_format
 
-    from worker.serving.announce import Announcer
+    from worker.model.engine import Engine
+    from worker.model.hardware import load_profile
+    from worker.model.model_config import load_model_config
     from worker.scheduling.batcher import Batcher
+    from worker.serving.announce import Announcer
     from worker.serving.cancellation import CancelWatcher
     from worker.serving.celery_app import create_app
-    from worker.model.engine import Engine
     from worker.serving.handler import JobHandler
     from worker.serving.job_writes import WorkerJobStore
-    from worker.model.hardware import load_profile
     from worker.serving.metrics import Metrics
-    from worker.model.model_config import load_model_config
     from worker.serving.publisher import ChunkPublisher
     from worker.serving.redis_writes import AttemptCounter, PatientStore, RedisWrites
     from worker.serving.sweeper import Sweeper
@@ -70,7 +71,7 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
         metrics.serve(settings.metrics_port, settings.metrics_host)
     writes = RedisWrites(metrics)
     records = WorkerJobStore(redis, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s,
-                             bulk_ready_jobs=settings.bulk_ready_jobs)
+                             bulk_ready_jobs=settings.bulk_ready_jobs, durability=Durability.of(settings))
     store = PatientStore(records, writes)  # the handler's writes wait while Redis refuses them
     name = host_format(settings.worker_name or "belle@%h")  # %h: the host name, as Celery expands it
     incarnation = f"{name}/{os.getpid()}/{uuid.uuid4().hex[:8]}"  # this process: a restarted worker keeps its name, not this

@@ -211,12 +211,24 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-def bound_transport(*, writes: RedisWrites, incarnation: str | None, on_refused: Callable[[str, str], None] | None) -> type[Transport]:
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The same, on a primary found through Redis Sentinel (a ``sentinel://`` URL): every connection asks
+    the sentinels where the primary is, again after a failover."""
+
+
+class SentinelTransport(Transport):
+    Channel = SentinelChannel
+    default_port = kombu_redis.SentinelTransport.default_port
+
+
+def bound_transport(*, writes: RedisWrites, incarnation: str | None, on_refused: Callable[[str, str], None] | None,
+                    sentinel: bool = False) -> type[Transport]:
     """The transport class for one worker process: its Redis write state, its incarnation, and what to do
-    with a refused message that names a job."""
-    channel = type("BoundChannel", (Channel,), {"writes": writes, "incarnation": incarnation,
-                                                "on_refused": staticmethod(on_refused) if on_refused else None})
-    return type("BoundTransport", (Transport,), {"Channel": channel})
+    with a refused message that names a job; ``sentinel`` for a ``sentinel://`` broker URL."""
+    base = SentinelTransport if sentinel else Transport
+    channel = type("BoundChannel", (base.Channel,), {"writes": writes, "incarnation": incarnation,
+                                                     "on_refused": staticmethod(on_refused) if on_refused else None})
+    return type("BoundTransport", (base,), {"Channel": channel})
 
 
 _REQUEUE_RESTORED = script("requeue_restored")
