@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 SENTINEL_SCHEMES = ("sentinel", "sentinels")
 DEFAULT_SENTINEL_PORT = 26379
@@ -80,12 +80,13 @@ class SentinelURL:
         """The broker URL, the transport options and ``broker_use_ssl`` that kombu's sentinel transport takes."""
         auth = ""
         if self.password is not None:
-            auth = f"{self.username or ''}:{self.password}@"
+            auth = f"{quote(self.username or '', safe='')}:{quote(self.password, safe='')}@"
         elif self.username is not None:
-            auth = f"{self.username}@"
-        hosts = ";".join(f"sentinel://{auth if i == 0 else ''}{_host(host)}:{port}" for i, (host, port) in enumerate(self.sentinels))
+            auth = f"{quote(self.username, safe='')}@"
+        # (kombu reads the credentials and the database from the first sentinel's part only)
+        url = ";".join(f"sentinel://{auth if i == 0 else ''}{_host(host)}:{port}/{self.db}" for i, (host, port) in enumerate(self.sentinels))
         options = {"master_name": self.master_name, "sentinel_kwargs": self.sentinel_kwargs(), **KEEPALIVE}
-        return f"{hosts}/{self.db}", options, (self.tls_options or {"ssl_cert_reqs": "required"}) if self.tls else None
+        return url, options, (self.tls_options or {"ssl_cert_reqs": "required"}) if self.tls else None
 
 
 def parse_sentinel_url(url: str) -> SentinelURL:
@@ -145,11 +146,6 @@ def sentinel_primary(url: SentinelURL, *, asynchronous: bool = False, **connecti
 
     sentinel = Sentinel(url.sentinels, sentinel_kwargs=url.sentinel_kwargs())
     return sentinel.master_for(url.master_name, redis_class=redis.Redis, **url.primary_kwargs(), **connection_kwargs)
-
-
-def masked_sentinel_url(url: str, mask) -> str:
-    """Each part of a sentinel URL through ``mask`` (a one-server URL masker)."""
-    return ";".join(mask(part) for part in url.split(";"))
 
 
 def where(url: str) -> str:

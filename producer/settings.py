@@ -148,6 +148,12 @@ def masked_url(url: str) -> str:
     """``url`` with its password, and any query parameter named like a secret, replaced by MASK (in each
     part of a sentinel URL)."""
     if url.split("://", 1)[0].lower() in ("sentinel", "sentinels") and ";" in url:
+        from producer.redis_url import RedisURLError, parse_sentinel_url
+
+        try:
+            parse_sentinel_url(url)
+        except RedisURLError:
+            return MASK  # (a part split inside a password would show the rest of it)
         return ";".join(masked_url(part) for part in url.split(";"))
     try:
         parts = urlsplit(url)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlsplit
 
 import pytest
+from kombu import Connection
 
 from producer import keys
 from producer.aio import AsyncJobClient
@@ -53,7 +55,11 @@ def test_passwords_of_a_sentinel_url_are_masked_in_every_part_and_never_named_in
 
 def test_celery_takes_a_sentinel_url_as_kombus_sentinel_transport_with_the_master_name():
     config = celery_config(Settings(redis_url=URL))
-    assert config["broker_url"] == "sentinel://:s3cret@h1:26379;sentinel://h2:26380;sentinel://[::1]:26379/2"
+    broker = Connection(config["broker_url"], transport_options=config["broker_transport_options"])
+    assert (broker.transport_cls, broker.hostname, broker.port, broker.password, broker.virtual_host) == ("sentinel", "h1", 26379, "s3cret", "2")
+    assert [urlsplit(part).netloc.rpartition("@")[2] for part in broker.alt] == ["h1:26379", "h2:26380", "[::1]:26379"]
+    odd = Connection(celery_config(Settings(redis_url="sentinel://:p%40ss%2Fw%23rd%25@h1/5?master_name=m"))["broker_url"])
+    assert (odd.password, odd.hostname, odd.virtual_host) == ("p@ss/w#rd%", "h1", "5"), "credentials quoted as kombu reads them"
     options = config["broker_transport_options"]
     assert options["master_name"] == "belle" and options["sentinel_kwargs"]["password"] == "other"
     assert options["visibility_timeout"] == Settings().visibility_timeout_s
