@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import redis
 
 from producer import keys, lua
 from producer.batches import BatchCancellation, BatchResultLine, BatchStatus, BatchSubmission
@@ -21,7 +20,7 @@ from producer.fleet import WorkerInfo, check_against_workers, live_worker_keys, 
 from producer.records import JobRecord, JobState, StreamEvent
 from producer.settings import Settings, get_settings
 from producer.store import CancelOutcome, cancel_call, cancel_outcome, is_final_event, now, record_from_hash
-from producer.streaming import OUT_OF_REACH_PAUSE_S, PUBSUB_RECHECK_S, READ_COUNT, RECHECK_S, StreamFollower, streams, texts_so_far
+from producer.streaming import OUT_OF_REACH, PUBSUB_RECHECK_S, READ_COUNT, RECHECK_S, StreamFollower, paused_for_redis_async, streams, texts_so_far
 
 
 class AsyncJobClient:
@@ -78,11 +77,12 @@ class AsyncJobClient:
         keys.checked_id("job_id", job_id)
         while True:
             try:
-                return await self._wait(job_id, timeout, deadline)
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() + OUT_OF_REACH_PAUSE_S >= deadline:
+                record = await self._wait(job_id, timeout, deadline)
+                if await self.durability.final_confirmed_async(self.redis, record, deadline):
+                    return record
+            except OUT_OF_REACH:
+                if not await paused_for_redis_async(deadline):
                     raise
-                await asyncio.sleep(OUT_OF_REACH_PAUSE_S)
 
     async def _wait(self, job_id: str, timeout: float, deadline: float) -> JobRecord:
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
@@ -122,14 +122,19 @@ class AsyncJobClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise JobTimeoutError(job_id, timeout, (await self.get(job_id)).state.value)
-            events = follower.take_with_ids(await self.redis.xread(follower.streams(), count=READ_COUNT,
-                                                                   block=max(1, int(min(remaining, RECHECK_S) * 1000))))
-            if not events:
-                record = await self.get(job_id)
-                if record.is_final:
-                    events = follower.take_with_ids(await self.redis.xread(follower.streams(), count=READ_COUNT))
-                    if not follower.done:
-                        events += follower.from_record_with_ids(record)
+            try:
+                events = follower.take_with_ids(await self.redis.xread(follower.streams(), count=READ_COUNT,
+                                                                       block=max(1, int(min(remaining, RECHECK_S) * 1000))))
+                if not events:
+                    record = await self.get(job_id)
+                    if record.is_final:
+                        events = follower.take_with_ids(await self.redis.xread(follower.streams(), count=READ_COUNT))
+                        if not follower.done:
+                            events += follower.from_record_with_ids(record)
+            except OUT_OF_REACH:
+                if not await paused_for_redis_async(deadline):
+                    raise
+                continue
             for item in events:
                 yield item
 

@@ -10,7 +10,6 @@ import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-import redis
 
 from producer import keys, lua
 from producer.batches import BatchCancellation, Batches, BatchResultLine, BatchStatus, BatchSubmission, FileSource, ListSource, RedisListSource
@@ -23,7 +22,7 @@ from producer.records import JobError, JobRecord, JobResult, JobState, StreamEve
 from producer.schemas import GenerationRequest, parse_request
 from producer.settings import Settings, get_settings
 from producer.store import CancelOutcome, JobStore, is_final_event, now
-from producer.streaming import OUT_OF_REACH_PAUSE_S, PUBSUB_RECHECK_S, READ_COUNT, RECHECK_S, StreamFollower, streams
+from producer.streaming import OUT_OF_REACH, PUBSUB_RECHECK_S, READ_COUNT, RECHECK_S, StreamFollower, paused_for_redis, streams
 
 RequestLike = GenerationRequest | Mapping[str, Any]
 
@@ -90,16 +89,19 @@ class JobClient:
     @typed_redis_errors
     def wait(self, job_id: str, timeout: float) -> JobRecord:
         """Block until the job reaches a final state; raises JobTimeoutError after ``timeout`` seconds. Redis
-        out of reach for a while (a restart, a Sentinel failover) is waited out within the timeout."""
+        out of reach for a while (a restart, a Sentinel failover) is waited out within the timeout. With
+        BELLE_WAIT_REPLICAS, the final state is returned once replicas hold it (a failover cannot take it
+        back), or NotReplicatedError at the timeout."""
         deadline = time.monotonic() + timeout
         keys.checked_id("job_id", job_id)
         while True:
             try:
-                return self._wait(job_id, timeout, deadline)
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() + OUT_OF_REACH_PAUSE_S >= deadline:
+                record = self._wait(job_id, timeout, deadline)
+                if self.durability.final_confirmed(self.redis, record, deadline):
+                    return record
+            except OUT_OF_REACH:
+                if not paused_for_redis(deadline):
                     raise
-                time.sleep(OUT_OF_REACH_PAUSE_S)
 
     def _wait(self, job_id: str, timeout: float, deadline: float) -> JobRecord:
         channel = keys.job_channel(job_id)
@@ -160,14 +162,19 @@ class JobClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise JobTimeoutError(job_id, timeout, self.get(job_id).state.value)
-            events = follower.take(self.redis.xread(follower.streams(), count=READ_COUNT, block=max(1, int(min(remaining, RECHECK_S) * 1000))))
-            if not events:
-                # Quiet a while: the job may be queued, or its record may have ended it (or expired) without an end event.
-                record = self.get(job_id)
-                if record.is_final:
-                    events = follower.take(self.redis.xread(follower.streams(), count=READ_COUNT))
-                    if not follower.done:
-                        events += follower.from_record(record)
+            try:
+                events = follower.take(self.redis.xread(follower.streams(), count=READ_COUNT, block=max(1, int(min(remaining, RECHECK_S) * 1000))))
+                if not events:
+                    # Quiet a while: the job may be queued, or its record may have ended it (or expired) without an end event.
+                    record = self.get(job_id)
+                    if record.is_final:
+                        events = follower.take(self.redis.xread(follower.streams(), count=READ_COUNT))
+                        if not follower.done:
+                            events += follower.from_record(record)
+            except OUT_OF_REACH:  # (the follower goes on from the last chunk it gave)
+                if not paused_for_redis(deadline):
+                    raise
+                continue
             yield from events
 
     # --- batches (see producer/batches.py) ---

@@ -160,7 +160,7 @@ def describe_error(exc: redis.RedisError, url: str) -> str:
     if isinstance(exc, NotReplicatedError):
         return str(exc)
     if isinstance(exc, redis.sentinel.MasterNotFoundError):
-        return (f"redis at {at}: no sentinel named a reachable primary ({text}); check that the sentinels run, that master_name is the "
+        return (f"redis at {at}: no sentinel named a reachable primary; check that the sentinels run, that master_name is the "
                 "name they monitor, and sentinel_password if they have one")
     if isinstance(exc, redis.AuthenticationError) or "WRONGPASS" in text or "NOAUTH" in text or "invalid password" in text:
         return f"redis at {at} refused the credentials: {text}; check the user and password in the URL (redis://user:password@host:port/db)"

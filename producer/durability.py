@@ -9,6 +9,7 @@ connection: so a counter is written just before each WAIT, after everything the 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,3 +73,35 @@ class Durability:
             pipe = redis.pipeline(transaction=False)
             self.add_wait(pipe)
             self.check(pipe.execute(), what)
+
+    def final_confirmed(self, redis, record, deadline: float) -> bool:
+        """Whether a final record just read is on the replicas: a waiting client returns only such a one, so that
+        a failover cannot take back a result it returned (the job would run again, with another). False to read
+        it again (the primary may be gone, and the job run again); NotReplicatedError once ``deadline`` passed."""
+        if not self.waits:
+            return True
+        try:
+            self.confirm(redis, _final_read(record))
+        except NotReplicatedError:
+            if time.monotonic() >= deadline:
+                raise
+            return False
+        return True
+
+    async def final_confirmed_async(self, redis, record, deadline: float) -> bool:
+        """As ``final_confirmed``, on a ``redis.asyncio`` client."""
+        if not self.waits:
+            return True
+        pipe = redis.pipeline(transaction=False)
+        self.add_wait(pipe)
+        try:
+            self.check(await pipe.execute(), _final_read(record))
+        except NotReplicatedError:
+            if time.monotonic() >= deadline:
+                raise
+            return False
+        return True
+
+
+def _final_read(record) -> str:
+    return f"job {record.job_id} ended {record.state.value}, and a failover could still take that back until replicas hold it"

@@ -11,17 +11,19 @@ from typing import Any
 
 from producer import keys
 from producer.redis_url import is_sentinel_url, parse_sentinel_url
+from producer.sentinel_transport import SentinelListTransport
 from producer.settings import Settings
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings that the producer and the worker must agree on."""
-    broker_url, sentinel_options, broker_use_ssl = settings.redis_url, {}, None
+    broker_url, sentinel_options, broker_use_ssl, sentinel = settings.redis_url, {}, None, {}
     if is_sentinel_url(settings.redis_url):
         broker_url, sentinel_options, broker_use_ssl = parse_sentinel_url(settings.redis_url).kombu()
+        sentinel = {"broker_transport": SentinelListTransport, **({"broker_use_ssl": broker_use_ssl} if broker_use_ssl else {})}
     return {
         "broker_url": broker_url,
-        **({"broker_use_ssl": broker_use_ssl} if broker_use_ssl else {}),
+        **sentinel,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
             **sentinel_options,

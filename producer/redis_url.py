@@ -54,9 +54,16 @@ class SentinelURL:
     def tls_options(self) -> dict[str, str]:
         return {name: self.options[name] for name in TLS_OPTIONS if name in self.options}
 
-    def sentinel_kwargs(self) -> dict:
-        """How to reach the sentinels themselves."""
-        kwargs: dict = {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S}
+    def sentinel_kwargs(self, *, asynchronous: bool = False) -> dict:
+        """How to reach the sentinels themselves: once each (redis-py would retry each with a back-off of
+        seconds; the next sentinel is asked instead, and the caller's own retries ask them all again)."""
+        if asynchronous:
+            from redis.asyncio.retry import Retry
+        else:
+            from redis.retry import Retry
+        from redis.backoff import NoBackoff
+
+        kwargs: dict = {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S, "retry": Retry(NoBackoff(), 0)}
         if "sentinel_password" in self.options:
             kwargs["password"] = self.options["sentinel_password"]
         if "sentinel_username" in self.options:
@@ -77,16 +84,17 @@ class SentinelURL:
         return kwargs
 
     def kombu(self) -> tuple[str, dict, dict | None]:
-        """The broker URL, the transport options and ``broker_use_ssl`` that kombu's sentinel transport takes."""
+        """The broker URL, the transport options and ``broker_use_ssl`` of kombu's sentinel transport (as
+        producer/sentinel_transport.py takes them)."""
         auth = ""
         if self.password is not None:
             auth = f"{quote(self.username or '', safe='')}:{quote(self.password, safe='')}@"
         elif self.username is not None:
             auth = f"{quote(self.username, safe='')}@"
-        # (kombu reads the credentials and the database from the first sentinel's part only)
-        url = ";".join(f"sentinel://{auth if i == 0 else ''}{_host(host)}:{port}/{self.db}" for i, (host, port) in enumerate(self.sentinels))
-        options = {"master_name": self.master_name, "sentinel_kwargs": self.sentinel_kwargs(), **KEEPALIVE}
-        return url, options, (self.tls_options or {"ssl_cert_reqs": "required"}) if self.tls else None
+        # One sentinel in the URL, all of them in the options: kombu would take more URLs as alternates (producer/sentinel_transport.py).
+        host, port = self.sentinels[0]
+        options = {"master_name": self.master_name, "sentinels": [list(s) for s in self.sentinels], "sentinel_kwargs": self.sentinel_kwargs(), **KEEPALIVE}
+        return f"sentinel://{auth}{_host(host)}:{port}/{self.db}", options, (self.tls_options or {"ssl_cert_reqs": "required"}) if self.tls else None
 
 
 def parse_sentinel_url(url: str) -> SentinelURL:
@@ -139,7 +147,7 @@ def sentinel_primary(url: SentinelURL, *, asynchronous: bool = False, **connecti
         import redis.asyncio
         from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
-        sentinel = AsyncSentinel(url.sentinels, sentinel_kwargs=url.sentinel_kwargs())
+        sentinel = AsyncSentinel(url.sentinels, sentinel_kwargs=url.sentinel_kwargs(asynchronous=True))
         return sentinel.master_for(url.master_name, redis_class=redis.asyncio.Redis, **url.primary_kwargs(), **connection_kwargs)
     import redis
     from redis.sentinel import Sentinel

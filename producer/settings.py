@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     task_events: bool = Field(False, description="Send Celery task events (for Flower or `celery events`); each costs the worker a Redis publish on a job's way.")
 
     # --- high availability (Redis Sentinel) ---
-    wait_replicas: int = Field(0, ge=0, description="Replicas that must confirm a submit and every final state before it returns (Redis WAIT); 0: no waiting, a failover may lose the last writes (docs/guarantees.md). A submit not confirmed in time raises NotReplicatedError (its job is queued).")
+    wait_replicas: int = Field(0, ge=0, description="Replicas that must confirm a submit, a cancel and every final state before it returns (Redis WAIT), and hold a final state before wait() returns it; 0: no waiting, a failover may lose the last writes (docs/guarantees.md). A submit not confirmed in time raises NotReplicatedError (its job is queued).")
     wait_timeout_ms: int = Field(1_000, ge=1, description="How long a submit or a final state waits for BELLE_WAIT_REPLICAS confirmations.")
 
     # --- batching (worker) ---

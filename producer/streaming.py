@@ -7,9 +7,13 @@ reader starts. ``StreamFollower`` is that cursor's bookkeeping, shared by the sy
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 from typing import Any
+
+import redis
 
 from producer import keys
 from producer.records import JobRecord, StreamChunk, StreamEnd, StreamEvent
@@ -21,8 +25,25 @@ RECHECK_S = 4.0
 # A reader waiting on pub/sub alone (a job that does not stream) re-reads the record this often: only a
 # pub/sub connection that reconnected (Redis restarted) can have missed the end event.
 PUBSUB_RECHECK_S = 15.0
-# A wait that finds Redis out of reach (a restart, a Sentinel failover) tries again this often until its timeout.
+# A wait or a stream that finds Redis out of reach (a restart, a Sentinel failover) tries again this often until its timeout.
 OUT_OF_REACH_PAUSE_S = 0.5
+OUT_OF_REACH = (redis.ConnectionError, redis.TimeoutError)
+
+
+def paused_for_redis(deadline: float) -> bool:
+    """After Redis was out of reach: pause, and say whether there is time left (``time.monotonic()``) to try again."""
+    if time.monotonic() + OUT_OF_REACH_PAUSE_S >= deadline:
+        return False
+    time.sleep(OUT_OF_REACH_PAUSE_S)
+    return True
+
+
+async def paused_for_redis_async(deadline: float) -> bool:
+    """As ``paused_for_redis``, in asyncio."""
+    if time.monotonic() + OUT_OF_REACH_PAUSE_S >= deadline:
+        return False
+    await asyncio.sleep(OUT_OF_REACH_PAUSE_S)
+    return True
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 

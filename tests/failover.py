@@ -188,7 +188,15 @@ def run_failover(group: SentinelGroup, *, jobs: int = 300, wait_replicas: int = 
             states = watcher.read(producer.returned)
             return all(state in FINAL or state is None for state, _ in states) and states
 
-        states = wait_for(settled, deadline_s, "every returned job ended or is gone")
+        def unsettled() -> str:
+            pipe = client.redis.pipeline(transaction=False)
+            for job_id in producer.returned:
+                pipe.hmget(keys.job(job_id), "state", "holder", "attempts", "generating")
+            stuck = [(job_id, *fields) for job_id, fields in zip(producer.returned, pipe.execute(), strict=True) if fields[0] not in FINAL and fields[0]]
+            queues = {name: client.redis.llen(name) for name in (keys.QUEUE_INTERACTIVE, keys.QUEUE_BULK)}
+            return f"every returned job ended or is gone; not yet: {len(stuck)} (job, state, holder, attempts, generating): {stuck[:5]}; queues {queues}"
+
+        states = wait_for(settled, deadline_s, unsettled)
         result.submitted = len(producer.returned)
         result.refused, result.refused_s = producer.refusals()
         result.lost = [job_id for job_id, (state, _) in zip(producer.returned, states, strict=True) if state is None]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import urlsplit
 
 import pytest
+import redis.sentinel
 from kombu import Connection
 
 from producer import keys
@@ -15,6 +15,7 @@ from producer.connection import check_url, describe_error
 from producer.errors import InvalidRequestError, NotReplicatedError
 from producer.queueing import celery_config
 from producer.redis_url import RedisURLError, parse_sentinel_url, where
+from producer.sentinel_transport import SentinelListChannel
 from producer.records import JobState
 from producer.settings import Settings, masked_url
 
@@ -55,9 +56,14 @@ def test_passwords_of_a_sentinel_url_are_masked_in_every_part_and_never_named_in
 
 def test_celery_takes_a_sentinel_url_as_kombus_sentinel_transport_with_the_master_name():
     config = celery_config(Settings(redis_url=URL))
-    broker = Connection(config["broker_url"], transport_options=config["broker_transport_options"])
-    assert (broker.transport_cls, broker.hostname, broker.port, broker.password, broker.virtual_host) == ("sentinel", "h1", 26379, "s3cret", "2")
-    assert [urlsplit(part).netloc.rpartition("@")[2] for part in broker.alt] == ["h1:26379", "h2:26380", "[::1]:26379"]
+    broker = Connection(config["broker_url"], transport=config["broker_transport"], transport_options=config["broker_transport_options"])
+    assert (broker.hostname, broker.port, broker.password, broker.virtual_host) == ("h1", 26379, "s3cret", "2")
+    assert ";" not in config["broker_url"] and len(broker.alt) <= 1, "no alternate URL: kombu would move a failing connection to its stock transport"
+    assert broker.transport.Channel is SentinelListChannel and "sentinels" in SentinelListChannel.from_transport_options
+    assert broker.transport_options["sentinels"] == [["h1", 26379], ["h2", 26380], ["::1", 26379]]
+    with pytest.raises(redis.sentinel.MasterNotFoundError) as asked:  # (a channel asks the sentinels at once: every one of them)
+        broker.channel()
+    assert all(f"host={host},port={port}" in str(asked.value) for host, port in (("h1", 26379), ("h2", 26380), ("::1", 26379)))
     odd = Connection(celery_config(Settings(redis_url="sentinel://:p%40ss%2Fw%23rd%25@h1/5?master_name=m"))["broker_url"])
     assert (odd.password, odd.hostname, odd.virtual_host) == ("p@ss/w#rd%", "h1", "5"), "credentials quoted as kombu reads them"
     options = config["broker_transport_options"]
@@ -108,3 +114,23 @@ def test_without_wait_replicas_a_submit_never_waits(new_database):
         job_id = client.submit({"prompt": "hi"})
         assert client.get(job_id).state is JobState.QUEUED
         assert client.redis.get(keys.REPLICATION_MARK) is None
+
+
+def test_a_waiting_client_returns_a_final_state_only_once_replicas_hold_it(new_database):
+    url = new_database()  # (no replicas: none ever confirms)
+    with JobClient(Settings(redis_url=url)) as plain, JobClient(Settings(redis_url=url, wait_replicas=1, wait_timeout_ms=50)) as durable:
+        job_id = plain.submit({"prompt": "hi"})
+        plain.cancel(job_id)
+        assert plain.wait(job_id, 5).state is JobState.CANCELLED
+        with pytest.raises(NotReplicatedError, match=f"job {job_id} ended cancelled"):
+            durable.wait(job_id, 0.3)
+
+        async def from_asyncio() -> None:
+            client = AsyncJobClient(Settings(redis_url=url, wait_replicas=1, wait_timeout_ms=50))
+            try:
+                with pytest.raises(NotReplicatedError, match="ended cancelled"):
+                    await client.wait(job_id, 0.3)
+            finally:
+                await client.close()
+
+        asyncio.run(from_asyncio())

@@ -30,6 +30,7 @@ from kombu.transport import virtual
 
 from producer import keys
 from producer.connection import is_out_of_memory
+from producer.sentinel_transport import SentinelListChannel, SentinelListTransport
 from worker.serving.intake import envelope_problem, named_job
 from worker.serving.lua import script
 from worker.serving.redis_writes import RedisWrites
@@ -211,14 +212,14 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+class SentinelChannel(Channel, SentinelListChannel):
     """The same, on a primary found through Redis Sentinel (a ``sentinel://`` URL): every connection asks
     the sentinels where the primary is, again after a failover."""
 
 
 class SentinelTransport(Transport):
     Channel = SentinelChannel
-    default_port = kombu_redis.SentinelTransport.default_port
+    default_port = SentinelListTransport.default_port
 
 
 def bound_transport(*, writes: RedisWrites, incarnation: str | None, on_refused: Callable[[str, str], None] | None,
