@@ -48,12 +48,13 @@ class FailoverRun:
     resumed_s: float = 0.0
     rejoined_s: float = 0.0
     unchanged_after_rejoin: bool = False
+    held_bytes: int = 0  # (partitioned) the primary's writes no replica had acknowledged when it was killed
 
     def summary(self) -> dict:
         return {"submits returned": self.submitted, "lost": len(self.lost), "two final states": len(self.two_finals), "ran again": self.ran_again,
                 "submits refused": self.refused, "longest refusal (s)": round(self.refused_s, 2), "failover (s)": round(self.failover_s, 2),
                 "worker resumed (s)": round(self.resumed_s, 2), "old primary rejoined (s)": round(self.rejoined_s, 2),
-                "unchanged after rejoin": self.unchanged_after_rejoin}
+                "unchanged after rejoin": self.unchanged_after_rejoin, "bytes held back at the kill": self.held_bytes}
 
 
 def _submitted(client: JobClient, request: dict) -> str | None:
@@ -162,15 +163,15 @@ def run_failover(group: SentinelGroup, *, jobs: int = 300, wait_replicas: int = 
     watcher.start()
     try:
         wait_for(lambda: len(producer.returned) >= jobs // 3 or not producer.is_alive(), deadline_s, f"{jobs // 3} submits returned")
-        if partitioned:
-            assert group.link is not None and group.link.target_port == old_primary, "the replica behind the link replicates this primary"
-            group.link.hold()
+        link = group.partition(replica, old_primary) if partitioned else None
+        if link is not None:
             attempts = producer.attempts
             wait_for(lambda: producer.attempts >= attempts + 4 or not producer.is_alive(), deadline_s, "three submits made while the link held")
+            result.held_bytes = group.held_bytes(old_primary)
         group.kill(old_primary)  # (returns once it is dead: what is written after this is on the new primary)
         killed, killed_wall = time.monotonic(), time.time()
-        if group.link is not None:
-            group.link.cut()
+        if link is not None:
+            link.cut()
         wait_for(lambda: group.primary_port() == replica, 60, f"the sentinels promoted the replica:\n{group.logs()}")
         result.failover_s = time.monotonic() - killed
         with JobClient(Settings(redis_url=group.url)) as probe:  # a job to take, whatever the producer does (no WAIT: none may be left to confirm)

@@ -41,8 +41,12 @@ class ReplicationLink:
         while not self.closed.is_set():
             try:
                 replica, _ = self.listener.accept()
+            except OSError:
+                continue
+            try:
                 primary = socket.create_connection(("127.0.0.1", self.target_port))
             except OSError:
+                replica.close()
                 continue
             self.pairs.append((replica, primary))
             threading.Thread(target=self._relay, args=(replica, primary), daemon=True).start()
@@ -79,8 +83,8 @@ class ReplicationLink:
 
 class SentinelGroup:
     """``with SentinelGroup() as group: group.url`` — a primary, ``replicas`` replicas and ``sentinels``
-    sentinels (quorum: a majority), ready once every sentinel knows every other and every replica. The first
-    replica reaches the primary through ``link`` (a ReplicationLink), until the primary is lost."""
+    sentinels (quorum: a majority), ready once every sentinel knows every other and every replica.
+    ``partition(replica)`` puts a ReplicationLink between a replica and the primary, and holds it."""
 
     def __init__(self, *, replicas: int = 1, sentinels: int = 3, password: str | None = "sentinel-test", down_after_ms: int = DOWN_AFTER_MS):
         self._tmp = tempfile.TemporaryDirectory(prefix="belle-sentinels-")
@@ -104,10 +108,8 @@ class SentinelGroup:
         try:
             primary, *replicas = self.ports
             self.start_server(primary)
-            for i, port in enumerate(replicas):
-                if i == 0:
-                    self.link = ReplicationLink(primary)
-                self.start_server(port, replica_of=self.link.port if i == 0 else primary)
+            for port in replicas:
+                self.start_server(port, replica_of=primary)
             for port in self.sentinel_ports:
                 self._start_sentinel(port, primary)
             self.wait_ready()
@@ -188,6 +190,26 @@ class SentinelGroup:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the sentinel group did not form within {timeout} s:\n{self.logs()}")
             time.sleep(0.1)
+
+    def partition(self, replica: int, primary: int) -> ReplicationLink:
+        """Move ``replica``'s replication onto a ReplicationLink to ``primary`` (a partial resync), then hold it.
+        (Done just before it is needed: the sentinels set a replica that names another master than theirs
+        back to theirs once its configuration has stood for their failover timeout, 10 s.)"""
+        self.link = ReplicationLink(primary)
+        redis.Redis(host="127.0.0.1", port=replica, password=self.password, socket_timeout=2).replicaof("127.0.0.1", self.link.port)
+        deadline = time.monotonic() + 30
+        while self.role(replica) != ("slave", self.link.port):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the replica on {replica} did not resume replication through the link")
+            time.sleep(0.05)
+        self.link.hold()
+        return self.link
+
+    def held_bytes(self, primary: int) -> int:
+        """How far the primary's replication stream is ahead of what its replicas acknowledged (the most behind)."""
+        info = redis.Redis(host="127.0.0.1", port=primary, password=self.password, socket_timeout=2).info("replication")
+        offsets = [int(value["offset"]) for key, value in info.items() if key.startswith("slave") and isinstance(value, dict)]
+        return int(info["master_repl_offset"]) - min(offsets) if offsets else 0
 
     def kill(self, port: int) -> None:
         """SIGKILL the server on ``port``: nothing written, no goodbye to its clients or replicas."""

@@ -63,6 +63,7 @@ class JobHandler:
         self.metrics = batcher.metrics
         self.holder = holder  # this worker process's incarnation (see WorkerJobStore.start)
         self._running_here = Holds()  # jobs this process started (START said 'run'), still handled
+        self._in_hand = Holds()  # jobs whose handle() runs, from before their START
         self._running_lock = threading.Lock()
         self._passed_on: dict[str, int] = {}  # job id → times this worker sent it back for another (_pass_on_if_another_runs_it)
         self.returned: set[str] = set()  # jobs a warm shutdown handed back to their queues (run.py sums them up at the end)
@@ -71,6 +72,8 @@ class JobHandler:
         job_id = kwargs["job_id"]  # a well-formed id, the message's own (worker/serving/intake.py)
         # Registered before the record is started: see worker/serving/cancellation.py.
         self.cancellations.register(job_id)
+        with self._running_lock:
+            self._in_hand.add(job_id)
         try:
             return self._handle(job_id, args, kwargs, worker, queue or keys.QUEUE_INTERACTIVE)
         except redis.RedisError as exc:
@@ -91,6 +94,13 @@ class JobHandler:
             return JobEnd(JobState.FAILED, error)
         finally:
             self.cancellations.unregister(job_id)
+            with self._running_lock:
+                self._in_hand.release(job_id)
+
+    def in_hand(self) -> set[str]:
+        """The jobs whose messages this process handles now, whatever their stage."""
+        with self._running_lock:
+            return set(self._in_hand)
 
     def _handle(self, job_id: str, args: tuple, kwargs: dict[str, Any], worker: str, queue: str) -> JobEnd:
         raw = kwargs.get("request")

@@ -104,7 +104,7 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
         ), healthy=batcher.healthy, writes=writes).start()
         running.callback(announcer.stop)
         sweeper = Sweeper(redis, worker=name, interval_s=settings.lost_message_sweep_s, resend_gap_s=settings.visibility_timeout_s,
-                          writes=writes, bulk_ready_jobs=settings.bulk_ready_jobs).start()
+                          writes=writes, bulk_ready_jobs=settings.bulk_ready_jobs, incarnation=incarnation, in_hand=handler.in_hand).start()
         running.callback(sweeper.stop)
 
         def sum_up_returned() -> None:  # once Celery has stopped: one line for the jobs a warm shutdown handed back

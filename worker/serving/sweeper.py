@@ -25,6 +25,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 
@@ -37,11 +38,13 @@ from worker.serving.unacked import HeldMessages
 log = logging.getLogger("belle.sweeper")
 
 LOOK_AT = 1_000  # waiting jobs looked at per queue per look
+# A message taken this long ago that this process does not handle is not on its way to a task thread: it was stranded.
+STRANDED_AFTER_S = 2.0
 
 
 class Sweeper:
     def __init__(self, client: redis.Redis, *, worker: str, interval_s: float, resend_gap_s: float, reclaim_s: float = HEARTBEAT_S, writes=None,
-                 bulk_ready_jobs: int = 64):
+                 bulk_ready_jobs: int = 64, incarnation: str | None = None, in_hand: Callable[[], set[str]] | None = None):
         self.redis = client
         self.bulk_ready_jobs = bulk_ready_jobs
         self.worker = worker
@@ -53,6 +56,9 @@ class Sweeper:
         self._resend = client.register_script(script("resend"))
         self._feed = client.register_script(lua.script("fair_feed_now"))
         self._suspects: dict[str, float] = {}  # job id → when first found lost
+        self.incarnation = incarnation  # this process, and the jobs it handles now: for its messages stranded by a change of primary
+        self.in_hand = in_hand
+        self._primary: str | None = None  # the run id of the Redis server last seen
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="belle-sweeper", daemon=True)
 
@@ -67,10 +73,25 @@ class Sweeper:
     def _run(self) -> None:
         next_sweep = time.monotonic() + self.interval_s
         while not self._stopping.wait(self.reclaim_s):
+            self._after_a_change_of_primary()
             self._once(keys.RECLAIM_LOCK, self.reclaim_s, self.held.reclaim_dead, "looking for messages of dead workers")
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + self.interval_s
                 self._once(keys.SWEEP_LOCK, self.interval_s, self.sweep, "looking for lost messages")
+
+    def _after_a_change_of_primary(self) -> None:
+        """Once Redis answers from another server (a failover promoted a replica) or a restarted one, send back the
+        messages this process is recorded as holding but no longer handles (worker/serving/unacked.py)."""
+        if self.incarnation is None or self.in_hand is None:
+            return
+        try:
+            primary = self.redis.info("server")["run_id"]
+            if self._primary is not None and primary != self._primary:
+                self.held.reclaim_stranded(self.incarnation, self.in_hand(), taken_before=time.time() - STRANDED_AFTER_S)
+            self._primary = primary
+        except redis.RedisError as exc:  # (tried again at the next look: the run id is kept until it succeeds)
+            if self.writes is None or not self.writes.refused(exc, "looking for messages stranded by a change of primary"):
+                log.warning("looking for messages stranded by a change of primary failed: %s", exc)
 
     def _once(self, lock: str, interval_s: float, look, what: str) -> None:
         """``look()``, unless another worker did within this interval (one looks at a time)."""

@@ -43,6 +43,7 @@ class HeldMessages:
         self.redis = client
         self.confirm_after_s = confirm_after_s
         self._reclaim = client.register_script(script("reclaim"))
+        self._stranded = client.register_script(script("reclaim_stranded"))
         self._suspects: dict[str, float] = {}  # holder → when its liveness key was first seen gone (monotonic)
 
     def dead_holders(self) -> list[str]:
@@ -95,6 +96,34 @@ class HeldMessages:
         outcomes = Counter(pipe.execute())
         if outcomes["sent"]:
             log.warning("worker process %s is dead: %d messages it held went back to their queues", incarnation, outcomes["sent"])
+        return outcomes
+
+
+    def reclaim_stranded(self, incarnation: str, in_hand: set[str], *, taken_before: float) -> Counter:
+        """Send back the messages Redis records as held by ``incarnation`` (this live process) that it took
+        before ``taken_before`` (time.time()) and no longer handles (their jobs not ``in_hand``): after the
+        primary changed (a failover, a Redis crash), what the process wrote last may be gone, its final
+        states and acknowledgements with it. Their jobs run again now, rather than after the visibility timeout."""
+        tags = [tag for tag, holder in self.redis.hscan_iter(keys.HOLDER_OF, count=SCAN_COUNT) if holder == incarnation]
+        if not tags:
+            return Counter()
+        pipe = self.redis.pipeline(transaction=False)
+        for tag in tags:
+            pipe.zscore(UNACKED_INDEX, tag)
+        taken = pipe.execute()
+        tags = [tag for tag, when in zip(tags, taken, strict=True) if when is not None and when < taken_before]
+        entries = self.redis.hmget(keys.UNACKED, tags) if tags else []
+        pipe = self.redis.pipeline(transaction=False)
+        for tag, entry in zip(tags, entries, strict=True):
+            message, queue, job_id = _returned(entry)
+            if message is None or job_id in in_hand:
+                continue
+            self._stranded(keys=[keys.job(job_id or "-"), keys.HOLDER_OF, keys.UNACKED, UNACKED_INDEX, queue or keys.QUEUE_INTERACTIVE],
+                           args=[tag, incarnation, entry, message, keys.job_channel(job_id or "-")], client=pipe)
+        outcomes = Counter(pipe.execute())
+        if outcomes["sent"] or outcomes["dropped"]:
+            log.warning("Redis's primary changed: %d messages this process no longer handled went back to their queues (their jobs run again), "
+                        "%d of jobs already ended were dropped", outcomes["sent"], outcomes["dropped"])
         return outcomes
 
 
