@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from producer import keys
 from producer.errors import NotReplicatedError
 
@@ -82,7 +84,7 @@ class Durability:
             return True
         try:
             self.confirm(redis, _final_read(record))
-        except NotReplicatedError:
+        except (NotReplicatedError, ResponseError):  # (a WAIT refused: a server just demoted, mid-failover)
             if time.monotonic() >= deadline:
                 raise
             return False
@@ -96,7 +98,7 @@ class Durability:
         self.add_wait(pipe)
         try:
             self.check(await pipe.execute(), _final_read(record))
-        except NotReplicatedError:
+        except (NotReplicatedError, ResponseError):
             if time.monotonic() >= deadline:
                 raise
             return False

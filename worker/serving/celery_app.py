@@ -21,7 +21,7 @@ from worker.serving import remote_control
 from worker.serving.handler import JobEnd, JobHandler
 from worker.serving.intake import named_job, task_problem
 from worker.serving.redis_writes import RedisWrites
-from worker.serving.transport import bound_transport
+from worker.serving.transport import TagsInHand, bound_transport
 
 
 class JobFailed(Exception):
@@ -152,14 +152,15 @@ class JobConsumer(Consumer):
         signals.task_rejected.send(sender=self, message=message, exc=None)
 
 
-def create_app(settings: Settings, handler: JobHandler, *, writes: RedisWrites, incarnation: str | None = None) -> Celery:
+def create_app(settings: Settings, handler: JobHandler, *, writes: RedisWrites, incarnation: str | None = None,
+               tags_in_hand: TagsInHand | None = None) -> Celery:
     app = Celery("belle-worker", set_as_current=False)
     app.conf.update(celery_config(settings))
     # Task threads acknowledge their own messages (JobConsumer.call_soon_ack): a connection each at most.
     app.conf.broker_transport_options = {**app.conf.broker_transport_options, "max_connections": settings.worker_concurrency + 16}
     app.conf.update(
         broker_transport=bound_transport(writes=writes, incarnation=incarnation, on_refused=handler.unreadable,
-                                         sentinel=is_sentinel_url(settings.redis_url)),
+                                         sentinel=is_sentinel_url(settings.redis_url), tags_in_hand=tags_in_hand),
         # Remote control answers revoke (a cancel) and inspection only: a broadcast on Redis (`celery control shutdown`, pool
         # changes) must not be able to stop or change a worker (worker/serving/remote_control.py).
         worker_enable_remote_control=True,

@@ -59,6 +59,7 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
     from worker.serving.publisher import ChunkPublisher
     from worker.serving.redis_writes import AttemptCounter, PatientStore, RedisWrites
     from worker.serving.sweeper import Sweeper
+    from worker.serving.transport import TagsInHand
 
     config = load_model_config(settings.model, settings)
     profile = load_profile(settings.hardware_profile, settings) if settings.hardware_profile else None
@@ -88,7 +89,8 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
         batcher.start(load=lambda: Engine.load(config, settings.device, fault_memory_budget_tokens=settings.fault_memory_budget_tokens))
         engine = batcher.engine
         handler = JobHandler(settings, store, engine, batcher, cancellations, profile=profile, holder=incarnation)
-        app = create_app(settings, handler, writes=writes, incarnation=incarnation)
+        tags_in_hand = TagsInHand()
+        app = create_app(settings, handler, writes=writes, incarnation=incarnation, tags_in_hand=tags_in_hand)
 
         def shutting_down(**_) -> None:  # a warm shutdown (SIGTERM): the jobs being decoded finish, the others go back to the queue
             writes.stopping.set()
@@ -104,7 +106,7 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
         ), healthy=batcher.healthy, writes=writes).start()
         running.callback(announcer.stop)
         sweeper = Sweeper(redis, worker=name, interval_s=settings.lost_message_sweep_s, resend_gap_s=settings.visibility_timeout_s,
-                          writes=writes, bulk_ready_jobs=settings.bulk_ready_jobs, incarnation=incarnation, in_hand=handler.in_hand).start()
+                          writes=writes, bulk_ready_jobs=settings.bulk_ready_jobs, incarnation=incarnation, in_hand=handler.in_hand, tags_in_hand=tags_in_hand.snapshot).start()
         running.callback(sweeper.stop)
 
         def sum_up_returned() -> None:  # once Celery has stopped: one line for the jobs a warm shutdown handed back

@@ -44,7 +44,8 @@ STRANDED_AFTER_S = 2.0
 
 class Sweeper:
     def __init__(self, client: redis.Redis, *, worker: str, interval_s: float, resend_gap_s: float, reclaim_s: float = HEARTBEAT_S, writes=None,
-                 bulk_ready_jobs: int = 64, incarnation: str | None = None, in_hand: Callable[[], set[str]] | None = None):
+                 bulk_ready_jobs: int = 64, incarnation: str | None = None, in_hand: Callable[[], set[str]] | None = None,
+                 tags_in_hand: Callable[[], set[str]] | None = None):
         self.redis = client
         self.bulk_ready_jobs = bulk_ready_jobs
         self.worker = worker
@@ -58,6 +59,7 @@ class Sweeper:
         self._suspects: dict[str, float] = {}  # job id → when first found lost
         self.incarnation = incarnation  # this process, and the jobs it handles now: for its messages stranded by a change of primary
         self.in_hand = in_hand
+        self.tags_in_hand = tags_in_hand or set
         self._primary: str | None = None  # the run id of the Redis server last seen
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="belle-sweeper", daemon=True)
@@ -87,7 +89,7 @@ class Sweeper:
         try:
             primary = self.redis.info("server")["run_id"]
             if self._primary is not None and primary != self._primary:
-                self.held.reclaim_stranded(self.incarnation, self.in_hand(), taken_before=time.time() - STRANDED_AFTER_S)
+                self.held.reclaim_stranded(self.incarnation, self.in_hand, self.tags_in_hand, taken_before=time.time() - STRANDED_AFTER_S)
             self._primary = primary
         except redis.RedisError as exc:  # (tried again at the next look: the run id is kept until it succeeds)
             if self.writes is None or not self.writes.refused(exc, "looking for messages stranded by a change of primary"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -71,10 +72,32 @@ class CheckedMessage(virtual.Message):
             raise NotAnEnvelope(f"its body could not be decoded ({type(exc).__name__}: {str(exc)[:200]})", payload) from None
 
 
+class TagsInHand:
+    """The delivery tags of the messages this process has taken and not yet acknowledged, rejected or sent back
+    (thread-safe): what it holds in fact, whatever Redis's records say after losing writes (worker/serving/unacked.py)."""
+
+    def __init__(self) -> None:
+        self._tags: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, tag: str) -> None:
+        with self._lock:
+            self._tags.add(tag)
+
+    def discard(self, tag: str) -> None:
+        with self._lock:
+            self._tags.discard(tag)
+
+    def snapshot(self) -> set[str]:
+        with self._lock:
+            return set(self._tags)
+
+
 class QoS(kombu_redis.QoS):
     def append(self, message, delivery_tag):
         channel = self.channel
         delivery = message.delivery_info
+        channel.tags_in_hand.add(delivery_tag)  # (before Redis records it as this process's)
 
         def record() -> None:
             with self.pipe_or_acquire() as pipe:
@@ -94,20 +117,27 @@ class QoS(kombu_redis.QoS):
             # The worker stops while Redis refuses writes: the message goes back where it was taken from, or
             # (Redis before 7) the worker waits until it can be recorded, as it would have been.
             if channel.put_back(message):
+                channel.tags_in_hand.discard(delivery_tag)
                 raise PutBack() from exc
             channel.writes.patiently(record, what, until_stopping=False)
         virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag):
-        self._forget(delivery_tag)
-        virtual.QoS.ack(self, delivery_tag)
-
-    def reject(self, delivery_tag, requeue=False):
-        if requeue:
-            super().reject(delivery_tag, requeue=True)
-        else:
+        try:
             self._forget(delivery_tag)
             virtual.QoS.ack(self, delivery_tag)
+        finally:
+            self.channel.tags_in_hand.discard(delivery_tag)
+
+    def reject(self, delivery_tag, requeue=False):
+        try:
+            if requeue:
+                super().reject(delivery_tag, requeue=True)
+            else:
+                self._forget(delivery_tag)
+                virtual.QoS.ack(self, delivery_tag)
+        finally:
+            self.channel.tags_in_hand.discard(delivery_tag)
 
     def _forget(self, delivery_tag) -> None:
         """Delete the record of a message in hand: deletions only, so no transaction (Redis out of memory
@@ -122,6 +152,7 @@ class QoS(kombu_redis.QoS):
     def restore_by_tag(self, tag, client=None, leftmost=False):
         """kombu sends a message back to its queue (its visibility timeout passed, or this channel closes
         holding it); a job its dead holder had started goes back to queued with it (requeue_restored.lua)."""
+        self.channel.tags_in_hand.discard(tag)
         try:
             with self.channel.conn_or_acquire(client) as conn:
                 holder, entry = conn.pipeline(transaction=False).hget(keys.HOLDER_OF, tag).hget(self.unacked_key, tag).execute()
@@ -151,6 +182,7 @@ class Channel(kombu_redis.Channel):
     Message = CheckedMessage
     # Bound per worker process (``bound_transport``).
     writes: RedisWrites = RedisWrites()
+    tags_in_hand: TagsInHand = TagsInHand()
     incarnation: str | None = None
     on_refused: Callable[[str, str], None] | None = None
 
@@ -223,11 +255,12 @@ class SentinelTransport(Transport):
 
 
 def bound_transport(*, writes: RedisWrites, incarnation: str | None, on_refused: Callable[[str, str], None] | None,
-                    sentinel: bool = False) -> type[Transport]:
-    """The transport class for one worker process: its Redis write state, its incarnation, and what to do
-    with a refused message that names a job; ``sentinel`` for a ``sentinel://`` broker URL."""
+                    sentinel: bool = False, tags_in_hand: TagsInHand | None = None) -> type[Transport]:
+    """The transport class for one worker process: its Redis write state, its incarnation, what to do with a
+    refused message that names a job, and the tags of the messages it holds; ``sentinel`` for a
+    ``sentinel://`` broker URL."""
     base = SentinelTransport if sentinel else Transport
-    channel = type("BoundChannel", (base.Channel,), {"writes": writes, "incarnation": incarnation,
+    channel = type("BoundChannel", (base.Channel,), {"writes": writes, "incarnation": incarnation, "tags_in_hand": tags_in_hand or TagsInHand(),
                                                      "on_refused": staticmethod(on_refused) if on_refused else None})
     return type("BoundTransport", (base,), {"Channel": channel})
 

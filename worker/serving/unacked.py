@@ -23,6 +23,7 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 
 import redis
 
@@ -99,11 +100,14 @@ class HeldMessages:
         return outcomes
 
 
-    def reclaim_stranded(self, incarnation: str, in_hand: set[str], *, taken_before: float) -> Counter:
+    def reclaim_stranded(self, incarnation: str, in_hand: Callable[[], set[str]], tags_in_hand: Callable[[], set[str]], *,
+                         taken_before: float) -> Counter:
         """Send back the messages Redis records as held by ``incarnation`` (this live process) that it took
-        before ``taken_before`` (time.time()) and no longer handles (their jobs not ``in_hand``): after the
-        primary changed (a failover, a Redis crash), what the process wrote last may be gone, its final
-        states and acknowledgements with it. Their jobs run again now, rather than after the visibility timeout."""
+        before ``taken_before`` (time.time()) and no longer holds: neither their delivery tags (``tags_in_hand()``:
+        taken, not yet acknowledged, rejected or sent back) nor their jobs (``in_hand()``: being handled). After
+        the primary changed (a failover, a Redis crash), what the process wrote last may be gone, its final states
+        and acknowledgements with it. Their jobs run again now, rather than after the visibility timeout. (What
+        this process holds is read after Redis's records: a message taken meanwhile is in it.)"""
         tags = [tag for tag, holder in self.redis.hscan_iter(keys.HOLDER_OF, count=SCAN_COUNT) if holder == incarnation]
         if not tags:
             return Counter()
@@ -113,14 +117,19 @@ class HeldMessages:
         taken = pipe.execute()
         tags = [tag for tag, when in zip(tags, taken, strict=True) if when is not None and when < taken_before]
         entries = self.redis.hmget(keys.UNACKED, tags) if tags else []
+        held_tags, held_jobs = tags_in_hand(), in_hand()
         pipe = self.redis.pipeline(transaction=False)
         for tag, entry in zip(tags, entries, strict=True):
             message, queue, job_id = _returned(entry)
-            if message is None or job_id in in_hand:
+            if message is None or tag in held_tags or job_id in held_jobs:
                 continue
             self._stranded(keys=[keys.job(job_id or "-"), keys.HOLDER_OF, keys.UNACKED, UNACKED_INDEX, queue or keys.QUEUE_INTERACTIVE],
                            args=[tag, incarnation, entry, message, keys.job_channel(job_id or "-")], client=pipe)
-        outcomes = Counter(pipe.execute())
+        replies = pipe.execute(raise_on_error=False)  # (one message refused does not hold back the others)
+        for reply in replies:
+            if isinstance(reply, redis.RedisError):
+                log.warning("sending back a message stranded by a change of primary failed: %s", reply)
+        outcomes = Counter(reply for reply in replies if isinstance(reply, str))
         if outcomes["sent"] or outcomes["dropped"]:
             log.warning("Redis's primary changed: %d messages this process no longer handled went back to their queues (their jobs run again), "
                         "%d of jobs already ended were dropped", outcomes["sent"], outcomes["dropped"])
