@@ -147,8 +147,9 @@ def is_secret(name: str) -> bool:
 def masked_url(url: str) -> str:
     """``url`` with its password, and any query parameter named like a secret, replaced by MASK (in each
     part of a sentinel URL)."""
-    if url.split("://", 1)[0].lower() in ("sentinel", "sentinels") and ";" in url:
-        from producer.redis_url import RedisURLError, parse_sentinel_url
+    from producer.redis_url import RedisURLError, is_sentinel_url, parse_sentinel_url
+
+    if is_sentinel_url(url) and ";" in url:
 
         try:
             parse_sentinel_url(url)

@@ -30,10 +30,11 @@ from producer.client import JobClient
 from producer.records import JobState
 from producer.settings import Settings
 from tests.sentinels import SentinelGroup
-from tests.waiting import wait_for
+from tests.waiting import stays, wait_for
 
 FINAL = {s.value for s in JobState if s not in (JobState.QUEUED, JobState.RUNNING)}
 REQUEST = {"num_beams": 1, "max_new_tokens": 4, "min_new_tokens": 4}
+RETRY_PAUSE_S, PACE_S = 0.05, 0.005
 
 
 @dataclass
@@ -90,12 +91,12 @@ class Producer(threading.Thread):
                             self.outcomes.append((time.monotonic(), False))
                             if time.monotonic() > deadline:
                                 raise
-                            time.sleep(0.05)
+                            time.sleep(RETRY_PAUSE_S)  # (a producer's own back-off between attempts, not a wait for a condition)
                             continue
                         self.outcomes.append((time.monotonic(), True))
                         self.returned.append(job_id)
                         break
-                    time.sleep(0.005)
+                    time.sleep(PACE_S)  # (the submit rate: a producer paced as a service would be)
         except BaseException as exc:  # (reported by the scenario)
             self.failure = exc
 
@@ -134,7 +135,7 @@ class Watcher(threading.Thread):
             try:
                 states = self.read(job_ids)
             except redis.RedisError:
-                time.sleep(0.1)
+                self._done.wait(0.1)
                 continue
             for job_id, (state, finished_at) in zip(job_ids, states, strict=True):
                 seen = self.first_final.get(job_id)
@@ -143,7 +144,7 @@ class Watcher(threading.Thread):
                         self.first_final[job_id] = (state, finished_at)
                 elif seen != (state, finished_at):
                     self.changed.add(job_id)
-            time.sleep(0.05)
+            self._done.wait(0.05)  # (a poll interval, cut short by stop())
 
     def stop(self) -> None:
         self._done.set()
@@ -211,13 +212,12 @@ def run_failover(group: SentinelGroup, *, jobs: int = 300, wait_replicas: int = 
         result.ran_again = sum(int(a or 0) > 1 for a in attempts.execute())
         # Nothing changes once the old primary is back: the records stay as they are, the roles too.
         snapshot = watcher.read(producer.returned)
-        until = time.monotonic() + settle_s
-        unchanged = True
-        while time.monotonic() < until and unchanged:
-            unchanged = (watcher.read(producer.returned) == snapshot and group.primary_port() == replica
-                         and group.role(old_primary) == ("slave", replica))
-            time.sleep(0.2)
-        result.unchanged_after_rejoin = unchanged
+        try:
+            stays(lambda: (watcher.read(producer.returned) == snapshot and group.primary_port() == replica
+                           and group.role(old_primary) == ("slave", replica)), settle_s, "nothing changed after the rejoin")
+            result.unchanged_after_rejoin = True
+        except AssertionError:
+            result.unchanged_after_rejoin = False
     finally:
         watcher.stop()
     result.two_finals = sorted(watcher.changed)

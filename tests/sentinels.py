@@ -9,12 +9,12 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import redis
 
 from producer.embedded_redis import EmbeddedRedis, find_redis_server, free_port
+from tests.waiting import wait_for
 
 MASTER = "belle"
 # How long the sentinels wait for the primary to answer before they call it down (Redis's default is 30 s).
@@ -177,19 +177,17 @@ class SentinelGroup:
         return ("slave", int(info["master_port"])) if info.get("master_link_status") == "up" else ("syncing", int(info["master_port"]))
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
         wanted_replicas = len(self.ports) - 1
-        while True:
+
+        def formed() -> bool:
             try:
                 views = [self.sentinel(port).sentinel_master(MASTER) for port in self.sentinel_ports]
-                if all(int(v["num-other-sentinels"]) == len(self.sentinel_ports) - 1 and int(v["num-slaves"]) == wanted_replicas
-                       and "s_down" not in v["flags"] for v in views) and all(self.role(p)[0] == "slave" for p in self.ports[1:]):
-                    return
             except redis.RedisError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the sentinel group did not form within {timeout} s:\n{self.logs()}")
-            time.sleep(0.1)
+                return False
+            return all(int(v["num-other-sentinels"]) == len(self.sentinel_ports) - 1 and int(v["num-slaves"]) == wanted_replicas
+                       and "s_down" not in v["flags"] for v in views) and all(self.role(p)[0] == "slave" for p in self.ports[1:])
+
+        wait_for(formed, timeout, lambda: f"the sentinel group formed:\n{self.logs()}")
 
     def partition(self, replica: int, primary: int) -> ReplicationLink:
         """Move ``replica``'s replication onto a ReplicationLink to ``primary`` (a partial resync), then hold it.
@@ -197,11 +195,7 @@ class SentinelGroup:
         back to theirs once its configuration has stood for their failover timeout, 10 s.)"""
         self.link = ReplicationLink(primary)
         redis.Redis(host="127.0.0.1", port=replica, password=self.password, socket_timeout=2).replicaof("127.0.0.1", self.link.port)
-        deadline = time.monotonic() + 30
-        while self.role(replica) != ("slave", self.link.port):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the replica on {replica} did not resume replication through the link")
-            time.sleep(0.05)
+        wait_for(lambda: self.role(replica) == ("slave", self.link.port), 30, f"the replica on {replica} replicates through the link")
         self.link.hold()
         return self.link
 
