@@ -45,6 +45,28 @@ def mixed_prompts(n: int, seed: int = 0, *, max_words: int = 20) -> list[str]:
     return [" ".join(rnd.choice(WORDS) for _ in range(rnd.randint(2, max_words))) for _ in range(n)]
 
 
+def long_prompt(count_tokens, tokens: int, seed: int) -> str:
+    """A prompt of ``tokens`` tokens (or just over) as ``count_tokens(text)`` counts them: words as in
+    ``mixed_prompts``, for the skewed workloads (a few long prompts among chat questions)."""
+    words = " ".join(mixed_prompts(800, seed=seed)).split()
+    low, high = 1, len(words)
+    while low < high:
+        middle = (low + high) // 2
+        if count_tokens(" ".join(words[:middle])) < tokens:
+            low = middle + 1
+        else:
+            high = middle
+    return " ".join(words[:low])
+
+
+def with_long_prompts(prompts: list[str], long: list[str]) -> list[str]:
+    """``prompts`` with as many of them, spread out, replaced by the ``long`` ones."""
+    out = list(prompts)
+    for k, text in enumerate(long):
+        out[(2 * k + 1) * len(prompts) // (2 * len(long))] = text
+    return out
+
+
 def median_of(runs: int, measure) -> float:
     return statistics.median(measure() for _ in range(runs))
 

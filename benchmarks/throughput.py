@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from benchmarks.common import WorkerSubprocess, benchmark_model, machine, median_of, mixed_prompts, on_own_thread
+from benchmarks.common import WorkerSubprocess, benchmark_model, long_prompt, machine, median_of, mixed_prompts, on_own_thread, with_long_prompts
 from producer.client import JobClient
 from producer.embedded_redis import EmbeddedRedis
 from producer.schemas import parse_request
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="repetitions; medians are reported")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-words", type=int, default=20, help="prompts have 2 to this many words (60 for long prompts)")
+    parser.add_argument("--long-prompts", default="1000,1370", help="(b'') the same jobs with this many prompts replaced by prompts of these lengths (tokens)")
     parser.add_argument("--beam-jobs", type=int, default=32, help="beam search (num_beams=4) jobs; 0 leaves them out")
     parser.add_argument("--seed-beam-jobs", type=int, default=4, help="of those, how many the seed's loop runs (it is slow)")
     args = parser.parse_args()
@@ -91,6 +93,18 @@ def main() -> None:
     b = median_of(args.runs, lambda: in_process(uniform))
     identical = sum(seed_outputs[i] == batched_outputs[f"j{i}"] for i in range(args.jobs))
     b_mixed = median_of(args.runs, lambda: in_process(mixed))
+    # (b'') a few long prompts among them: alternating with (b), each run with the prefix cache emptied first.
+    lengths = [int(x) for x in args.long_prompts.split(",") if x]
+    skewed_prompts = with_long_prompts(prompts, [long_prompt(lambda t: len(engine.tokenize(t)), n, seed=100 + k) for k, n in enumerate(lengths)])
+    skewed = [{**r, "prompt": p} for r, p in zip(uniform, skewed_prompts, strict=True)]
+    prefixes = batcher._batch.prefixes
+
+    def fresh(requests: list[dict]) -> float:
+        if prefixes is not None:
+            prefixes.clear()
+        return in_process(requests)
+
+    pairs = [(fresh(uniform), fresh(skewed)) for _ in range(args.runs)] if lengths else []
     beams = [{**r, "num_beams": 4} for r in uniform[:args.beam_jobs]]
     if beams:
         beam_config = copy.deepcopy(gen_config)
@@ -124,6 +138,10 @@ def main() -> None:
     print(f"(b) batched engine, in-process   {b:10.1f} tokens/s   b/a = {b / a:.2f}   (target ≥ 8)   b/a' = {b / a_fused:.2f} (batching alone)")
     print(f"(c) through Redis + Celery       {c:10.1f} tokens/s   c/b = {c / b:.2f}   (target ≥ 0.9)")
     print(f"(b') 8 parameter sets, in-process {b_mixed:9.1f} tokens/s   mixed/uniform = {b_mixed / b:.2f}")
+    if pairs:
+        u, k = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+        print(f"(b'') {len(lengths)} prompts of {args.long_prompts} tokens among them (prefix cache emptied before each run): {k:.1f} tokens/s "
+              f"against {u:.1f} alternating; skewed/uniform = {k / u:.2f}")
     if beams:
         print(f"beam search (num_beams=4), {len(beams)} jobs: (a) {a_beam:.1f} tokens/s, (b) {b_beam:.1f} tokens/s, b/a = {b_beam / a_beam:.2f}")
     print(f"greedy outputs identical between the seed's model (a) and the batched engine (b): {identical}/{args.jobs}")

@@ -18,7 +18,8 @@ from producer.schemas import parse_request
 from producer.settings import Settings
 from tests.waiting import stays, wait_for
 from worker.errors import JobFailure
-from worker.model.decoding import SHARED_PREFIX_MIN, TRIM_AT, DecodeBatch, shared_prefix
+from worker.model.decoding import DecodeBatch
+from worker.model.lanes import SHARED_PREFIX_MIN, TRIM_AT, shared_prefix
 from worker.model.engine import Engine, batch_cost
 from worker.model.kv_cache import KVArena
 from worker.model.model_config import ModelConfig
@@ -203,7 +204,7 @@ def test_jobs_that_join_a_running_batch_and_leave_it_at_different_steps_keep_the
         wait_for(lambda: not batcher.waiting_ids(), 60, "the later jobs joined")
         last = batcher.submit(long_prompt)
         results = {g.job_id: g.result for g in (f.result(timeout=120) for f in early + mid + [last])}
-        widest = batcher._batch.arena.column_capacity
+        widest = max(lane.arena.column_capacity for lane in batcher._batch.lanes)
     finally:
         batcher.stop()
     joins = [line for line in caplog.messages if "jobs joined" in line]

@@ -131,6 +131,11 @@ def bloom_unsuited_to_4bit(tmp_path_factory) -> Path:
 
 
 def test_the_4bit_layers_whose_sizes_the_kernel_refuses_are_named_with_the_size_at_fault(bloom_unsuited_to_4bit, tiny_bloom):
+    from bitsandbytes.functional import has_avx512bf16
+
+    if has_avx512bf16():
+        pytest.skip("on a CPU with AVX512-BF16 bitsandbytes refuses these layer sizes, so the model does not load: the test below checks "
+                    "the layers named there")
     odd = Engine.load(ModelConfig(name="odd", path=str(bloom_unsuited_to_4bit), context_length=256, quantization="4bit"), "cpu")
     named = unsuited_4bit_layers(odd.model)
     assert len(named) == 8 and "layer transformer.h.0.self_attention.query_key_value has in_features 48, not a multiple of the 4-bit block size 64" in named

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from worker.costs import LaneShape
 from worker.scheduling.policy import (
     BULK,
     INTERACTIVE,
@@ -51,7 +52,7 @@ def test_jobs_join_in_order_within_size_and_budget_and_the_first_that_does_not_f
     line.remove([long])
     full = policy().plan(line, Running(), budget=10**9, now=NOW + 1, wall=WALL)
     assert full.job_ids == ["s2", "s3", "s4", "s5"]
-    assert policy().plan(line, Running(jobs=4, rows=4, width=8, remaining=2), budget=10**9, now=NOW + 1, wall=WALL).job_ids == ["s2"], \
+    assert policy().plan(line, Running(jobs=4, rows=4, lanes=(LaneShape(4, 8, 2),)), budget=10**9, now=NOW + 1, wall=WALL).job_ids == ["s2"], \
         "interactive jobs may take the batch a quarter over its size"
 
 
@@ -61,18 +62,18 @@ def test_jobs_of_several_rows_let_single_rows_go_first_and_decode_alone_for_a_wh
     plan = policy(max_size=16).plan(line, Running(), budget=10**9, now=NOW + 1, wall=WALL)
     assert plan.action is Action.JOIN and plan.job_ids == ["g0", "g2", "g4", "g6"], "the beam jobs wait while greedy jobs join"
     line.remove(plan.jobs)
-    greedy_decoding = Running(jobs=4, rows=4, decoding=((INTERACTIVE, 1),) * 4, width=8, remaining=4)
+    greedy_decoding = Running(jobs=4, rows=4, decoding=((INTERACTIVE, 1),) * 4, lanes=(LaneShape(4, 8, 4),))
     assert policy(max_size=16).plan(line, greedy_decoding, budget=10**9, now=NOW + 2, wall=WALL).action is Action.STEP, \
         "... and while they decode"
     assert policy(max_size=16).plan(line, Running(), budget=10**9, now=NOW + 2, wall=WALL).job_ids == ["b1", "b3", "b5", "b7"], \
         "then they join together"
-    beam_decoding = Running(jobs=1, rows=4, decoding=((INTERACTIVE, 4),), width=8, remaining=4)
+    beam_decoding = Running(jobs=1, rows=4, decoding=((INTERACTIVE, 4),), lanes=(LaneShape(4, 8, 4),))
     assert policy(max_size=16).plan(line, beam_decoding, budget=10**9, now=NOW + 2, wall=WALL).job_ids == ["b1", "b3", "b5", "b7"], \
         "beside jobs of as many rows"
     # Once they have waited yield_s, they join in arrival order whatever decodes: none waits forever.
     aged = policy(max_size=16).plan(line, greedy_decoding, budget=10**9, now=NOW + YIELD_S + 1, wall=WALL)
     assert aged.job_ids == ["b1", "b3", "b5", "b7"]
-    bulk_greedy = Running(jobs=4, rows=4, decoding=((BULK, 1),) * 4, width=8, remaining=4)
+    bulk_greedy = Running(jobs=4, rows=4, decoding=((BULK, 1),) * 4, lanes=(LaneShape(4, 8, 4),))
     assert policy(max_size=16).plan(line, bulk_greedy, budget=10**9, now=NOW + 2, wall=WALL).job_ids == ["b1", "b3", "b5", "b7"], \
         "an interactive beam job does not wait for bulk greedy jobs"
     mixed = line_of(*(job(f"b{i}", rows=4) if i % 2 else job(f"g{i}") for i in range(4)))
@@ -86,7 +87,7 @@ def test_bulk_jobs_do_not_take_the_batch_over_its_size_and_interactive_ones_wait
     line.add(job("j5", priority=INTERACTIVE, order=10))
     assert [w.job_id for w in line][:4] == ["aside", "j2", "j4", "j5"], "a job set aside goes first; a new interactive one behind the others"
     bulk = line_of(*(job(f"b{i}", priority=BULK) for i in range(3)))
-    assert policy().plan(bulk, Running(jobs=4, rows=4, width=8, remaining=2), budget=10**9, now=NOW + 1, wall=WALL).action is Action.STEP
+    assert policy().plan(bulk, Running(jobs=4, rows=4, lanes=(LaneShape(4, 8, 2),)), budget=10**9, now=NOW + 1, wall=WALL).action is Action.STEP
 
 
 def test_an_idle_batcher_waits_for_a_burst_only_as_long_as_the_rules_say():
@@ -100,7 +101,7 @@ def test_an_idle_batcher_waits_for_a_burst_only_as_long_as_the_rules_say():
     assert p.until_due(line_of(job("old", arrived=NOW), job("new", arrived=NOW + 0.6)), Running(), NOW + 0.6) <= 0, "the first job waited 0.5 s"
     full = line_of(*(job(f"f{i}") for i in range(4)))
     assert p.plan(full, Running(), budget=10**9, now=NOW, wall=WALL).action is Action.JOIN, "a full batch starts at once"
-    assert p.plan(line_of(job("x")), Running(jobs=1, rows=1, width=5), budget=10**9, now=NOW, wall=WALL).action is Action.STEP, \
+    assert p.plan(line_of(job("x")), Running(jobs=1, rows=1, lanes=(LaneShape(1, 5),)), budget=10**9, now=NOW, wall=WALL).action is Action.STEP, \
         "a running batch steps on while a newcomer is not due"
     assert p.plan(WaitingLine(), Running(), budget=10**9, now=NOW, wall=WALL) == p.plan(WaitingLine(), Running(), budget=1, now=NOW, wall=WALL)
     assert p.plan(WaitingLine(), Running(), budget=10**9, now=NOW, wall=WALL).wait_s is None, "nothing to do: wait for an arrival"
@@ -124,13 +125,13 @@ def test_a_job_that_runs_alone_waits_for_the_batch_to_drain_and_its_outcomes_to_
     last = job("last", priority=BULK, alone=True)
     line = line_of(job("t0"), last, job("t1"))
     p = policy()
-    assert p.plan(line, Running(jobs=1, rows=1, width=5, remaining=3), budget=10**9, now=NOW + 1, wall=WALL).action is Action.STEP, \
+    assert p.plan(line, Running(jobs=1, rows=1, lanes=(LaneShape(1, 5, 3),)), budget=10**9, now=NOW + 1, wall=WALL).action is Action.STEP, \
         "interactive jobs behind it do not join the decoding batch"
     waiting = p.plan(line, Running(outcomes_unrecorded=True), budget=10**9, now=NOW + 1, wall=WALL)
     assert waiting.action is Action.WAIT and waiting.wait_s == POLL_S
     assert p.plan(line, Running(), budget=10**9, now=NOW + 1, wall=WALL).job_ids == ["last"]
     line.remove([last])
-    assert p.plan(line, Running(jobs=1, rows=1, width=5, remaining=3, alone=True), budget=10**9, now=NOW + 1, wall=WALL).action is Action.STEP
+    assert p.plan(line, Running(jobs=1, rows=1, lanes=(LaneShape(1, 5, 3),), alone=True), budget=10**9, now=NOW + 1, wall=WALL).action is Action.STEP
 
 
 def test_waiting_jobs_past_their_deadline_or_cancelled_end_and_at_shutdown_the_unstarted_are_turned_away():
@@ -138,10 +139,10 @@ def test_waiting_jobs_past_their_deadline_or_cancelled_end_and_at_shutdown_the_u
     plan = policy().plan(line, Running(), budget=10**9, now=NOW, wall=WALL, is_cancelled=lambda job_id: job_id in {"gone", "aside"})
     assert plan.action is Action.END and plan.job_ids == ["late", "gone"] and plan.endings == (Ending.EXPIRED, Ending.CANCELLED), \
         "a job set aside has started: it is not ended here (its cancellation stops it inside the batch)"
-    stopping = policy().plan(line, Running(jobs=1, rows=1, width=5, remaining=3), budget=10**9, now=NOW, wall=WALL, stopping=True)
+    stopping = policy().plan(line, Running(jobs=1, rows=1, lanes=(LaneShape(1, 5, 3),)), budget=10**9, now=NOW, wall=WALL, stopping=True)
     assert stopping.action is Action.END and set(stopping.job_ids) == {"late", "gone", "fine"} and set(stopping.endings) == {Ending.SHUTDOWN}
     line.remove(stopping.jobs)
-    assert policy().plan(line, Running(jobs=1, rows=1, width=5, remaining=3), budget=10**9, now=NOW, wall=WALL, stopping=True).job_ids == ["aside"], \
+    assert policy().plan(line, Running(jobs=1, rows=1, lanes=(LaneShape(1, 5, 3),)), budget=10**9, now=NOW, wall=WALL, stopping=True).job_ids == ["aside"], \
         "jobs set aside finish at shutdown"
     assert policy().plan(WaitingLine(), Running(), budget=10**9, now=NOW, wall=WALL, stopping=True).action is Action.STOP
 
@@ -149,8 +150,8 @@ def test_waiting_jobs_past_their_deadline_or_cancelled_end_and_at_shutdown_the_u
 def test_by_default_nobody_waits_for_company_a_lone_job_starts_at_once_and_newcomers_join_at_the_next_step():
     p = policy(wait_s=0.0, max_delay_s=0.2)
     assert p.plan(line_of(job("lone", arrived=NOW)), Running(), budget=10**9, now=NOW, wall=WALL).job_ids == ["lone"]
-    assert p.plan(line_of(job("new", arrived=NOW)), Running(jobs=3, rows=3, width=9, remaining=20), budget=10**9, now=NOW,
+    assert p.plan(line_of(job("new", arrived=NOW)), Running(jobs=3, rows=3, lanes=(LaneShape(4, 9, 20),)), budget=10**9, now=NOW,
                   wall=WALL).job_ids == ["new"], "a running batch takes a newcomer in before its next step"
     burst = line_of(*(job(f"b{i}", arrived=NOW + 0.001 * i) for i in range(3)))
-    assert p.plan(burst, Running(jobs=1, rows=1, width=5, remaining=20), budget=10**9, now=NOW + 0.003, wall=WALL).job_ids == ["b0", "b1", "b2"], \
+    assert p.plan(burst, Running(jobs=1, rows=1, lanes=(LaneShape(4, 5, 20),)), budget=10**9, now=NOW + 0.003, wall=WALL).job_ids == ["b0", "b1", "b2"], \
         "what arrived during a step joins together"

@@ -24,11 +24,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from producer.records import FinishReason, StreamChunk
-from worker.costs import tokens_held
+from worker.costs import LaneShape, lanes_cost, place
 from worker.model.beams import BeamSearch, BeamStep
 from worker.model.detokenize import IncrementalText, JobStream, cut_at_stop
 from worker.model.grammar import apply_masks, new_matcher
 from worker.model.kv_cache import KVArena
+from worker.model.lane_attention import LanesStep
+from worker.model.lanes import Lane
+from worker.model.prefix_cache import PrefixCache
 from worker.model.logits import (
     NgramIndex,
     RowParameters,
@@ -41,8 +44,6 @@ if TYPE_CHECKING:
     from worker.model.engine import PreparedJob
 
 PREFILL_EFFICIENCY = 0.8  # real tokens / padded tokens of one prefill call, at least
-TRIM_AT = 64  # columns of padding shared by every row at which the arena drops them
-SHARED_PREFIX_MIN = 16  # prompt tokens that the rows of a prefill call all start with, worth computing once
 SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads the seeds of one job's returned sequences
 
 
@@ -65,6 +66,11 @@ class Row:
         """What a prefill of this row reads: the prompt and the tokens the row generated before it was
         set aside."""
         return self.active.job.input_ids + self.tokens
+
+    @property
+    def held(self) -> int:
+        """The tokens its cache holds once prefilled (its inputs' length)."""
+        return len(self.active.job.input_ids) + len(self.tokens)
 
     @property
     def remaining(self) -> int:
@@ -160,34 +166,26 @@ def prefill_groups(rows: Sequence[Row], max_rows: int, max_tokens: int) -> list[
     return groups
 
 
-def shared_prefix(inputs: Sequence[Sequence[int]]) -> int:
-    """How many leading tokens all of ``inputs`` share, leaving each at least one token of its own
-    (its last position gives its first logits)."""
-    first, most = inputs[0], min(len(x) for x in inputs) - 1
-    n = 0
-    while n < most and all(x[n] == first[n] for x in inputs):
-        n += 1
-    return n
-
-
 class DecodeBatch:
-    """The decoding rows: slot i of the arena and row i of ``mask``, ``seen`` and ``logits`` belong
-    to ``rows[i]``."""
+    """The decoding rows, in lanes (lanes.py): ``rows`` are the lanes' rows, lane after lane, and row i
+    of ``seen``, ``logits`` and the per-row parameters belongs to ``rows[i]``."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, *, prefix_cache_tokens: int = 0):
         self.engine = engine
-        self.arena = KVArena(engine.num_layers)
+        self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
+        self.lanes: list[Lane] = [Lane(engine, prefixes=self.prefixes)]  # one lane is kept when the batch is empty, with its arena
+        self._spare: KVArena | None = None  # the arena of the last lane that emptied, for the next new lane
+        self.filling: list[Lane] = []  # lanes of their own whose job's prompt is prefilled in chunks, first come first
         self.rows: list[Row] = []
-        self.length = 0  # columns in use; a row's next token goes in this column
+        self._slots: list[tuple[Lane, int]] = []  # each row's lane and slot in it
         device = engine.device
-        self.mask = torch.zeros((0, 0), dtype=torch.long, device=device)  # [rows, column capacity]
         self.seen = torch.zeros((0, engine.vocab_size), dtype=torch.bool, device=device)  # tokens each row holds
         self.logits = torch.zeros((0, engine.vocab_size), device=device)  # what each row's next token is chosen from
         self.params = RowParameters.of([], device)
         self.adapters: list[str | None] = []  # each row's adapter, as the model call takes them
         self.generators: list[torch.Generator | None] = []
-        self.beam_slots: dict[ActiveJob, list[int]] = {}  # each beam search job's slots, by beam
-        self.beam_index: torch.Tensor | None = None  # the beams' slots; None when no row is a beam
+        self.beam_slots: dict[ActiveJob, list[int]] = {}  # each beam search job's rows, by beam
+        self.beam_index: torch.Tensor | None = None  # the beams' rows; None when no row is a beam
         self.scored: list[int] = []  # greedy and sampling rows whose job asked for output_scores
         self.constrained: list[int] = []  # rows with a grammar matcher
 
@@ -199,133 +197,154 @@ class DecodeBatch:
         """The batch's jobs (each once)."""
         return list(dict.fromkeys(r.active for r in self.rows))
 
-    def cost(self) -> int:
-        return tokens_held(len(self.rows), self.length, max((r.remaining for r in self.rows), default=0))
+    @property
+    def length(self) -> int:
+        """The columns of its widest lane."""
+        return max(lane.length for lane in self.lanes)
 
-    def cost_with(self, rows: Sequence[Row]) -> int:
-        """The cost once ``rows`` have joined."""
-        everyone = [*self.rows, *rows]
-        return tokens_held(len(everyone), max([self.length] + [len(r.inputs) for r in rows]), max(r.remaining for r in everyone))
+    def shapes(self) -> list[LaneShape]:
+        """Its lanes' shapes, and those of the lanes being filled as they will be."""
+        return [lane.shape() for lane in [*self.lanes, *self.filling] if len(lane) or lane.filling]
+
+    def describe(self) -> str:
+        """Its lanes as rows × columns."""
+        return ", ".join(f"{len(lane)}×{lane.length}" for lane in self.lanes if len(lane)) or "empty"
+
+    def cost(self) -> int:
+        """What its lanes hold at their longest (the lanes being filled as they will be)."""
+        return lanes_cost(self.shapes())
+
+    def cost_with(self, groups: Sequence[Sequence[Row]]) -> int:
+        """The cost once these prefill groups have joined."""
+        return lanes_cost(self._placement(groups)[1]) + lanes_cost([lane.shape() for lane in self.filling])
+
+    def release(self) -> None:
+        """Give every arena's buffers back (after running out of memory, or when asked to)."""
+        for lane in [*self.lanes, *self.filling]:
+            lane.release()
+            lane.filled = 0  # a prompt being filled starts again
+        self._spare = None
+        if self.prefixes is not None:
+            self.prefixes.clear()
 
     # --- membership ---
 
+    def _placement(self, groups: Sequence[Sequence[Row]]) -> tuple[list[int], list[LaneShape]]:
+        """The lane each group joins (an index of ``lanes``, or past them for a new lane) and the lanes'
+        shapes after."""
+        shapes = [lane.shape() for lane in self.lanes]
+        targets = []
+        for group in groups:
+            at, shapes = place(shapes, len(group), max(r.held for r in group), max(r.remaining for r in group), sum(r.held for r in group))
+            targets.append(at)
+        return targets, shapes
+
     @torch.inference_mode()
     def join(self, groups: Sequence[Sequence[Row]]) -> None:
-        """Prefill each group in one call, into free rows. If this raises, no row has joined (the
-        running rows may have moved right, which changes nothing they compute)."""
-        n = len(self.rows)
-        length = max([self.length] + [len(r.inputs) for g in groups for r in g])
-        joining = [r for g in groups for r in g]
-        columns = length + max(r.remaining for r in [*self.rows, *joining])
-        self._reserve(n + len(joining), columns, shift=length - self.length if n else 0)
-        self.length = length
+        """Prefill each group in one call, into free slots of the lane it is placed in. If this raises,
+        no row has joined (running rows may have moved right, which changes nothing they compute)."""
+        targets, _ = self._placement(groups)
+        lanes = list(self.lanes)
+        while len(lanes) <= max(targets):
+            lanes.append(Lane(self.engine, self._spare, self.prefixes))
+            self._spare = None
+        by_lane: dict[int, list[Sequence[Row]]] = {}
+        for group, at in zip(groups, targets, strict=True):
+            by_lane.setdefault(at, []).append(group)
+        joined: list[tuple[Lane, list[Row], torch.Tensor]] = []
         try:
-            self._join(groups, n)
+            for at, lane_groups in by_lane.items():
+                placed, logits = lanes[at].join(lane_groups)
+                joined.append((lanes[at], placed, logits))
         except BaseException:
-            if n == 0:
-                self.length = 0
+            for lane, placed, _ in joined:
+                lane.remove({id(r) for r in placed})
+            self._keep_lanes(lanes)
             raise
-
-    def _join(self, groups: Sequence[Sequence[Row]], n: int) -> None:
+        placed = [r for _, rows, _ in joined for r in rows]
         device = self.engine.device
-        masks, logits, placed = [], [], []
-        at = n
-        for group in groups:
-            group_rows, group_mask, group_logits = self._prefill(group, at)
-            placed += group_rows
-            masks.append(group_mask)
-            logits.append(group_logits)
-            at += len(group_rows)
         seen = torch.zeros((len(placed), self.seen.shape[1]), dtype=torch.bool, device=device)
         for i, row in enumerate(placed):
             seen[i, torch.tensor(row.inputs, device=device)] = True
-        self.mask = torch.cat([self.mask[:n], *masks])
-        self.logits = torch.cat([self.logits[:n], *logits])
-        self.seen = torch.cat([self.seen[:n], seen])
-        self.rows += placed
-        self._rows_changed()
+        self._keep_lanes(lanes)
+        self._regroup(placed, seen, torch.cat([logits for _, _, logits in joined]))
 
-    def _prefill(self, group: Sequence[Row], at: int) -> tuple[list[Row], torch.Tensor, torch.Tensor]:
-        """Prefill ``group`` into rows ``at``…, right-aligned at the current column. Rows of one job
-        that starts fresh share one input: it is computed once and its row copied. Returns the rows
-        in the order they were placed, their mask rows and logits."""
-        firsts, copies, source = [], [], {}
-        for row in group:
-            key = (id(row.active), -1 if not row.tokens else id(row))
-            if key in source:
-                copies.append((row, source[key]))
-            else:
-                source[key] = len(firsts)
-                firsts.append(row)
-        width = max(len(r.inputs) for r in firsts)
-        start = self.length - width
-        adapters = [r.active.job.request.adapter for r in firsts]
-        # A prefix every row starts with (a chat template's system message) is computed once, in the first
-        # row, and its keys and values copied to the others; the rest of each row follows it, right-aligned
-        # (keys carry their positions, so the gap of padding between the two parts is only masked out).
-        prefix = shared_prefix([r.inputs for r in firsts]) if len(firsts) > 1 and len(set(adapters)) == 1 else 0
-        if prefix < SHARED_PREFIX_MIN:
-            prefix = 0
-        else:
-            ids = torch.tensor([firsts[0].inputs[:prefix]], dtype=torch.long, device=self.engine.device)
-            self.engine.forward(ids, torch.ones_like(ids), self.arena.view(slice(at, at + 1), start, start), adapters[:1])
-            self.arena.copy_columns(at, slice(at + 1, at + len(firsts)), start, start + prefix)
-        rest = width - prefix
-        input_ids = torch.full((len(firsts), rest), self.engine.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(firsts), width), dtype=torch.long)
-        attention[:, :prefix] = 1
-        for i, row in enumerate(firsts):
-            own = row.inputs[prefix:]
-            input_ids[i, rest - len(own):] = torch.tensor(own, dtype=torch.long)
-            attention[i, width - len(own):] = 1
-        input_ids, attention = input_ids.to(self.engine.device), attention.to(self.engine.device)
-        logits = self.engine.forward(input_ids, attention, self.arena.view(slice(at, at + len(firsts)), start, start + prefix), adapters)
-        self.arena.zero(slice(at, at + len(firsts)), start)
-        for k, (_, first) in enumerate(copies):
-            self.arena.move_row(at + first, at + len(firsts) + k, self.length)
-        picked = list(range(len(firsts))) + [first for _, first in copies]
-        mask = torch.zeros((len(picked), self.mask.shape[1]), dtype=torch.long, device=attention.device)
-        mask[:, start:self.length] = attention[picked]
-        return firsts + [row for row, _ in copies], mask, logits[picked]
+    def fills_in_chunks(self, rows: Sequence[Row], chunk: int) -> bool:
+        """Whether one job's rows are worth prefilling ``chunk`` tokens at a time (``fill``): a prompt they
+        share, of more than ``chunk`` tokens not in the prefix cache."""
+        first = rows[0]
+        if chunk <= 0 or any(r.tokens for r in rows) or len(first.inputs) <= chunk:
+            return False
+        cached = self.prefixes.find(first.active.job.request.adapter, first.inputs) if self.prefixes is not None else None
+        return len(first.inputs) - (cached[1] if cached else 0) > chunk
+
+    def begin_fill(self, rows: Sequence[Row]) -> None:
+        lane = Lane(self.engine, prefixes=self.prefixes)
+        lane.begin_fill(list(rows))
+        self.filling.append(lane)
+
+    @torch.inference_mode()
+    def fill(self, chunk: int) -> list[Row]:
+        """The next chunk of the first lane being filled; once its prompt is all in, its rows join the
+        decoding rows and are returned. If this raises, that lane is as it was (``abandon_fill`` drops it)."""
+        lane = self.filling[0]
+        logits = lane.fill(chunk)
+        if logits is None:
+            return []
+        self.filling.pop(0)
+        placed = lane.rows
+        seen = torch.zeros((len(placed), self.seen.shape[1]), dtype=torch.bool, device=self.seen.device)
+        seen[:, torch.tensor(placed[0].inputs, device=seen.device)] = True
+        self._keep_lanes([*self.lanes, lane])
+        self._regroup(placed, seen, logits)
+        return placed
+
+    def abandon_fill(self, active: ActiveJob) -> None:
+        """Stop filling this job's lane (it failed, was cancelled or is set aside), and free its arena."""
+        for lane in [x for x in self.filling if x.filling[0].active is active]:
+            lane.release()
+            self.filling.remove(lane)
+
+    @property
+    def filling_jobs(self) -> list[ActiveJob]:
+        return [lane.filling[0].active for lane in self.filling]
 
     @torch.inference_mode()
     def remove(self, leaving: Sequence[Row]) -> None:
-        """Take these rows out: each freed slot takes the last row."""
+        """Take these rows out of their lanes."""
         gone = {id(r) for r in leaving}
-        order = list(range(len(self.rows)))  # order[slot] = the old slot now there
-        for slot in sorted((i for i, r in enumerate(self.rows) if id(r) in gone), reverse=True):
-            last = len(order) - 1
-            if slot != last:
-                self.arena.move_row(order[last], slot, self.length)
-                order[slot] = order[last]
-            order.pop()
-        self.rows = [self.rows[i] for i in order]
-        picked = torch.tensor(order, dtype=torch.long, device=self.mask.device)
-        self.mask, self.seen, self.logits = self.mask[picked], self.seen[picked], self.logits[picked]
+        for lane in {id(lane): lane for lane, _ in (self._slots[i] for i, r in enumerate(self.rows) if id(r) in gone)}.values():
+            lane.remove(gone)
+        self._keep_lanes(self.lanes)
+        self._regroup([], None, None)
+
+    def _keep_lanes(self, lanes: list[Lane]) -> None:
+        """The lanes with rows (or one empty lane, when none has); an emptied lane's arena is kept as the
+        spare (the larger one) for the next new lane."""
+        kept = [lane for lane in lanes if len(lane)]
+        for lane in lanes:
+            if not len(lane) and lane.arena.allocated and (self._spare is None or lane.arena.column_capacity > self._spare.column_capacity):
+                self._spare = lane.arena
+        if not kept:
+            lane = max(lanes, key=lambda x: x.arena.column_capacity * x.arena.row_capacity)
+            if lane.arena is self._spare:
+                self._spare = None
+            kept = [lane]
+        self.lanes = kept
+
+    def _regroup(self, joining: list[Row], seen: torch.Tensor | None, logits: torch.Tensor | None) -> None:
+        """``rows`` become the lanes' rows, lane after lane; the rows' tensors follow them (``joining``
+        rows bring their own)."""
+        where = {id(r): i for i, r in enumerate(self.rows)}
+        where.update({id(r): len(self.rows) + k for k, r in enumerate(joining)})
+        rows = [r for lane in self.lanes for r in lane.rows]
+        picked = torch.tensor([where[id(r)] for r in rows], dtype=torch.long, device=self.seen.device)
+        all_seen = torch.cat([self.seen, seen]) if joining else self.seen
+        all_logits = torch.cat([self.logits, logits]) if joining else self.logits
+        self.seen, self.logits = all_seen[picked], all_logits[picked]
+        self.rows = rows
+        self._slots = [(lane, slot) for lane in self.lanes for slot in range(len(lane))]
         self._rows_changed()
-        self._trim()
-
-    def _trim(self) -> None:
-        """Drop the leading columns that are padding in every row, once there are TRIM_AT of them."""
-        if not self.rows:
-            self.length = 0
-            return
-        shared = int((self.mask[:, : self.length].cumsum(-1) == 0).sum(-1).min())
-        if shared >= TRIM_AT:
-            self._reserve(len(self.rows), self.arena.column_capacity, shift=-shared)
-            self.length -= shared
-
-    def _reserve(self, rows: int, columns: int, *, shift: int = 0) -> None:
-        n = len(self.rows)
-        self.arena.reserve(rows, columns, live=n, length=self.length, shift=shift)
-        capacity = self.arena.column_capacity
-        if shift or self.mask.shape[1] != capacity:
-            mask = torch.zeros((n, capacity), dtype=torch.long, device=self.mask.device)
-            if shift >= 0:
-                mask[:, shift:shift + self.length] = self.mask[:n, : self.length]
-            else:
-                mask[:, : self.length + shift] = self.mask[:n, -shift:self.length]
-            self.mask = mask
 
     def _rows_changed(self) -> None:
         self.params = RowParameters.of([r.active.job.request for r in self.rows], self.engine.device)
@@ -461,13 +480,17 @@ class DecodeBatch:
                     sources.append(slots[continuation.parent])
         if not targets:
             return
-        into = torch.tensor(targets, dtype=torch.long, device=self.mask.device)
-        taken = torch.tensor(sources, dtype=torch.long, device=self.mask.device)
-        both = torch.cat([into, taken])  # the sources' real columns may start before the targets'
-        start = int((self.mask[both, : self.length].cumsum(-1) == 0).sum(-1).min()) if self.length else 0
-        mask, seen = self.mask[taken], self.seen[taken]  # read before anything is written
-        self.arena.copy_rows(targets, sources, start, self.length)
-        self.mask[into] = mask
+        into = torch.tensor(targets, dtype=torch.long, device=self.seen.device)
+        seen = self.seen[torch.tensor(sources, dtype=torch.long, device=self.seen.device)]  # read before anything is written
+        per_lane: dict[int, tuple[Lane, list[int], list[int]]] = {}  # a job's beams are all in one lane
+        for target, source in zip(targets, sources, strict=True):
+            lane, slot = self._slots[target]
+            per_lane.setdefault(id(lane), (lane, [], []))
+            per_lane[id(lane)][1].append(slot)
+            per_lane[id(lane)][2].append(self._slots[source][1])
+        taken = [(lane, slots, lane.read_rows(slots, sources)) for lane, slots, sources in per_lane.values()]
+        for lane, slots, read in taken:
+            lane.write_rows(slots, read)
         self.seen[into] = seen
 
     def _continue_beams(self, active: ActiveJob, step: BeamStep, tokens: torch.Tensor) -> None:
@@ -494,16 +517,29 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def forward(self) -> None:
-        """Run the model on every row's last token; a call that fails leaves the batch as it was."""
-        n, length = len(self.rows), self.length
-        if length >= self.arena.column_capacity:
-            self._reserve(n, length + 1)
-        self.mask[:, length] = 1
-        tokens = torch.tensor([[r.tokens[-1]] for r in self.rows], dtype=torch.long, device=self.mask.device)
+        """Run the model on every row's last token: one call for every lane where the model takes the
+        lanes attention, else one call per lane; a call that fails leaves the batch as it was."""
+        self.engine.check_memory(self.cost(), f"a decoding step of {len(self.rows)} rows")
+        tokens = torch.tensor([[r.tokens[-1]] for r in self.rows], dtype=torch.long, device=self.seen.device)
+        lanes = [lane for lane in self.lanes if len(lane)]
+        opened = []
         try:
-            self.logits = self.engine.forward(tokens, self.mask[:, : length + 1], self.arena.view(slice(0, n), 0, length),
-                                              self.adapters, cost=self.cost())
+            for lane in lanes:
+                lane.open_column()
+                opened.append(lane)
+            if len(lanes) > 1 and self.engine.lane_attention:  # one call for every lane (lane_attention.py)
+                positions = torch.cat([lane.positions() for lane in lanes])[:, None]
+                logits = self.engine.forward_lanes(tokens, positions, LanesStep(lanes), self.adapters)
+            else:
+                parts, at = [], 0
+                for lane in lanes:
+                    parts.append(lane.forward(tokens[at:at + len(lane)], self.adapters[at:at + len(lane)]))
+                    at += len(lane)
+                logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         except BaseException:
-            self.mask[:, length] = 0
+            for lane in opened:
+                lane.undo()
             raise
-        self.length = length + 1
+        for lane in lanes:
+            lane.advance()
+        self.logits = logits

@@ -31,6 +31,7 @@ from producer.records import FinishReason, JobResult, PromptFit, SequenceResult,
 from producer.schemas import GenerationRequest, Message
 from worker.costs import tokens_held
 from worker.errors import JobFailure
+from worker.model import lane_attention
 from worker.model.fused_ops import fuse_activations
 from worker.model.grammar import Grammars
 from worker.model.import_noise import quiet_optional_kernels
@@ -166,6 +167,7 @@ class Engine:
         self._takes_position_ids = "position_ids" in accepted  # rotary models need them with left padding
         self._takes_logits_to_keep = "logits_to_keep" in accepted
         self.grammars = Grammars(copy.deepcopy(tokenizer), self.vocab_size)
+        self.lane_attention = lane_attention.supported(model)  # one model call serves every lane of a step
 
     @classmethod
     def load(cls, config: ModelConfig, device: str = "auto", *, fault_memory_budget_tokens: int | None = None) -> Engine:
@@ -274,6 +276,20 @@ class Engine:
             kwargs["logits_to_keep"] = 1
         with torch.inference_mode():
             output = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return output.logits[:, -1].float()
+
+    def forward_lanes(self, input_ids: torch.Tensor, position_ids: torch.Tensor, step: lane_attention.LanesStep,
+                      adapters: Sequence[str | None]) -> torch.Tensor:
+        """One decoding step of every lane in one model call: each row's next-token logits (float32).
+        ``input_ids``: each row's last token, lane after lane; ``position_ids``: their positions."""
+        kwargs = {self._cache_argument: lane_attention.StepCache(step, self.num_layers), "use_cache": True, "lanes": step,
+                  **self.adapter_names(adapters)}
+        if self._takes_position_ids:
+            kwargs["position_ids"] = position_ids
+        if self._takes_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        with torch.inference_mode(), lane_attention.lanes_attention(self.model):
+            output = self.model(input_ids=input_ids, attention_mask=None, **kwargs)
         return output.logits[:, -1].float()
 
     def generate_batch(self, jobs: Sequence[PreparedJob], is_cancelled: Callable[[str], bool] | None = None, *, held: int = 0) -> list[Generated]:

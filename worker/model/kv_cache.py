@@ -11,7 +11,7 @@ fresh memory cost more than the copy). Here, per layer, keys and values live in 
 - a joining job is prefilled straight into free slots, right-aligned so its prompt ends at the
   current column;
 - a finished row's slot takes the last live row (one row copied);
-- a beam search job's rows take the rows of the beams they continue (``copy_rows``, its rows only);
+- a beam search job's rows take the rows of the beams they continue (``read_rows`` then ``write_rows``, its rows only);
 - buffers are reallocated only to grow, or to move all rows right (a prompt longer than the
   current column) or left (columns that became padding in every row).
 
@@ -72,16 +72,26 @@ class KVArena:
         for t in self.keys + self.values:
             t[rows, :, start:end] = t[source, :, start:end]
 
-    def copy_rows(self, targets: list[int], sources: list[int], start: int, end: int) -> None:
-        """Slot ``targets[i]`` takes columns ``[start, end)`` of slot ``sources[i]`` (beams that
-        continue another beam). Every source is read before any target is written, so running out
-        of memory here changes nothing."""
-        taken_rows = torch.tensor(sources, dtype=torch.long, device=self.keys[0].device)
-        into = torch.tensor(targets, dtype=torch.long, device=self.keys[0].device)
-        buffers = self.keys + self.values
-        taken = [t[taken_rows, :, start:end] for t in buffers]
-        for t, part in zip(buffers, taken, strict=True):
-            t[into, :, start:end] = part
+    def read_rows(self, rows: torch.Tensor, start: int, end: int) -> list[torch.Tensor]:
+        """Columns ``[start, end)`` of slots ``rows``, copied (for ``write_rows``: beams that continue
+        another beam read every source before any target is written, so running out of memory while
+        reading changes nothing)."""
+        return [t[rows, :, start:end] for t in self.keys + self.values]
+
+    def write_rows(self, rows: torch.Tensor, parts: list[torch.Tensor], start: int, end: int) -> None:
+        for t, part in zip(self.keys + self.values, parts, strict=True):
+            t[rows, :, start:end] = part
+
+    def read_prefix(self, slot: int, start: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A copy of columns ``[start, start + n)`` of one slot: keys and values per layer (prefix_cache.py)."""
+        return [t[slot, :, start:start + n].clone() for t in self.keys], [t[slot, :, start:start + n].clone() for t in self.values]
+
+    def write_prefix(self, slot: int, start: int, keys: list[torch.Tensor], values: list[torch.Tensor], n: int) -> None:
+        """Columns ``[start, start + n)`` of one slot take the first n tokens of a cached prefix."""
+        for layer in range(self.layers):
+            self._buffers(layer, keys[layer][None], values[layer][None])
+        for t, part in zip(self.keys + self.values, keys + values, strict=True):
+            t[slot, :, start:start + n] = part[:, :n]
 
     def zero(self, rows: slice, columns: int) -> None:
         """Zero the first ``columns`` columns of these rows: padding that attention reads (masked,

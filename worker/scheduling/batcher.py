@@ -138,12 +138,15 @@ class Batcher:
         self.memory = MemoryRecovery(settings.batch_max_tokens, self.metrics)
         self.max_size = settings.batch_max_size
         self.max_prefill_tokens = settings.batch_max_prefill_tokens
+        self.prefix_cache_tokens = settings.prefix_cache_tokens
+        self.prefill_chunk = settings.batch_prefill_chunk_tokens
         self.stream_interval_s = settings.stream_interval_ms / 1000
         self._line = WaitingLine()
         self._arrivals = itertools.count()
         self._joins = itertools.count(1)
         self._batch: DecodeBatch | None = None  # made on the batcher thread, once the engine is there
         self._in_batch: dict[str, Ticket] = {}  # the decoding batch's jobs, by id (batcher thread only)
+        self._filling: list[Ticket] = []  # jobs whose long prompts are prefilled in chunks, in the batch's order (batcher thread only)
         self._stats = DecodeStats()
         self._cond = threading.Condition()  # guards what task threads share with the batcher thread (see the module's doc)
         self._held: set[str] = set()  # jobs submitted whose outcome is not yet handed over
@@ -255,7 +258,7 @@ class Batcher:
                 return
         self._loaded.set()
         with torch.inference_mode():
-            self._batch = DecodeBatch(self.engine)
+            self._batch = DecodeBatch(self.engine, prefix_cache_tokens=self.prefix_cache_tokens)
             self._loop()
 
     def _loop(self) -> None:
@@ -286,13 +289,13 @@ class Batcher:
                 self._cond.wait(plan.wait_s)
 
     def _running(self) -> Running:
+        """The decoding batch as the policy sees it; jobs being prefilled in chunks count as in it."""
         batch = self._batch
-        jobs = batch.jobs
+        jobs = batch.jobs + batch.filling_jobs
         # (read by the policy for waiting jobs of several rows only: not worth a list per step when none waits)
         decoding = tuple((t.waiting.priority, len(t.active.live_rows)) for t in self._in_batch.values() if t.active is not None) if self._line else ()
-        return Running(jobs=len(jobs), rows=len(batch), decoding=decoding, width=batch.length,
-                       remaining=max((r.remaining for r in batch.rows), default=0),
-                       alone=any(t.waiting.alone for t in self._in_batch.values()), outcomes_unrecorded=bool(self._handovers))
+        return Running(jobs=len(jobs), rows=len(batch) + sum(len(a.rows) for a in batch.filling_jobs), decoding=decoding, lanes=tuple(batch.shapes()),
+                       alone=any(t.waiting.alone for t in [*self._in_batch.values(), *self._filling]), outcomes_unrecorded=bool(self._handovers))
 
     def _carry_out(self, plan: Plan) -> None:
         tickets = [w.ticket for w in plan.jobs]
@@ -302,7 +305,9 @@ class Batcher:
             self._generate(tickets)
         elif plan.action is Action.JOIN:
             self._join(tickets)
-        if len(self._batch):  # after whatever the plan did, the decoding batch moves on by one step
+        if self._filling:  # then one chunk of a long prompt...
+            self._fill()
+        if len(self._batch):  # ...and the decoding batch moves on by one step
             self._step()
 
     def _recover_from_bug(self, plan: Plan, exc: Exception) -> None:
@@ -310,11 +315,12 @@ class Batcher:
         failure = JobFailure(ErrorCode.GENERATION_ERROR, f"the batcher failed: {type(exc).__name__}: {exc}"[:2000])
         with self._cond:
             waiting = {id(w.ticket) for w in self._line}
-        stranded = [t for t in [*(w.ticket for w in plan.jobs), *self._in_batch.values()] if not t.settled and id(t) not in waiting]
+        stranded = [t for t in [*(w.ticket for w in plan.jobs), *self._in_batch.values(), *self._filling] if not t.settled and id(t) not in waiting]
         self._settle([], [(t, failure) for t in stranded])
         self._in_batch.clear()
-        self._batch.arena.release()
-        self._batch = DecodeBatch(self.engine)
+        self._filling.clear()
+        self._batch.release()
+        self._batch = DecodeBatch(self.engine, prefix_cache_tokens=self.prefix_cache_tokens)
 
     def _ending(self, ticket: Ticket, why: Ending) -> BaseException:
         if why is Ending.SHUTDOWN:
@@ -395,10 +401,19 @@ class Batcher:
             if ticket.active is None:
                 ticket.active = ActiveJob.start(ticket.job, engine, streaming=ticket.job.request.stream and self.publisher is not None,
                                                 stream_interval_s=self.stream_interval_s)
+        if self.prefill_chunk and (chunked := [t for t in tickets if batch.fills_in_chunks(t.active.live_rows, self.prefill_chunk)]):
+            for ticket in chunked:
+                batch.begin_fill(ticket.active.live_rows)
+                self._filling.append(ticket)
+            log.info("batch: %d jobs with long prompts (%s tokens) are prefilled %d tokens at a time", len(chunked),
+                     ", ".join(str(len(t.job.input_ids)) for t in chunked), self.prefill_chunk)
+            tickets = [t for t in tickets if t not in chunked]
+            if not tickets:
+                return
         rows = [r for t in tickets for r in t.active.live_rows]
         before = len(batch.jobs)
-        cost = batch.cost_with(rows)
         groups = prefill_groups(rows, self.max_size, self.max_prefill_tokens)
+        cost = batch.cost_with(groups)
         started = time.perf_counter()
         error: Exception | None = None
         out_of_memory = False
@@ -419,9 +434,9 @@ class Batcher:
             self.memory.succeeded(cost)
             self.metrics.joined.observe(len(tickets))
             self.metrics.decoding_jobs.set(len(batch.jobs))
-            log.info("batch: %d jobs joined (%d rows, %d prefill calls, %d prompt tokens, %.3f s); now %d jobs, %d rows, %d columns; budget=%d",
-                     len(tickets), len(rows), len(groups), sum(len(r.inputs) for r in rows), time.perf_counter() - started,
-                     len(batch.jobs), len(batch), batch.length, self.budget.limit)
+            log.info("batch: %d jobs joined (%d rows, %d prefill calls, %d prompt tokens, %.3f s); now %d jobs, %d rows in lanes of %s "
+                     "(rows × columns); budget=%d", len(tickets), len(rows), len(groups), sum(len(r.inputs) for r in rows),
+                     time.perf_counter() - started, len(batch.jobs), len(batch), batch.describe(), self.budget.limit)
             return
         if out_of_memory:  # outside the except block: the exception's frames (and the tensors they hold) are gone
             self.memory.ran_out("join", cost, self._release_if_empty)
@@ -442,6 +457,56 @@ class Batcher:
         half = len(tickets) // 2
         self._join(tickets[:half])
         self._join(tickets[half:])
+
+    def _fill(self) -> None:
+        """One chunk of the first long prompt being prefilled; once it is all in, its job decodes."""
+        batch, ticket = self._batch, self._filling[0]
+        active = ticket.active
+        if self._is_cancelled(ticket.job.job_id):
+            log.info("job %s: cancelled while its prompt was prefilled", ticket.job.job_id)
+            self._filling.pop(0)
+            batch.abandon_fill(active)
+            active.cancel()
+            self._settle([], [(ticket, self._result(active))])
+            return
+        cost = batch.cost()
+        error: Exception | None = None
+        out_of_memory = False
+        try:
+            self.engine.check_memory(cost, f"a long prompt's chunk beside a batch of {len(batch.jobs)}")
+            joined = batch.fill(self.prefill_chunk)
+        except torch.OutOfMemoryError:
+            out_of_memory = True
+        except Exception as exc:
+            error = exc
+        else:
+            if joined:
+                self._filling.pop(0)
+                if len(batch.jobs) == 1:
+                    self._stats = DecodeStats()
+                self._stats.joined += 1
+                active.joined = next(self._joins)
+                self._in_batch[ticket.job.job_id] = ticket
+                self.memory.succeeded(cost)
+                self.metrics.joined.observe(1)
+                self.metrics.decoding_jobs.set(len(batch.jobs))
+                log.info("batch: job %s joined once its %d-token prompt was prefilled; now %d jobs, %d rows in lanes of %s (rows × columns)",
+                         ticket.job.job_id, len(ticket.job.input_ids), len(batch.jobs), len(batch), batch.describe())
+            return
+        self._filling.pop(0)
+        batch.abandon_fill(active)
+        if out_of_memory:
+            self.memory.ran_out("join", cost, self._release_if_empty)
+            if not len(batch) and not self._filling:
+                self._settle([], [(ticket, self.memory.failure(ticket.job, cost))])
+                return
+            log.warning("out of memory while prefilling job %s's prompt beside a batch of %d (cost %d tokens); it waits; token budget now %d",
+                        ticket.job.job_id, len(batch.jobs), cost, self.budget.limit)
+            ticket.set_aside()
+            self._put_back([ticket])
+            return
+        log.error("job %s: prefill failed: %s: %s", ticket.job.job_id, type(error).__name__, error)
+        self._settle([], [(ticket, generation_failure(error))])
 
     def _step(self) -> None:
         batch = self._batch
@@ -477,7 +542,7 @@ class Batcher:
         if len(batch):
             self._until_fits(batch.forward)
         if not len(batch) and self.budget.tight:
-            self._batch.arena.release()  # an empty decoding batch gives its arena back when memory is tight
+            self._batch.release()  # an empty decoding batch gives its arena back when memory is tight
         self.metrics.decoding_jobs.set(len(batch.jobs))
         if not len(batch) or time.perf_counter() - self._stats.since >= REPORT_EVERY_S:
             log.info(self._stats.line(len(batch.jobs), self.budget.limit))
@@ -514,7 +579,7 @@ class Batcher:
 
     def _release_if_empty(self) -> None:
         if self._batch is not None and not len(self._batch):
-            self._batch.arena.release()
+            self._batch.release()
 
     def _result(self, active: ActiveJob) -> Generated | JobFailure:
         if active.error is not None:
@@ -537,7 +602,7 @@ class Batcher:
     def _generate(self, tickets: list[Ticket]) -> None:
         self._count_attempts(tickets)
         if not len(self._batch):
-            self._batch.arena.release()  # all the memory for this call
+            self._batch.release()  # all the memory for this call
         jobs = [t.job for t in tickets]
         splits = [0]
         started = time.perf_counter()

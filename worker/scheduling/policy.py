@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from worker.costs import tokens_held
+from worker.costs import LaneShape, lanes_cost, place, tokens_held
 
 INTERACTIVE, BULK = 0, 1  # priorities: lower goes first
 PADDING_EFFICIENCY = 0.5  # a generate() call's real tokens / padded tokens may not fall below this
@@ -111,8 +111,7 @@ class Running:
     jobs: int = 0
     rows: int = 0
     decoding: tuple[tuple[int, int], ...] = ()  # (priority, live rows) of each of its jobs
-    width: int = 0  # its columns
-    remaining: int = 0  # most tokens a row still has to generate
+    lanes: tuple[LaneShape, ...] = ()  # its lanes (rows that share a KV arena and its columns)
     alone: bool = False  # a job that runs alone is in it
     outcomes_unrecorded: bool = False  # jobs that run alone wait until every outcome before them is recorded
 
@@ -205,7 +204,7 @@ class Policy:
 
     def joining(self, line: WaitingLine, running: Running, budget: int, now: float | None = None) -> list[Waiting]:
         """Waiting jobs that join the decoding batch now, in the order of ``join_order``."""
-        jobs, rows, width, remaining = running.jobs, running.rows, running.width, running.remaining
+        jobs, lanes = running.jobs, list(running.lanes)
         joining: list[Waiting] = []
         for waiting in self.join_order(line, now):
             if waiting.key is not None:
@@ -217,11 +216,11 @@ class Policy:
                     continue  # the jobs of fewer rows (of its priority or a higher one) decode first
             if jobs + len(joining) >= (self.interactive_size if waiting.priority == INTERACTIVE else self.max_size):
                 break
-            width_after, remaining_after = max(width, waiting.length), max(remaining, waiting.new_tokens)
-            if tokens_held(rows + waiting.rows, width_after, remaining_after) > budget and (joining or jobs):
+            _, lanes_after = place(lanes, waiting.rows, waiting.length, waiting.new_tokens, waiting.rows * waiting.length)
+            if lanes_cost(lanes_after) > budget and (joining or jobs):
                 break
             joining.append(waiting)
-            rows, width, remaining = rows + waiting.rows, width_after, remaining_after
+            lanes = lanes_after
         return joining
 
     def yields(self, waiting: Waiting, now: float | None) -> bool:
