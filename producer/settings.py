@@ -70,7 +70,7 @@ class Settings(BaseSettings):
 
     # --- batching (worker) ---
     batch_max_size: int = Field(64, ge=1, description="Most jobs decoded together (a beam search job counts once, with num_beams rows), and most jobs in one generate() call (beam sampling).")
-    batch_max_tokens: int = Field(65_536, ge=1, description="Token budget of a batch: rows (beams or returned sequences) × (longest prompt + most new tokens still to come).")
+    batch_max_tokens: int = Field(65_536, ge=1, description="Token budget of a batch: for each of its lanes (rows of similar length sharing a KV arena), rows (beams or returned sequences) × (its longest row + most new tokens still to come), summed.")
     batch_max_prefill_tokens: int = Field(8_192, ge=1, description="Most padded prompt tokens in one prefill call of joining jobs (bounds its activations' memory).")
     batch_prefill_chunk_tokens: int = Field(512, ge=0, description="A prompt longer than this is prefilled this many tokens at a time, one chunk between two decoding steps, so that the jobs decoding and the jobs arriving meanwhile are not held up for the whole prompt; 0: every prompt in one call.")
     prefix_cache_tokens: int = Field(4_096, ge=0, description="Prompt tokens whose keys and values a worker keeps (on the model's device) for later jobs whose prompts start the same way, such as a conversation's next turn: those tokens are copied, not prefilled again. Prompts of 128 tokens or more are kept, the least recently used dropped first; 0: off.")

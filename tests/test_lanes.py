@@ -209,3 +209,29 @@ def test_a_job_cancelled_or_out_of_memory_while_its_prompt_is_prefilled(tiny_lla
     assert "out of memory while prefilling job long2's prompt" in caplog.text
     assert_same_output(result.result.sequences, reference["long"], "long2")
     assert all(f.result(timeout=1).result.usage.completion_tokens == 30 for f in running)
+
+
+def test_one_call_serves_every_lane_only_on_models_whose_attention_it_computes_as_they_do(tiny_bloom):
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+
+    from worker.model.lane_attention import supported
+
+    small = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64}
+    assert supported(AutoModelForCausalLM.from_config(LlamaConfig(**small), attn_implementation="sdpa"))
+    assert not supported(AutoModelForCausalLM.from_config(LlamaConfig(**small), attn_implementation="eager"))
+    assert not supported(AutoModelForCausalLM.from_config(MistralConfig(**small, sliding_window=16), attn_implementation="sdpa")), "a sliding window"
+    assert not load(tiny_bloom).lane_attention, "BLOOM's ALiBi attention does not take the interface: one call per lane"
+
+
+def test_a_jobs_rows_go_to_one_lane_even_when_its_prefill_is_split(engine, narrow_lanes):
+    """A beam search job's rows move within their lane: rows split over prefill calls still share it."""
+    batch = DecodeBatch(engine)
+    short, wide = (ActiveJob.start(prepare(engine, job_id, prompt=prompt, num_beams=1, max_new_tokens=4), engine, streaming=False)
+                   for job_id, prompt in (("short", "Hi"), ("wide", LONG)))
+    batch.join([short.rows, wide.rows])
+    beams = ActiveJob.start(prepare(engine, "beams", prompt=LONG[:400], num_beams=4, max_new_tokens=4), engine, streaming=False)
+    split, _ = batch._placement([beams.rows[:3], beams.rows[3:]])
+    assert len({at for _, at in split}) == 1, split
+    batch.join([beams.rows[:3], beams.rows[3:]])
+    lanes = {id(batch._slots[i][0]) for i, row in enumerate(batch.rows) if row.active is beams}
+    assert len(lanes) == 1

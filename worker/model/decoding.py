@@ -223,51 +223,61 @@ class DecodeBatch:
         for lane in [*self.lanes, *self.filling]:
             lane.release()
             lane.filled = 0  # a prompt being filled starts again
-        self._spare = None
-        if self.prefixes is not None:
-            self.prefixes.clear()
+        self.shed()
 
     # --- membership ---
 
-    def _placement(self, groups: Sequence[Sequence[Row]]) -> tuple[list[int], list[LaneShape]]:
-        """The lane each group joins (an index of ``lanes``, or past them for a new lane) and the lanes'
-        shapes after."""
+    def _placement(self, groups: Sequence[Sequence[Row]]) -> tuple[list[tuple[list[Row], int]], list[LaneShape]]:
+        """Each job's lane (an index of ``lanes``, or past them for a new lane), jobs placed whole and in
+        the groups' order (as the policy places them); the groups split by lane; the lanes' shapes after."""
         shapes = [lane.shape() for lane in self.lanes]
-        targets = []
+        lane_of: dict[int, int] = {}
         for group in groups:
-            at, shapes = place(shapes, len(group), max(r.held for r in group), max(r.remaining for r in group), sum(r.held for r in group))
-            targets.append(at)
-        return targets, shapes
+            for row in group:
+                if id(row.active) not in lane_of:
+                    rows = [r for g in groups for r in g if r.active is row.active]
+                    lane_of[id(row.active)], shapes = place(shapes, len(rows), max(r.held for r in rows), max(r.remaining for r in rows),
+                                                            sum(r.held for r in rows))
+        split: list[tuple[list[Row], int]] = []
+        for group in groups:
+            parts: dict[int, list[Row]] = {}
+            for row in group:
+                parts.setdefault(lane_of[id(row.active)], []).append(row)
+            split += [(rows, at) for at, rows in parts.items()]
+        return split, shapes
 
     @torch.inference_mode()
     def join(self, groups: Sequence[Sequence[Row]]) -> None:
-        """Prefill each group in one call, into free slots of the lane it is placed in. If this raises,
-        no row has joined (running rows may have moved right, which changes nothing they compute)."""
-        targets, _ = self._placement(groups)
+        """Prefill each group in one call, into free slots of its jobs' lane (a job's rows all go to one
+        lane). If this raises, no row has joined (running rows may have moved right, which changes
+        nothing they compute)."""
+        split, _ = self._placement(groups)
+        before = list(self.lanes)
         lanes = list(self.lanes)
-        while len(lanes) <= max(targets):
+        while len(lanes) <= max(at for _, at in split):
             lanes.append(Lane(self.engine, self._spare, self.prefixes))
             self._spare = None
         by_lane: dict[int, list[Sequence[Row]]] = {}
-        for group, at in zip(groups, targets, strict=True):
+        for group, at in split:
             by_lane.setdefault(at, []).append(group)
+        device = self.engine.device
         joined: list[tuple[Lane, list[Row], torch.Tensor]] = []
         try:
             for at, lane_groups in by_lane.items():
                 placed, logits = lanes[at].join(lane_groups)
                 joined.append((lanes[at], placed, logits))
+            placed = [r for _, rows, _ in joined for r in rows]
+            seen = torch.zeros((len(placed), self.seen.shape[1]), dtype=torch.bool, device=device)
+            for i, row in enumerate(placed):
+                seen[i, torch.tensor(row.inputs, device=device)] = True
+            self._keep_lanes(lanes)
+            self._regroup(placed, seen, torch.cat([logits for _, _, logits in joined]))
         except BaseException:
             for lane, placed, _ in joined:
                 lane.remove({id(r) for r in placed})
+            self.lanes = before
             self._keep_lanes(lanes)
             raise
-        placed = [r for _, rows, _ in joined for r in rows]
-        device = self.engine.device
-        seen = torch.zeros((len(placed), self.seen.shape[1]), dtype=torch.bool, device=device)
-        for i, row in enumerate(placed):
-            seen[i, torch.tensor(row.inputs, device=device)] = True
-        self._keep_lanes(lanes)
-        self._regroup(placed, seen, torch.cat([logits for _, _, logits in joined]))
 
     def fills_in_chunks(self, rows: Sequence[Row], chunk: int) -> bool:
         """Whether one job's rows are worth prefilling ``chunk`` tokens at a time (``fill``): a prompt they
@@ -291,13 +301,31 @@ class DecodeBatch:
         logits = lane.fill(chunk)
         if logits is None:
             return []
-        self.filling.pop(0)
+        before = list(self.lanes)
         placed = lane.rows
-        seen = torch.zeros((len(placed), self.seen.shape[1]), dtype=torch.bool, device=self.seen.device)
-        seen[:, torch.tensor(placed[0].inputs, device=seen.device)] = True
-        self._keep_lanes([*self.lanes, lane])
-        self._regroup(placed, seen, logits)
+        try:
+            seen = torch.zeros((len(placed), self.seen.shape[1]), dtype=torch.bool, device=self.seen.device)
+            seen[:, torch.tensor(placed[0].inputs, device=seen.device)] = True
+            self._keep_lanes([*self.lanes, lane])
+            self._regroup(placed, seen, logits)
+        except BaseException:
+            self.lanes = before
+            lane.unfill()
+            raise
+        self.filling.pop(0)
         return placed
+
+    @property
+    def idle(self) -> bool:
+        """No row decodes and no prompt is being filled."""
+        return not self.rows and not self.filling
+
+    def shed(self) -> None:
+        """Drop what holds memory without holding a row: the spare arena and the prefix cache (after
+        running out of memory)."""
+        self._spare = None
+        if self.prefixes is not None:
+            self.prefixes.clear()
 
     def abandon_fill(self, active: ActiveJob) -> None:
         """Stop filling this job's lane (it failed, was cancelled or is set aside), and free its arena."""

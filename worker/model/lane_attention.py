@@ -90,9 +90,18 @@ AttentionInterface.register(NAME, _attention)
 
 
 def supported(model) -> bool:
-    """Whether one call can serve every lane: the model takes the attention interface and runs sdpa."""
+    """Whether one call can serve every lane: the model takes the attention interface, runs sdpa, and
+    every layer attends over all its columns plainly (no sliding window, no soft-capped or sink
+    attention, which this function does not apply)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return bool(getattr(base, "_supports_attention_backend", False)) and base.config._attn_implementation == "sdpa"
+    config = base.config
+    if not getattr(base, "_supports_attention_backend", False) or config._attn_implementation != "sdpa":
+        return False
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return False
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False
+    return not any(getattr(config, name, None) for name in ("attn_logit_softcapping", "attention_sink", "sinks"))
 
 
 @contextlib.contextmanager

@@ -178,15 +178,19 @@ class Lane:
         self.filled = end
         if end < len(inputs):
             return None
-        rows, self.filling = self.filling, []
-        for k in range(1, len(rows)):
+        mask = torch.zeros((len(self.filling), self.arena.column_capacity), dtype=torch.long, device=self.mask.device)
+        mask[:, :end] = 1
+        for k in range(1, len(self.filling)):
             self.arena.move_row(0, k, end)
-        self.mask = torch.zeros((len(rows), self.arena.column_capacity), dtype=torch.long, device=self.mask.device)
-        self.mask[:, :end] = 1
-        self.rows, self.length = rows, end
+        self.rows, self.length, self.mask, self.filling = self.filling, end, mask, []
         if self.prefixes is not None:
             self.prefixes.store(adapter, inputs, lambda n: self.arena.read_prefix(0, 0, n))
-        return logits[[0] * len(rows)]
+        return logits[[0] * len(self.rows)]
+
+    def unfill(self) -> None:
+        """Back to filling its rows, from the start (their joining the batch failed)."""
+        self.filling, self.rows, self.length, self.filled = self.rows, [], 0, 0
+        self.mask = self.mask[:0]
 
     def remove(self, gone: set[int]) -> None:
         """Take out the rows whose ids are in ``gone``: each freed slot takes the last row."""

@@ -460,15 +460,19 @@ class Batcher:
 
     def _fill(self) -> None:
         """One chunk of the first long prompt being prefilled; once it is all in, its job decodes."""
-        batch, ticket = self._batch, self._filling[0]
-        active = ticket.active
-        if self._is_cancelled(ticket.job.job_id):
+        batch = self._batch
+        cancelled = [t for t in self._filling if self._is_cancelled(t.job.job_id)]
+        for ticket in cancelled:
             log.info("job %s: cancelled while its prompt was prefilled", ticket.job.job_id)
-            self._filling.pop(0)
-            batch.abandon_fill(active)
-            active.cancel()
-            self._settle([], [(ticket, self._result(active))])
+            self._filling.remove(ticket)
+            batch.abandon_fill(ticket.active)
+            ticket.active.cancel()
+        if cancelled:
+            self._settle([], [(t, self._result(t.active)) for t in cancelled])
+        if not self._filling:
             return
+        ticket = self._filling[0]
+        active = ticket.active
         cost = batch.cost()
         error: Exception | None = None
         out_of_memory = False
@@ -541,7 +545,7 @@ class Batcher:
             batch.remove(step.finished)
         if len(batch):
             self._until_fits(batch.forward)
-        if not len(batch) and self.budget.tight:
+        if batch.idle and self.budget.tight:
             self._batch.release()  # an empty decoding batch gives its arena back when memory is tight
         self.metrics.decoding_jobs.set(len(batch.jobs))
         if not len(batch) or time.perf_counter() - self._stats.since >= REPORT_EVERY_S:
@@ -559,7 +563,10 @@ class Batcher:
                 return action()
             except torch.OutOfMemoryError:
                 pass
-            self.memory.ran_out("step", cost)
+            self.memory.ran_out("step", cost, self._batch.shed)
+            if self._filling:  # the long prompts being prefilled wait first: they hold memory and no token yet
+                self._set_aside_filling()
+                continue
             jobs = sorted(batch.jobs, key=lambda a: a.joined)
             if len(jobs) == 1:
                 (only,) = jobs
@@ -577,9 +584,20 @@ class Batcher:
             self._put_back(set_aside)
         return None
 
+    def _set_aside_filling(self) -> None:
+        tickets, self._filling = self._filling, []
+        for ticket in tickets:
+            self._batch.abandon_fill(ticket.active)
+            ticket.set_aside()
+        log.warning("out of memory in a decoding step: %d jobs whose prompts were being prefilled wait", len(tickets))
+        self._put_back(tickets)
+
     def _release_if_empty(self) -> None:
-        if self._batch is not None and not len(self._batch):
-            self._batch.release()
+        """After running out of memory: drop what holds no row, and every arena when nothing runs."""
+        if self._batch is not None:
+            self._batch.shed()
+            if self._batch.idle:
+                self._batch.release()
 
     def _result(self, active: ActiveJob) -> Generated | JobFailure:
         if active.error is not None:
@@ -601,7 +619,7 @@ class Batcher:
 
     def _generate(self, tickets: list[Ticket]) -> None:
         self._count_attempts(tickets)
-        if not len(self._batch):
+        if self._batch.idle:
             self._batch.release()  # all the memory for this call
         jobs = [t.job for t in tickets]
         splits = [0]
