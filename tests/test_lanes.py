@@ -206,7 +206,8 @@ def test_a_job_cancelled_or_out_of_memory_while_its_prompt_is_prefilled(tiny_lla
     finally:
         engine.fault_memory_budget_tokens = None
         batcher.stop()
-    assert "out of memory while prefilling job long2's prompt" in caplog.text
+    # (in its chunk, or in the step beside it, whichever ran first: either way it waits, not the jobs decoding)
+    assert "out of memory while prefilling job long2's prompt" in caplog.text or "jobs whose prompts were being prefilled wait" in caplog.text
     assert_same_output(result.result.sequences, reference["long"], "long2")
     assert all(f.result(timeout=1).result.usage.completion_tokens == 30 for f in running)
 

@@ -147,6 +147,7 @@ class Batcher:
         self._batch: DecodeBatch | None = None  # made on the batcher thread, once the engine is there
         self._in_batch: dict[str, Ticket] = {}  # the decoding batch's jobs, by id (batcher thread only)
         self._filling: list[Ticket] = []  # jobs whose long prompts are prefilled in chunks, in the batch's order (batcher thread only)
+        self._chunk_skipped = False  # the last loop left out its chunk of a long prompt (jobs had joined)
         self._stats = DecodeStats()
         self._cond = threading.Condition()  # guards what task threads share with the batcher thread (see the module's doc)
         self._held: set[str] = set()  # jobs submitted whose outcome is not yet handed over
@@ -305,8 +306,13 @@ class Batcher:
             self._generate(tickets)
         elif plan.action is Action.JOIN:
             self._join(tickets)
-        if self._filling:  # then one chunk of a long prompt...
+        # Then one chunk of a long prompt, except right after jobs joined (every other time at most, so that
+        # arrivals cannot hold it back for good): they get their first token at this step, not a chunk later...
+        if self._filling and (plan.action is not Action.JOIN or self._chunk_skipped):
             self._fill()
+            self._chunk_skipped = False
+        elif self._filling:
+            self._chunk_skipped = True
         if len(self._batch):  # ...and the decoding batch moves on by one step
             self._step()
 
