@@ -16,6 +16,13 @@ search in the decoding batch), the seed loop, and HF static batches of 8; and a 
 greedy and --beam-jobs beam-4 jobs submitted together: the greedy jobs' tokens/s (their tokens over
 the time until the last of them finished) against the same greedy jobs alone.
 
+Then the skewed workload (issue 19): the same jobs with --long-prompts (1000 and 1370 tokens) in place
+of as many chat prompts, against the chat prompts, alternating: belle-queue with its prefix cache
+emptied and with the prompts seen before, vLLM with its prefix caching on and off; the KV tokens the
+lanes reserve against the rows' own lengths; and the time to first token of short jobs arriving while a
+long prompt is prefilled, in one call and in chunks. Targets there: skewed / uniform ≥ 0.8, and ≥ 1.2×
+vLLM on the skewed workload.
+
 Targets: engine ≥ 1.3× vLLM-CPU and ≥ 10× the seed loop; end to end ≥ 0.9× the engine; beam-4: engine
 ≥ 5× the seed loop and ≥ 1.5× HF static batches of 8; greedy in the mix ≥ 0.8× greedy alone.
 Run: .venv/bin/python -m benchmarks.peers --runs 3        (make bench-peers: the vLLM venv too)
