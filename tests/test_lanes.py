@@ -236,3 +236,39 @@ def test_a_jobs_rows_go_to_one_lane_even_when_its_prefill_is_split(engine, narro
     batch.join([beams.rows[:3], beams.rows[3:]])
     lanes = {id(batch._slots[i][0]) for i, row in enumerate(batch.rows) if row.active is beams}
     assert len(lanes) == 1
+
+
+def test_a_join_that_runs_out_of_memory_after_its_prefill_leaves_the_batch_as_it_was(engine, narrow_lanes, monkeypatch):
+    """Out of memory while the joined rows' parameters are built (after the lanes took them): the rows
+    leave the lanes again, and the running job decodes on as if nothing happened."""
+    import worker.model.decoding as decoding
+
+    running = prepare(engine, "running", prompt="Hi", num_beams=1, max_new_tokens=12, min_new_tokens=12)
+    joining = prepare(engine, "joining", prompt=LONG, num_beams=3, max_new_tokens=4)
+    reference = alone(engine, running)[0].token_ids
+    batch = DecodeBatch(engine)
+    (a,) = [ActiveJob.start(running, engine, streaming=False)]
+    batch.join([a.rows])
+    batch.remove(batch.choose().finished)
+    batch.forward()
+    of = decoding.RowParameters.of
+
+    calls = []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("injected")
+        return of(*args, **kwargs)
+
+    monkeypatch.setattr(decoding.RowParameters, "of", fails_once)
+    b = ActiveJob.start(joining, engine, streaming=False)
+    with pytest.raises(torch.OutOfMemoryError):
+        batch.join([b.rows])
+    monkeypatch.setattr(decoding.RowParameters, "of", of)
+    assert batch.rows == a.rows and [r for lane in batch.lanes for r in lane.rows] == a.rows and batch.seen.shape[0] == 1
+    while len(batch):
+        batch.remove(batch.choose().finished)
+        if len(batch):
+            batch.forward()
+    assert a.rows[0].tokens == reference

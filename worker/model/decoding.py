@@ -252,7 +252,6 @@ class DecodeBatch:
         lane). If this raises, no row has joined (running rows may have moved right, which changes
         nothing they compute)."""
         split, _ = self._placement(groups)
-        before = list(self.lanes)
         lanes = list(self.lanes)
         while len(lanes) <= max(at for _, at in split):
             lanes.append(Lane(self.engine, self._spare, self.prefixes))
@@ -275,8 +274,8 @@ class DecodeBatch:
         except BaseException:
             for lane, placed, _ in joined:
                 lane.remove({id(r) for r in placed})
-            self.lanes = before
             self._keep_lanes(lanes)
+            self._regroup([], None, None)  # (the rows' tensors may have been regrouped already)
             raise
 
     def fills_in_chunks(self, rows: Sequence[Row], chunk: int) -> bool:
@@ -301,7 +300,7 @@ class DecodeBatch:
         logits = lane.fill(chunk)
         if logits is None:
             return []
-        before = list(self.lanes)
+        before, spare = list(self.lanes), self._spare
         placed = lane.rows
         try:
             seen = torch.zeros((len(placed), self.seen.shape[1]), dtype=torch.bool, device=self.seen.device)
@@ -309,8 +308,9 @@ class DecodeBatch:
             self._keep_lanes([*self.lanes, lane])
             self._regroup(placed, seen, logits)
         except BaseException:
-            self.lanes = before
+            self.lanes, self._spare = before, spare
             lane.unfill()
+            self._regroup([], None, None)  # (the rows' tensors may have been regrouped already)
             raise
         self.filling.pop(0)
         return placed

@@ -446,7 +446,7 @@ class Batcher:
             return
         if out_of_memory:  # outside the except block: the exception's frames (and the tensors they hold) are gone
             self.memory.ran_out("join", cost, self._release_if_empty)
-            if len(tickets) == 1 and before == 0:
+            if len(tickets) == 1 and before == 0 and not self._filling:
                 self._settle([], [(tickets[0], self.memory.failure(tickets[0].job, cost))])
                 return
             log.warning("out of memory when %d jobs joined a batch of %d (cost %d tokens); they wait; token budget now %d",
