@@ -126,8 +126,7 @@ def main() -> None:
         before = r.info("memory")["used_memory"]
         batch = client.submit_batch([{"prompt": p, "num_beams": 1, "max_new_tokens": 16} for p in mixed_prompts(args.batch_lines, seed=7, max_words=6)])
         after = r.info("memory")["used_memory"]
-        print(f"\nRedis memory per waiting job, a batch of {args.batch_lines} short prompts ({batch.batch_id if hasattr(batch, 'batch_id') else batch}): "
-              f"{(after - before) / args.batch_lines:.0f} bytes")
+        print(f"\nRedis memory per waiting job, a batch of {batch.created} short prompts: {(after - before) / batch.created:.0f} bytes")
 
 
 if __name__ == "__main__":
