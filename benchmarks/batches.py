@@ -21,15 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import WorkerSubprocess, machine, model_for
+from benchmarks.common import WorkerSubprocess, machine, model_for, tiny_bloom
 from producer import keys
 from producer.batches import FileSource
 from producer.client import JobClient
 from producer.embedded_redis import EmbeddedRedis
 from producer.enqueue import task_message
-from producer.settings import Settings, get_settings
+from producer.settings import Settings
 from producer.store import canonical_json
-from worker.ops.tiny_model import build_tiny_model
 
 
 def lines(n: int, tag: str) -> list[dict]:
@@ -93,7 +92,7 @@ def main() -> None:
             print(f"  client.submit_batch (validated, in memory)   {a:10,.0f} jobs/s   ratio to raw {a / r:.2f}   (target ≥ 5,000 jobs/s)")
             print(f"  batch submit from a JSONL file               {f:10,.0f} jobs/s   ratio to raw {f / r:.2f}")
 
-        name, model = model_for(args.model, lambda: build_tiny_model(get_settings().cache_dir / "tiny-bloom"))
+        name, model = model_for(args.model, tiny_bloom)
         with JobClient(Settings(redis_url=backlog_url)) as client:
             backlog = client.submit_batch(lines(args.backlog, "bulk"), new=True)
             worker = WorkerSubprocess(backlog_url, model)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from producer.settings import get_settings
-from worker.ops.tiny_model import BENCHMARK_SPEC, build_tiny_model
+from worker.ops.tiny_model import BENCHMARK_SPEC, TINY_SPECS, build_tiny_model
 
 WORDS = ("人工智能 计算机 机器学习 环保 太空探索 北京 上海 长江 天气 公园 the quick brown fox jumps over the lazy dog "
          "beam search sampling temperature model data token question answer").split()
@@ -22,6 +22,11 @@ WORDS = ("人工智能 计算机 机器学习 环保 太空探索 北京 上海 
 
 def benchmark_model() -> Path:
     return build_tiny_model(get_settings().cache_dir / "bench-bloom-50m", BENCHMARK_SPEC)
+
+
+def tiny_bloom() -> Path:
+    """The tiny BLOOM of the tests, built once into the cache: for benchmarks that measure the queue."""
+    return build_tiny_model(get_settings().cache_dir / "tiny-bloom", TINY_SPECS["bloom"])
 
 
 def model_for(ref: str | None, default) -> tuple[str, Path | str]:

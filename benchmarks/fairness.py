@@ -18,12 +18,11 @@ import argparse
 import statistics
 import time
 
-from benchmarks.common import WorkerSubprocess, machine, model_for
+from benchmarks.common import WorkerSubprocess, machine, model_for, tiny_bloom
 from producer import fairness, keys
 from producer.client import JobClient
 from producer.embedded_redis import EmbeddedRedis
 from producer.settings import Settings, get_settings
-from worker.ops.tiny_model import build_tiny_model
 
 NEW_TOKENS = 8
 
@@ -61,7 +60,7 @@ def main() -> None:
     parser.add_argument("--model", help="a model config (e.g. smollm2-135m); default: the tiny BLOOM")
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    name, model = model_for(args.model, lambda: build_tiny_model(get_settings().cache_dir / "tiny-bloom"))
+    name, model = model_for(args.model, tiny_bloom)
 
     with EmbeddedRedis(args=["--databases", "4"], ephemeral=True) as server:
         base = server.url.rsplit("/", 1)[0]

@@ -28,12 +28,11 @@ from pathlib import Path
 import httpx
 import openai
 
-from benchmarks.common import WorkerSubprocess, benchmark_model, machine, mixed_prompts
+from benchmarks.common import WorkerSubprocess, benchmark_model, machine, mixed_prompts, tiny_bloom
 from producer.aio import AsyncJobClient
 from producer.client import JobClient
 from producer.embedded_redis import EmbeddedRedis, free_port
-from producer.settings import Settings, get_settings
-from worker.ops.tiny_model import build_tiny_model
+from producer.settings import Settings
 
 JOBS, TOKENS = 64, 32
 
@@ -180,7 +179,7 @@ def main() -> None:
             gateway.stop()
             worker.stop()
         with JobClient(Settings(redis_url=tiny)) as client:
-            worker = WorkerSubprocess(tiny, build_tiny_model(get_settings().cache_dir / "tiny-bloom"))
+            worker = WorkerSubprocess(tiny, tiny_bloom())
             worker.wait_ready(client)
             gateway = Gateway(tiny)
             times = asyncio.run(latencies(gateway.url, tiny, model_name(client), args.latency_jobs))

@@ -26,13 +26,12 @@ import asyncio
 import statistics
 import time
 
-from benchmarks.common import WorkerSubprocess, machine, mixed_prompts
+from benchmarks.common import WorkerSubprocess, machine, mixed_prompts, tiny_bloom
 from producer.aio import AsyncJobClient
 from producer.client import JobClient
 from producer.embedded_redis import EmbeddedRedis
 from producer.records import JobState, StreamChunk
-from producer.settings import Settings, get_settings
-from worker.ops.tiny_model import TINY_SPECS, build_tiny_model
+from producer.settings import Settings
 
 HOPS = ("enqueue", "queued", "admission", "first", "rest", "record", "return")
 
@@ -95,7 +94,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--newcomers", type=int, default=20)
     args = parser.parse_args()
-    model = build_tiny_model(get_settings().cache_dir / "tiny-bloom", TINY_SPECS["bloom"])
+    model = tiny_bloom()
     print(f"model: tiny BLOOM ({model}); machine: {machine()}")
     with EmbeddedRedis(ephemeral=True) as redis_server:
         url = redis_server.url

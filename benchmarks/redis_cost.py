@@ -20,12 +20,11 @@ import argparse
 import time
 from collections import Counter
 
-from benchmarks.common import WorkerSubprocess, machine, mixed_prompts
+from benchmarks.common import WorkerSubprocess, machine, mixed_prompts, tiny_bloom
 from producer import keys
 from producer.client import JobClient
 from producer.embedded_redis import EmbeddedRedis
-from producer.settings import Settings, get_settings
-from worker.ops.tiny_model import TINY_SPECS, build_tiny_model
+from producer.settings import Settings
 
 ENDED = "local n = 0 for _, v in ipairs(redis.call('HVALS', KEYS[1])) do n = n + tonumber(v) end return n"
 POLL = Counter({"eval": 1, "hvals": 1})
@@ -72,7 +71,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-lines", type=int, default=20_000)
     args = parser.parse_args()
-    model = build_tiny_model(get_settings().cache_dir / "tiny-bloom", TINY_SPECS["bloom"])
+    model = tiny_bloom()
     prompts = mixed_prompts(args.jobs)
     print(f"Redis commands per job, {args.jobs} jobs of {args.new_tokens} tokens, the tiny BLOOM; machine: {machine()}")
     with EmbeddedRedis(ephemeral=True) as server, JobClient(Settings(redis_url=server.url)) as client:

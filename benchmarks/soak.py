@@ -10,11 +10,10 @@ import argparse
 import time
 from pathlib import Path
 
-from benchmarks.common import WorkerSubprocess, machine
+from benchmarks.common import WorkerSubprocess, machine, tiny_bloom
 from producer.client import JobClient
 from producer.embedded_redis import EmbeddedRedis
-from producer.settings import Settings, get_settings
-from worker.ops.tiny_model import build_tiny_model
+from producer.settings import Settings
 
 
 def rss_mb(pid: int) -> float:
@@ -29,7 +28,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--step", type=int, default=2_500)
     args = parser.parse_args()
-    model = build_tiny_model(get_settings().cache_dir / "tiny-bloom")
+    model = tiny_bloom()
     print(f"machine: {machine()}\n{args.jobs} jobs (max_new_tokens 2, prompts of 1-7 phrases), worker RSS after each {args.step}")
     with EmbeddedRedis(ephemeral=True) as server, JobClient(Settings(redis_url=server.url)) as client:
         worker = WorkerSubprocess(server.url, model)

@@ -231,13 +231,12 @@ class DecodeBatch:
         """Each job's lane (an index of ``lanes``, or past them for a new lane), jobs placed whole and in
         the groups' order (as the policy places them); the groups split by lane; the lanes' shapes after."""
         shapes = [lane.shape() for lane in self.lanes]
+        jobs: dict[int, list[Row]] = {}  # each job's rows, jobs in the groups' order
+        for row in (r for g in groups for r in g):
+            jobs.setdefault(id(row.active), []).append(row)
         lane_of: dict[int, int] = {}
-        for group in groups:
-            for row in group:
-                if id(row.active) not in lane_of:
-                    rows = [r for g in groups for r in g if r.active is row.active]
-                    lane_of[id(row.active)], shapes = place(shapes, len(rows), max(r.held for r in rows), max(r.remaining for r in rows),
-                                                            sum(r.held for r in rows))
+        for job, rows in jobs.items():
+            lane_of[job], shapes = place(shapes, len(rows), max(r.held for r in rows), max(r.remaining for r in rows), sum(r.held for r in rows))
         split: list[tuple[list[Row], int]] = []
         for group in groups:
             parts: dict[int, list[Row]] = {}

@@ -431,15 +431,7 @@ class Batcher:
         except Exception as exc:
             error = exc
         else:
-            if before == 0:
-                self._stats = DecodeStats()
-            self._stats.joined += len(tickets)
-            for ticket in tickets:
-                ticket.active.joined = next(self._joins)
-                self._in_batch[ticket.job.job_id] = ticket
-            self.memory.succeeded(cost)
-            self.metrics.joined.observe(len(tickets))
-            self.metrics.decoding_jobs.set(len(batch.jobs))
+            self._joined(tickets, cost, fresh=before == 0)
             log.info("batch: %d jobs joined (%d rows, %d prefill calls, %d prompt tokens, %.3f s); now %d jobs, %d rows in lanes of %s "
                      "(rows × columns); budget=%d", len(tickets), len(rows), len(groups), sum(len(r.inputs) for r in rows),
                      time.perf_counter() - started, len(batch.jobs), len(batch), batch.describe(), self.budget.limit)
@@ -463,6 +455,18 @@ class Batcher:
         half = len(tickets) // 2
         self._join(tickets[:half])
         self._join(tickets[half:])
+
+    def _joined(self, tickets: list[Ticket], cost: int, *, fresh: bool) -> None:
+        """These jobs decode now (``fresh``: they started the batch)."""
+        if fresh:
+            self._stats = DecodeStats()
+        self._stats.joined += len(tickets)
+        for ticket in tickets:
+            ticket.active.joined = next(self._joins)
+            self._in_batch[ticket.job.job_id] = ticket
+        self.memory.succeeded(cost)
+        self.metrics.joined.observe(len(tickets))
+        self.metrics.decoding_jobs.set(len(self._batch.jobs))
 
     def _fill(self) -> None:
         """One chunk of the first long prompt being prefilled; once it is all in, its job decodes."""
@@ -492,14 +496,7 @@ class Batcher:
         else:
             if joined:
                 self._filling.pop(0)
-                if len(batch.jobs) == 1:
-                    self._stats = DecodeStats()
-                self._stats.joined += 1
-                active.joined = next(self._joins)
-                self._in_batch[ticket.job.job_id] = ticket
-                self.memory.succeeded(cost)
-                self.metrics.joined.observe(1)
-                self.metrics.decoding_jobs.set(len(batch.jobs))
+                self._joined([ticket], cost, fresh=len(batch.jobs) == 1)
                 log.info("batch: job %s joined once its %d-token prompt was prefilled; now %d jobs, %d rows in lanes of %s (rows × columns)",
                          ticket.job.job_id, len(ticket.job.input_ids), len(batch.jobs), len(batch), batch.describe())
             return
