@@ -14,12 +14,14 @@ from producer.batches import BatchCancellation, BatchResultLine, BatchStatus, Ba
 from producer.client import RequestLike, prepare
 from producer.connection import async_redis_client, typed_redis_errors
 from producer.durability import Durability
+from producer.end_listener import AsyncEndListener
 from producer.enqueue import check_outcome, enqueue_item
 from producer.errors import JobNotFoundError, JobTimeoutError, NotReplicatedError
 from producer.fleet import WorkerInfo, check_against_workers, live_worker_keys, parse_workers, seen_since
 from producer.records import JobRecord, JobState, StreamEvent
 from producer.settings import Settings, get_settings
-from producer.store import CancelOutcome, cancel_call, cancel_outcome, is_final_event, now, record_from_hash
+from producer.store import CancelOutcome, cancel_call, cancel_outcome, now, record_from_hash
+from producer.stream_shards import StreamShards, shard_urls
 from producer.streaming import OUT_OF_REACH, PUBSUB_RECHECK_S, READ_COUNT, RECHECK_S, StreamFollower, paused_for_redis_async, streams, texts_so_far
 
 
@@ -32,6 +34,8 @@ class AsyncJobClient:
         self._enqueue = self.redis.register_script(lua.script("enqueue"))
         self.durability = Durability.of(self.settings)
         self._cancel = self.redis.register_script(lua.script("cancel"))
+        self.streams = StreamShards(self.redis, shard_urls(self.settings.stream_redis_urls), async_redis_client)  # where the chunk streams live
+        self._listener: AsyncEndListener | None = None  # every wait's pub/sub (producer/end_listener.py)
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> AsyncJobClient:
@@ -65,7 +69,7 @@ class AsyncJobClient:
     async def texts_so_far(self, job_id: str) -> list[str]:
         """A streaming job's text per sequence as streamed so far (its final text once it has succeeded:
         ``get``'s result)."""
-        return texts_so_far(await self.redis.xrange(keys.job_chunks(keys.checked_id("job_id", job_id))))
+        return texts_so_far(await self.streams.of(job_id).xrange(keys.job_chunks(keys.checked_id("job_id", job_id))))
 
     async def status(self, job_id: str) -> JobState:
         return (await self.get(job_id)).state
@@ -85,21 +89,39 @@ class AsyncJobClient:
                     raise
 
     async def _wait(self, job_id: str, timeout: float, deadline: float) -> JobRecord:
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(keys.job_channel(job_id))
+        channel = keys.job_channel(job_id)
+        listener = self._end_listener()
+        ended = await listener.subscribe(channel)
         try:
             while True:
+                ended.clear()  # (an end event whose record is not final, a Redis crash having lost it, must not wake every pass)
                 record = await self.get(job_id)
                 if record.is_final:
                     return record
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise JobTimeoutError(job_id, timeout, record.state.value)
-                until = time.monotonic() + min(remaining, PUBSUB_RECHECK_S)
-                while (left := until - time.monotonic()) > 0 and not is_final_event(await pubsub.get_message(timeout=left)):
+                # Woken by the end event; the record is re-read now and then in case it was missed.
+                try:
+                    await asyncio.wait_for(ended.wait(), min(remaining, PUBSUB_RECHECK_S))
+                except TimeoutError:
                     pass
         finally:
-            await pubsub.aclose()
+            await listener.done(channel, ended)
+
+    async def _final_or_none(self, job_id: str) -> JobRecord | None:
+        try:
+            record = await self.get(job_id)
+        except OUT_OF_REACH:
+            return None
+        return record if record.is_final else None
+
+    def _end_listener(self) -> AsyncEndListener:
+        """This client's pub/sub listener for the running event loop (made on first use)."""
+        listener = self._listener
+        if listener is None or listener.loop is not asyncio.get_running_loop():  # (an earlier loop's, with its connection, is left to it)
+            listener = self._listener = AsyncEndListener(self.redis)
+        return listener
 
     @typed_redis_errors
     async def stream(self, job_id: str, timeout: float) -> AsyncIterator[StreamEvent]:
@@ -114,6 +136,7 @@ class AsyncJobClient:
         after that id (SSE's Last-Event-ID)."""
         deadline = time.monotonic() + timeout
         follower = StreamFollower(job_id, after=after)
+        chunks = self.streams.of(job_id)
         if not streams(await self.get(job_id)):  # its text comes whole at its end: wait for that (pub/sub, no polling)
             for item in follower.from_record_with_ids(await self.wait(job_id, timeout)):
                 yield item
@@ -123,15 +146,19 @@ class AsyncJobClient:
             if remaining <= 0:
                 raise JobTimeoutError(job_id, timeout, (await self.get(job_id)).state.value)
             try:
-                events = follower.take_with_ids(await self.redis.xread(follower.streams(), count=READ_COUNT,
+                events = follower.take_with_ids(await chunks.xread(follower.streams(), count=READ_COUNT,
                                                                        block=max(1, int(min(remaining, RECHECK_S) * 1000))))
                 if not events:
                     record = await self.get(job_id)
                     if record.is_final:
-                        events = follower.take_with_ids(await self.redis.xread(follower.streams(), count=READ_COUNT))
+                        events = follower.take_with_ids(await chunks.xread(follower.streams(), count=READ_COUNT))
                         if not follower.done:
                             events += follower.from_record_with_ids(record)
-            except OUT_OF_REACH:
+            except OUT_OF_REACH:  # (the follower goes on from the last chunk it gave; the record ends it while its shard is away)
+                if self.streams.sharded and (record := await self._final_or_none(job_id)) is not None:
+                    for item in follower.from_record_with_ids(record):
+                        yield item
+                    return
                 if not await paused_for_redis_async(deadline):
                     raise
                 continue
@@ -174,9 +201,14 @@ class AsyncJobClient:
         """As ``JobClient.cancel``."""
         keys.checked_id("job_id", job_id)
         return cancel_outcome(job_id, await self.durability.run_async(self.redis, self._cancel, f"job {job_id}'s cancellation was written",
-                                                                      **cancel_call(job_id, self.settings.result_ttl_s)))
+                                                                      **cancel_call(job_id, self.settings.result_ttl_s, self.streams.sharded)))
 
     async def close(self) -> None:
+        if self._listener is not None and self._listener.loop is asyncio.get_running_loop():
+            await self._listener.close()
+        self._listener = None
+        for shard in self.streams.shards:
+            await shard.aclose()
         await self.redis.aclose()
         if "sync" in self.__dict__:
             self.sync.close()

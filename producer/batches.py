@@ -37,10 +37,11 @@ from producer.errors import BelleError, InvalidRequestError
 from producer.jsontext import parse_json
 from producer.openai_compat import openai_job_fields, openai_request
 from producer.progress import Progress
-from producer.records import JobError, JobResult, JobState
+from producer.records import JobError, JobResult, JobState, default_custom_id
 from producer.schemas import parse_request
 from producer.settings import Settings
 from producer.store import cancel_call, canonical_json, now
+from producer.stream_shards import shard_urls
 
 CHUNK = 1_000  # jobs per pipeline (one round trip)
 UNDER_WAY = ("queued", "held", "running")  # a batch's counts of jobs not ended ('held': a worker holds it, not generating yet)
@@ -166,7 +167,7 @@ def parse_line(raw: Any, line: int, defaults: Mapping[str, Any], presets: Mappin
         if custom_id is None:
             raise InvalidRequestError.single("custom_id", None, "custom_id is required on an OpenAI batch line")
         return custom_id, openai_job_fields(openai_request(data), presets, defaults)
-    return custom_id or f"line-{line}", {**defaults, **data}
+    return custom_id or default_custom_id(line), {**defaults, **data}
 
 
 # --- sources: what a batch is read from, possibly twice (once to check it, once to enqueue it) ---
@@ -441,7 +442,7 @@ class Batches:
         for job_ids in pages:
             pipe = self.redis.pipeline(transaction=False)
             for job_id in job_ids:
-                self._cancel(**cancel_call(job_id, self.settings.result_ttl_s), client=pipe)
+                self._cancel(**cancel_call(job_id, self.settings.result_ttl_s, bool(shard_urls(self.settings.stream_redis_urls))), client=pipe)
             for outcome in pipe.execute():
                 kind = "ended" if outcome.startswith("final:") else outcome
                 outcomes[kind] = outcomes.get(kind, 0) + 1
@@ -467,7 +468,8 @@ def result_line(job_id: str, fields: Mapping[str, str | None]) -> dict[str, Any]
     """One results-file line (plain JSON, results passed through unparsed where they are JSON)."""
     if fields["state"] is None:
         return {"line": None, "custom_id": None, "job_id": job_id, "state": "unavailable", "note": RECORD_GONE}
-    out: dict[str, Any] = {"line": int(fields["line"] or 0), "custom_id": fields["custom_id"], "job_id": job_id, "state": fields["state"]}
+    out: dict[str, Any] = {"line": int(fields["line"] or 0), "custom_id": fields["custom_id"] or default_custom_id(fields["line"]), "job_id": job_id,
+                           "state": fields["state"]}
     if fields.get("result"):
         out["result"] = json.loads(fields["result"])
     if fields.get("error"):

@@ -15,6 +15,7 @@ from producer import keys, lua
 from producer.batches import BatchCancellation, Batches, BatchResultLine, BatchStatus, BatchSubmission, FileSource, ListSource, RedisListSource
 from producer.connection import redis_client, typed_redis_errors
 from producer.durability import Durability
+from producer.end_listener import UNSUBSCRIBE_AFTER
 from producer.enqueue import check_outcome, enqueue_item
 from producer.errors import JobNotFoundError, JobTimeoutError, NotReplicatedError
 from producer.fleet import WorkerInfo, check_against_workers, live_workers
@@ -22,6 +23,7 @@ from producer.records import JobError, JobRecord, JobResult, JobState, StreamEve
 from producer.schemas import GenerationRequest, parse_request
 from producer.settings import Settings, get_settings
 from producer.store import CancelOutcome, JobStore, is_final_event, now
+from producer.stream_shards import StreamShards, shard_urls
 from producer.streaming import OUT_OF_REACH, PUBSUB_RECHECK_S, READ_COUNT, RECHECK_S, StreamFollower, paused_for_redis, streams
 
 RequestLike = GenerationRequest | Mapping[str, Any]
@@ -46,7 +48,9 @@ class JobClient:
         self.settings = settings or get_settings()
         self.redis = redis_client(self.settings.redis_url)
         self.durability = Durability.of(self.settings)
-        self.store = JobStore(self.redis, result_ttl_s=self.settings.result_ttl_s, pending_ttl_s=self.settings.pending_ttl_s, durability=self.durability)
+        self.streams = StreamShards(self.redis, shard_urls(self.settings.stream_redis_urls), redis_client)  # where the chunk streams live
+        self.store = JobStore(self.redis, result_ttl_s=self.settings.result_ttl_s, pending_ttl_s=self.settings.pending_ttl_s, durability=self.durability,
+                              streams=self.streams)
         self._enqueue = self.redis.register_script(lua.script("enqueue"))
         self._local = threading.local()  # each thread's pub/sub connection for wait()
         self._pubsubs: weakref.WeakSet = weakref.WeakSet()
@@ -105,10 +109,13 @@ class JobClient:
 
     def _wait(self, job_id: str, timeout: float, deadline: float) -> JobRecord:
         channel = keys.job_channel(job_id)
-        pubsub = self._pubsub()
+        pubsub, lingering = self._pubsub()
         done = False
         try:
-            pubsub.subscribe(channel)
+            if channel in lingering:  # (still subscribed from an earlier wait)
+                lingering.discard(channel)
+            else:
+                pubsub.subscribe(channel)
             while True:
                 record = self.get(job_id)
                 if record.is_final:
@@ -124,21 +131,29 @@ class JobClient:
                     if is_final_event(message) and message["channel"] == channel:  # (not a late event of an earlier wait's job)
                         break
         finally:
-            self._done_with(pubsub, channel, reuse=done)
+            self._done_with(pubsub, lingering, channel, reuse=done)
 
     def _pubsub(self):
-        """This thread's pub/sub connection, kept between waits (no connection set up per job)."""
+        """This thread's pub/sub connection, kept between waits (no connection set up per job), and the channels
+        of its finished waits it is still subscribed to."""
         pubsub = getattr(self._local, "pubsub", None)
         if pubsub is None:
             pubsub = self._local.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            self._local.lingering = set()
             with self._pubsubs_lock:
                 self._pubsubs.add(pubsub)  # weakly: a thread that ends takes its connection back to the pool with it
-        return pubsub
+        return pubsub, self._local.lingering
 
-    def _done_with(self, pubsub, channel: str, *, reuse: bool) -> None:
+    def _done_with(self, pubsub, lingering: set[str], channel: str, *, reuse: bool) -> None:
+        """A finished wait's channel stays subscribed (nothing is published on it after the job's end) until
+        UNSUBSCRIBE_AFTER of them go in one UNSUBSCRIBE."""
         if reuse:
+            lingering.add(channel)
+            if len(lingering) < UNSUBSCRIBE_AFTER:
+                return
             try:
-                pubsub.unsubscribe(channel)
+                pubsub.unsubscribe(*lingering)
+                lingering.clear()
                 return
             except Exception:  # (a broken connection: a new one next time)
                 pass
@@ -155,6 +170,7 @@ class JobClient:
         within ``timeout`` seconds of the call."""
         deadline = time.monotonic() + timeout
         follower = StreamFollower(job_id)
+        chunks = self.streams.of(job_id)
         if not streams(self.get(job_id)):  # its text comes whole at its end: wait for that
             yield from follower.from_record(self.wait(job_id, timeout))
             return
@@ -163,19 +179,33 @@ class JobClient:
             if remaining <= 0:
                 raise JobTimeoutError(job_id, timeout, self.get(job_id).state.value)
             try:
-                events = follower.take(self.redis.xread(follower.streams(), count=READ_COUNT, block=max(1, int(min(remaining, RECHECK_S) * 1000))))
+                events = follower.take(chunks.xread(follower.streams(), count=READ_COUNT, block=max(1, int(min(remaining, RECHECK_S) * 1000))))
                 if not events:
                     # Quiet a while: the job may be queued, or its record may have ended it (or expired) without an end event.
                     record = self.get(job_id)
                     if record.is_final:
-                        events = follower.take(self.redis.xread(follower.streams(), count=READ_COUNT))
+                        events = follower.take(chunks.xread(follower.streams(), count=READ_COUNT))
                         if not follower.done:
                             events += follower.from_record(record)
             except OUT_OF_REACH:  # (the follower goes on from the last chunk it gave)
+                if (record := self._final_while_shard_away(job_id)) is not None:
+                    yield from follower.from_record(record)
+                    return
                 if not paused_for_redis(deadline):
                     raise
                 continue
             yield from events
+
+    def _final_while_shard_away(self, job_id: str) -> JobRecord | None:
+        """The job's final record, when its stream's shard is out of reach (and the primary is not): the stream
+        then ends from it. None otherwise."""
+        if not self.streams.sharded:
+            return None
+        try:
+            record = self.get(job_id)
+        except OUT_OF_REACH:
+            return None
+        return record if record.is_final else None
 
     # --- batches (see producer/batches.py) ---
 
@@ -254,6 +284,8 @@ class JobClient:
             pubsubs, self._pubsubs = list(self._pubsubs), weakref.WeakSet()
         for pubsub in pubsubs:
             pubsub.close()
+        for shard in self.streams.shards:
+            shard.close()
         self.redis.close()
 
     def __enter__(self) -> JobClient:

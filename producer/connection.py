@@ -33,10 +33,13 @@ MAX_CONNECTIONS = 10_000
 WORKER_RETRIES = 40  # with the back-off capped at 1 s: about 35 s in all
 
 
-def redis_client(url: str, *, retries: int = CLIENT_RETRIES) -> redis.Redis:
+def redis_client(url: str, *, retries: int = CLIENT_RETRIES, timeout_s: float | None = None) -> redis.Redis:
+    """``timeout_s``: how long a connection attempt or a reply may take (default: no limit)."""
     check_url(url)
     options = {"decode_responses": True, "health_check_interval": 30, "max_connections": MAX_CONNECTIONS,
                "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries), "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}
+    if timeout_s is not None:
+        options |= {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if is_sentinel_url(url):
         return sentinel_primary(parse_sentinel_url(url), **options)
     return redis.Redis.from_url(url, **options)

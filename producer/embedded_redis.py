@@ -26,6 +26,9 @@ from producer.settings import get_settings
 
 PERSISTENT = ["--appendonly", "yes", "--appendfsync", "everysec"]
 EPHEMERAL = ["--save", "", "--appendonly", "no"]
+# A job's record is a hash with one long value, its request: kept as a listpack up to this value size (Redis's
+# default, 64 bytes, turns a waiting job's record into a hash table of about 3 times the memory: issue 20).
+COMPACT_HASHES = ["--hash-max-listpack-value", "1024"]
 
 
 class EmbeddedRedisError(BelleError):
@@ -91,7 +94,7 @@ class EmbeddedRedis:
                                      "(`belle-queue redis --dir`, or BELLE_REDIS_DATA_DIR)") from None
         command = [
             find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
-            *(EPHEMERAL if self.ephemeral else PERSISTENT), "--maxmemory-policy", "noeviction",
+            *(EPHEMERAL if self.ephemeral else PERSISTENT), *COMPACT_HASHES, "--maxmemory-policy", "noeviction",
             "--daemonize", "no", "--loglevel", "warning",
         ]
         if self.maxmemory:

@@ -9,28 +9,22 @@ pipeline: one round trip per chunk instead of two per job.
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import socket
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from producer import fairness, keys
 from producer.errors import ErrorCode, InvalidRequestError
-from producer.records import JobError
-from producer.schemas import GenerationRequest
+from producer.records import JobError, default_custom_id
+from producer.schemas import GenerationRequest, stored_form
 from producer.settings import Settings
 from producer.store import canonical_json
 
 # Job ids derived from an idempotency key (or a batch id and line) are UUID5s in this namespace.
 NAMESPACE = uuid.UUID("6c0f1e8a-2f5d-4f2b-9a4e-5b1d0c3e7a91")
-ORIGIN = f"belle-producer@{socket.gethostname()}:{os.getpid()}"
 
 BATCH_CANCELLED_JSON = JobError(code=ErrorCode.CANCELLED, message="the batch was cancelled while it was being submitted; this job never ran").model_dump_json()
-
-_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 
 def new_job_id() -> str:
@@ -62,24 +56,21 @@ def webhook_fields(request: GenerationRequest) -> tuple[tuple[str, str], ...]:
     return ("webhook", request.webhook), ("webhook_events", ",".join(request.webhook_events_filter))
 
 
-def task_message(job_id: str, request_wire: dict[str, Any], queue: str) -> str:
-    """The message Celery's send_task would put on ``queue`` for ``belle.generate(job_id, request)``.
-    Its ``kwargsrepr`` (what Flower shows) names the job only, not the prompt."""
-    body = json.dumps([[], {"job_id": job_id, "request": request_wire}, _EMBED], ensure_ascii=False, separators=(",", ":"))
+def task_message(job_id: str, request_wire: dict[str, Any] | None, queue: str) -> str:
+    """The message Celery's send_task would put on ``queue`` for ``belle.generate(job_id)``: task protocol 2,
+    JSON, with only the headers a worker reads and its body not base64-encoded. The producer's messages carry
+    no request (``request_wire`` None): the worker reads it from the job's record, so that a waiting job holds
+    its request once (issue 20); one that carries a request (a message from an earlier version) is checked
+    against the record. The message is a pure function of its arguments (its delivery tag is the job's id; a
+    worker gives each message it takes a tag of its own), so Lua builds the same (``message_for``,
+    producer/lua/__init__.py)."""
+    kwargs = {"job_id": job_id} if request_wire is None else {"job_id": job_id, "request": request_wire}
     return json.dumps({
-        "body": base64.b64encode(body.encode("utf-8")).decode("ascii"),
+        "body": json.dumps([[], kwargs, {}], ensure_ascii=False, separators=(",", ":")),
         "content-encoding": "utf-8",
         "content-type": "application/json",
-        "headers": {
-            "lang": "py", "task": keys.TASK_GENERATE, "id": job_id, "shadow": None, "eta": None, "expires": None, "group": None,
-            "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": job_id, "parent_id": None, "argsrepr": "()",
-            "kwargsrepr": f"{{'job_id': '{job_id}'}}", "origin": ORIGIN, "ignore_result": True, "replaced_task_nesting": 0,
-            "stamped_headers": None, "stamps": {},
-        },
-        "properties": {
-            "correlation_id": job_id, "reply_to": "", "delivery_mode": 2, "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0, "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
-        },
+        "headers": {"lang": "py", "task": keys.TASK_GENERATE, "id": job_id, "root_id": job_id, "ignore_result": True},
+        "properties": {"delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0, "delivery_tag": job_id},
     }, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -103,8 +94,8 @@ class Enqueue:
         return {
             "keys": [keys.job(self.job_id), self.queue, batch or keys.job(self.job_id), keys.batch_jobs(self.batch_id) if self.batch_id else keys.job(self.job_id),
                      keys.queue_sequence(self.queue), keys.queue_waiting(self.queue)],
-            "args": [canonical_json(self.wire), now, settings.pending_ttl_s, task_message(self.job_id, self.wire, self.queue), self.job_id, batch,
-                     self.batch_id, self.custom_id, self.line, self.queue, keys.queue_taken(self.queue),
+            "args": [canonical_json(stored_form(self.wire)), now, settings.pending_ttl_s, task_message(self.job_id, None, self.queue), self.job_id, batch,
+                     self.batch_id, "" if self.custom_id == default_custom_id(self.line) else self.custom_id, self.line, self.queue, canonical_json(self.wire),
                      BATCH_CANCELLED_JSON if self.batch_id else "", *line, settings.bulk_ready_jobs,
                      *(part for pair in self.fields for part in pair)],
         }

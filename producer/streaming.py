@@ -1,8 +1,9 @@
 """Following a job's stream: replay from the start, then live, ending on the end event.
 
-The worker appends every chunk, and the store appends the end event, to the job's Redis stream, so
-one XREAD cursor gives replay and live delivery in order, without gaps or duplicates, whenever the
-reader starts. ``StreamFollower`` is that cursor's bookkeeping, shared by the sync and async clients.
+The worker appends every chunk, and the script that writes the job's final state its end event, to the
+job's Redis stream, so one XREAD cursor gives replay and live delivery in order, without duplicates,
+whenever the reader starts. (With stream shards the end event is written right after the final state;
+a stream found without it once the record is final ends from the record: ``from_record``.) ``StreamFollower`` is that cursor's bookkeeping, shared by the sync and async clients.
 """
 
 from __future__ import annotations
@@ -92,11 +93,16 @@ class StreamFollower:
         self.next_seq = 0
         self.done = False
         self._skip_record_until = -1  # (resuming among events made from a record: their seqs up to this were seen)
+        # The text each sequence's chunks of the latest attempt gave so far (None: resumed after entries of the
+        # stream this follower did not read, whose text it cannot know).
+        self._streamed: dict[int, str] | None = {}
+        self._attempt = 0
         if after and after.startswith(RECORD_EVENT_ID):
             tail = after.removeprefix(RECORD_EVENT_ID)
             self._skip_record_until = int(tail) if tail.isdigit() else 10**9
         elif after and STREAM_ID.match(after):
             self.last_id = after
+            self._streamed = None
 
     def streams(self) -> dict[str, str]:
         """The XREAD argument that continues after the last entry seen."""
@@ -120,6 +126,10 @@ class StreamFollower:
                     continue
                 if isinstance(event, StreamChunk):
                     self.next_seq = event.seq + 1
+                    if self._streamed is not None:
+                        if event.attempt != self._attempt:  # (a later attempt streams from the start again)
+                            self._streamed, self._attempt = {}, event.attempt
+                        self._streamed[event.index] = self._streamed.get(event.index, "") + event.text
                 else:
                     self.done = True
                 events.append((entry_id, event))
@@ -131,17 +141,22 @@ class StreamFollower:
         return [event for _, event in self.from_record_with_ids(record)]
 
     def from_record_with_ids(self, record: JobRecord) -> list[tuple[str, StreamEvent]]:
-        """As ``from_record``, with ids r-<seq> and r-end."""
+        """As ``from_record``, with ids r-<seq> and r-end. After chunks of the stream itself whose end event is
+        missing (streams on shards get it after the final state, producer/stream_shards.py; a shard out of
+        reach), each sequence's text past what its chunks gave (when they gave the start of it), then the end."""
         events: list[tuple[str, StreamEvent]] = []
         result = record.result
-        if result is not None:
+        streamed = self._streamed if self.next_seq or self._streamed is None else {}
+        if result is not None and streamed is not None:
             for sequence in result.sequences:
-                if sequence.text:
+                sent = streamed.get(sequence.index, "")
+                if sequence.text.startswith(sent) and len(sequence.text) > len(sent):
                     seq = self.next_seq
                     self.next_seq += 1
                     if seq > self._skip_record_until:
-                        events.append((f"{RECORD_EVENT_ID}{seq}", StreamChunk(job_id=self.job_id, seq=seq, index=sequence.index, text=sequence.text,
-                                                                               tokens=len(sequence.token_ids), attempt=record.attempts)))
+                        events.append((f"{RECORD_EVENT_ID}{seq}", StreamChunk(job_id=self.job_id, seq=seq, index=sequence.index,
+                                                                               text=sequence.text[len(sent):], tokens=len(sequence.token_ids),
+                                                                               attempt=record.attempts)))
         events.append((f"{RECORD_EVENT_ID}end", StreamEnd(job_id=self.job_id, state=record.state,
                                                           finish_reasons=[s.finish_reason for s in result.sequences] if result else [], error=record.error)))
         self.done = True

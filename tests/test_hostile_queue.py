@@ -28,7 +28,12 @@ VALID = {"prompt": "hi", "num_beams": 1, "max_new_tokens": 2}
 
 
 def envelope(job_id: str, request=VALID, queue: str = QUEUE) -> dict:
-    return json.loads(task_message(job_id, request, queue))
+    """A message as an earlier version (and Celery's own ``send_task``) writes it: carrying its request, its
+    body base64-encoded (what the tests below change)."""
+    message = json.loads(task_message(job_id, request, queue))
+    message["body"] = base64.b64encode(message["body"].encode()).decode()
+    message["properties"]["body_encoding"] = "base64"
+    return message
 
 
 def body_of(message: dict):
@@ -44,6 +49,9 @@ def check_task(message: dict) -> str | None:
 def test_the_producers_own_message_passes_both_checks():
     message = envelope(new_job_id())
     assert envelope_problem(message) is None and check_task(message) is None
+    own = json.loads(task_message(new_job_id(), None, QUEUE))  # (naming the job only, its body not base64-encoded)
+    assert envelope_problem(own) is None
+    assert task_problem(own["headers"], own["content-type"], own["content-encoding"], lambda: json.loads(own["body"])) is None
 
 
 @pytest.mark.parametrize("raw", [None, 5, "abc", [1], {"a": 1}, {"properties": []}, {"properties": {"delivery_tag": 5, "delivery_info": {}}}])

@@ -84,15 +84,18 @@ def test_a_message_whose_request_differs_from_the_record_leaves_it_alone(store, 
     assert record.state is JobState.QUEUED and record.attempts == 0 and record.request == json.loads(REQUEST)
 
 
-def test_a_message_without_a_record_creates_one(store):
+def test_a_message_that_carries_its_request_and_has_no_record_creates_one(store):
+    """(A message of an earlier version carries its request; one that does not, and has no record, cannot run:
+    tests/test_redis_cost.py.)"""
     job = new_job_id()
-    assert store.start(job, worker="w", request_json="", max_attempts=3).should_run
+    assert store.start(job, worker="w", request_json=REQUEST, max_attempts=3).should_run
     store.fail(job, error(ErrorCode.INVALID_REQUEST))
     record = store.get(job)
-    assert record.state is JobState.FAILED and record.attempts == 0 and record.request is None
+    assert record.state is JobState.FAILED and record.attempts == 0 and record.request == json.loads(REQUEST)
 
 
-def test_transitions_publish_events(store, submit):
+def test_only_a_jobs_end_is_published_on_its_channel(store, submit):
+    """A wait needs the end only: starting a job publishes nothing (one command less per job)."""
     job = submit()  # (enqueueing publishes nothing)
     pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.job_channel(job))
@@ -100,12 +103,13 @@ def test_transitions_publish_events(store, submit):
     store.fail(job, error())
     events = []
     deadline = time.monotonic() + 5
-    while len(events) < 2 and time.monotonic() < deadline:
+    while not events and time.monotonic() < deadline:
         # With ignore_subscribe_messages the subscription confirmation reads as None: keep reading.
         if (message := pubsub.get_message(timeout=0.5)) is not None:
             events.append(json.loads(message["data"]))
+    assert pubsub.get_message(timeout=0.5) is None, "nothing after the end"
     pubsub.close()
-    assert [e["state"] for e in events] == ["running", "failed"]
+    assert [(e["event"], e["state"]) for e in events] == [("end", "failed")]
 
 
 def test_a_job_running_on_a_live_worker_is_not_taken_over_by_a_duplicate_message(store, submit):
@@ -158,15 +162,15 @@ def test_a_message_kombu_sends_back_takes_its_dead_holders_job_back_to_queued(re
 
     from worker.serving.redis_writes import RedisWrites
     from worker.serving.transport import bound_transport
+    from worker.serving.unacked import new_delivery_tag
 
     job = submit()
     raw = next(m for m in store.redis.lrange(UNSERVED, 0, -1) if json.loads(m)["headers"]["id"] == job)
     assert store.redis.lrem(UNSERVED, 1, raw) == 1  # a worker takes the message...
     holder = f"w@tests/1/{'alive' if holder_alive else 'dead'}"
-    tag = f"tag-{job}"
+    tag = new_delivery_tag(holder)
     store.redis.hset("unacked", tag, json.dumps([json.loads(raw), "", UNSERVED]))  # ...records it in hand, as kombu does...
     store.redis.zadd("unacked_index", {tag: time.time() - 7200})
-    store.redis.hset(keys.HOLDER_OF, tag, holder)
     assert store.start(job, worker="w", request_json=REQUEST, max_attempts=3, holder=holder).should_run  # ...and starts the job
     if holder_alive:
         store.redis.set(keys.worker_alive(holder), 1, ex=60)
@@ -196,3 +200,25 @@ def test_a_result_written_by_a_newer_worker_reads_in_an_older_client():
               "model": "m", "prompt_fit": {"context_length": 512}}
     parsed = JobResult.model_validate(result)
     assert parsed.sequences[0].text == "hi" and parsed.timings.generation_s == 0.2
+
+
+def test_a_message_an_earlier_version_recorded_in_hand_goes_back_when_its_holder_dies(store, submit):
+    """Workers before issue 20 named a message's holder in a hash (delivery tag → holder), not in its tag: during
+    a rolling upgrade, such a worker's messages still go back soon after it dies, and that record is cleared."""
+    from tests.waiting import wait_for
+    from worker.serving.unacked import LEGACY_HOLDER_OF, HeldMessages
+
+    job = submit()
+    raw = next(m for m in store.redis.lrange(UNSERVED, 0, -1) if json.loads(m)["headers"]["id"] == job)
+    assert store.redis.lrem(UNSERVED, 1, raw) == 1  # an old worker takes the message...
+    holder, tag = "old@tests/1/legacy", "0f55134c7d6949e090e7dbb2b87ab3b4"
+    store.redis.zadd("unacked_index", {tag: time.time()})
+    store.redis.hset("unacked", tag, json.dumps([json.loads(raw), "", UNSERVED]))
+    store.redis.hset(LEGACY_HOLDER_OF, tag, holder)  # ...records it as its own the old way...
+    store.redis.sadd(keys.HOLDERS, holder)
+    assert store.start(job, worker="old", request_json="", max_attempts=3, holder=holder).should_run  # ...starts it, and dies
+    held = HeldMessages(store.redis, confirm_after_s=0)
+    wait_for(lambda: held.reclaim_dead().get(holder), 30, "the dead old worker's message went back to its queue")
+    assert [json.loads(m)["headers"]["id"] for m in store.redis.lrange(UNSERVED, 0, -1)].count(job) == 1
+    assert store.get(job).state is JobState.QUEUED
+    assert not store.redis.hexists(LEGACY_HOLDER_OF, tag) and not store.redis.sismember(keys.HOLDERS, holder)

@@ -33,7 +33,7 @@ class Collector:
         self.steps: list[list[StreamChunk]] = []
         self.cancel_after = cancel_after or {}
 
-    def publish(self, chunks: list[StreamChunk], then=None) -> None:
+    def publish(self, chunks: list[StreamChunk], then=None, output_events=None) -> None:
         if chunks:
             self.steps.append(list(chunks))
         if then is not None:

@@ -7,23 +7,24 @@
 --     A 'running' job is counted 'held' until its holder begins generating it (the record's 'generating' is ''
 --     from its start, then names that holder: generating.lua).
 -- KEYS[1]: the job's record. ARGV: none of its own.
+-- include: record
 -- include: events
 
 local function stop_waiting()
-  local waiting = redis.call('HGET', KEYS[1], 'k_waiting')
+  local waiting = rec('k_waiting')
   if waiting then
-    redis.call('ZREM', waiting, redis.call('HGET', KEYS[1], 'job_id') or '')
+    redis.call('ZREM', waiting, job_id_of_record())
   end
 end
 
 -- A running job not generating yet: START marks it so ('generating' is ''), generating.lua names its holder there
 -- when it begins, a requeue deletes it. (A record started before the field was kept has none: running.)
 local function held()
-  return redis.call('HGET', KEYS[1], 'generating') == ''
+  return rec('generating') == ''
 end
 
 local function batch_move(from, to)
-  local batch = redis.call('HGET', KEYS[1], 'batch')
+  local batch = rec('batch')
   if not batch or redis.call('EXISTS', batch) == 0 then
     return nil
   end

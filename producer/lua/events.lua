@@ -6,12 +6,17 @@
 --     is marked completed (its 'completed_at'), once, with its 'completed' event, and leaves the open batches.
 -- KEYS and ARGV: none of its own (the functions take what they touch).
 -- include: constants
+-- include: record
 
 local function webhook_event(hash, kind, id, event)
-  local hook = redis.call('HGET', hash, 'webhook')
-  if hook and string.find(',' .. (redis.call('HGET', hash, 'webhook_events') or '') .. ',', ',' .. event .. ',', 1, true) then
+  local field = function(name) return redis.call('HGET', hash, name) or nil end
+  if hash == KEYS[1] and kind == 'job' then
+    field = rec  -- (read with the record's other fields)
+  end
+  local hook = field('webhook')
+  if hook and string.find(',' .. (field('webhook_events') or '') .. ',', ',' .. event .. ',', 1, true) then
     redis.call('XADD', WEBHOOKS, 'MAXLEN', '~', WEBHOOK_STREAM_MAX, '*', 'kind', kind, 'event', event, 'id', id, 'url', hook,
-               'tenant', redis.call('HGET', hash, 'tenant') or '')
+               'tenant', field('tenant') or '')
   end
 end
 

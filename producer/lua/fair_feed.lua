@@ -5,14 +5,17 @@
 -- lost-message sweeper (worker/serving/sweeper.py) sees only jobs that are on the queue; a job that ended while
 -- it waited in its line (cancelled), or whose record expired there, is dropped. A tenant's list is in the tenants list while it holds a
 -- line, and a line is in its tenant's list while it holds a job.
---   wait_in_line(tenants, tenant, line, job_id, message): the job waits at the end of its line.
+--   wait_in_line(tenants, tenant, line, job_id): the job waits at the end of its line (its id only: its message
+--     is made as it goes on the queue, ``message_for``; an entry 'JOB_ID MESSAGE' of an earlier version is
+--     still read).
 --   feed(queue, tenants, depth, sequence, waiting): returns how many jobs went on the queue.
---   feed_after(record, depth): after a job's message left its queue (KEYS[1] is its record), if the queue is
+--   feed_after(depth): after a job's message left its queue (KEYS[1] is its record), if the queue is
 --     shared fairly.
 -- include: constants
+-- include: record
 
-local function wait_in_line(tenants, tenant, line, job_id, message)
-  if redis.call('RPUSH', line, job_id .. ' ' .. message) == 1 and redis.call('RPUSH', tenant, line) == 1 then
+local function wait_in_line(tenants, tenant, line, job_id)
+  if redis.call('RPUSH', line, job_id) == 1 and redis.call('RPUSH', tenant, line) == 1 then
     redis.call('RPUSH', tenants, tenant)
   end
 end
@@ -29,15 +32,18 @@ local function feed(queue, tenants, depth, sequence, waiting)
     if redis.call('LLEN', tenant) > 0 then redis.call('RPUSH', tenants, tenant) end
     if entry then
       looked = looked + 1
+      local job_id, message = entry, nil
       local cut = string.find(entry, ' ', 1, true)
-      local job_id = string.sub(entry, 1, cut - 1)
+      if cut then
+        job_id, message = string.sub(entry, 1, cut - 1), string.sub(entry, cut + 1)
+      end
       local record = JOB_KEY_PREFIX .. job_id
       local state = redis.call('HGET', record, 'state')
       if state and not FINAL[state] then
         local seq = redis.call('INCR', sequence)
         redis.call('HSET', record, 'seq', seq)
         redis.call('ZADD', waiting, seq, job_id)
-        redis.call('LPUSH', queue, string.sub(entry, cut + 1))
+        redis.call('LPUSH', queue, message or message_for(job_id, queue))
         moved = moved + 1
         room = room - 1
       end
@@ -46,9 +52,9 @@ local function feed(queue, tenants, depth, sequence, waiting)
   return moved
 end
 
-local function feed_after(record, depth)
-  local fields = redis.call('HMGET', record, 'k_fair', 'queue', 'k_sequence', 'k_waiting')
-  if fields[1] then
-    feed(fields[2], fields[1], depth, fields[3], fields[4])
+local function feed_after(depth)
+  local tenants = rec('k_fair')
+  if tenants then
+    feed(rec('queue'), tenants, depth, rec('k_sequence'), rec('k_waiting'))
   end
 end

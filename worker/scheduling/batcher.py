@@ -119,7 +119,7 @@ Outcome = Generated | BaseException
 
 
 class Batcher:
-    """``publisher`` (``.publish(chunks, then)``: write the chunks, then call ``then``, in order)
+    """``publisher`` (``.publish(chunks, then, output_events=)``: write the chunks, then call ``then``, in order)
     carries streaming jobs' chunks to Redis, and ``cancellations`` (``.is_cancelled(job_id)``) says
     which jobs to stop; ``attempts`` (``.starting(job_ids)``) is told which jobs start generating, before
     they do. Without them (in-process use) nothing streams, nothing is cancelled and nothing is counted."""
@@ -349,6 +349,7 @@ class Batcher:
         """Publish a step's chunks, and hand these jobs their outcomes: a streaming job's through the
         publisher's queue, after the chunks queued before it, so that its record ends (its task thread
         writes the end event) after all its chunks; any other job's at once (it has no chunks to wait for)."""
+        output_events = self._wanting_output_events(chunks)
         twice = [t for t, _ in outcomes if t.settled]
         if twice:  # a bug: the first outcome stands
             log.error("jobs settled twice (their first outcome stands): %s", ", ".join(t.job.job_id for t in twice))
@@ -369,7 +370,17 @@ class Batcher:
         if len(streamed) < len(outcomes):
             self._hand_over([(t, o) for t, o in outcomes if not t.job.request.stream])
         if chunks or streamed:
-            self.publisher.publish(chunks, then=lambda: self._hand_over(streamed))
+            self.publisher.publish(chunks, then=lambda: self._hand_over(streamed), output_events=output_events)
+
+    def _wanting_output_events(self, chunks: list[StreamChunk]) -> set[str]:
+        """The jobs of these chunks whose webhook asked for output events (or whose request is not known here)."""
+        wanting = set()
+        for job_id in {chunk.job_id for chunk in chunks}:
+            ticket = self._in_batch.get(job_id)
+            request = ticket.job.request if ticket is not None else None
+            if request is None or (request.webhook is not None and "output" in request.webhook_events_filter):
+                wanting.add(job_id)
+        return wanting
 
     def _hand_over(self, outcomes: list[tuple[Ticket, Outcome]]) -> None:
         """Resolve the jobs' futures: their task threads write their final records."""

@@ -17,6 +17,7 @@ from producer.records import JobState
 from producer.redis_url import is_sentinel_url
 from producer.settings import Settings
 from producer.store import JobStore
+from producer.stream_shards import StreamShards, shard_urls
 from worker.serving import remote_control
 from worker.serving.handler import JobEnd, JobHandler
 from worker.serving.intake import named_job, task_problem
@@ -152,6 +153,13 @@ class JobConsumer(Consumer):
         signals.task_rejected.send(sender=self, message=message, exc=None)
 
 
+def _revoke_store(settings: Settings) -> JobStore:
+    """The job store a Celery revoke cancels through (worker/serving/remote_control.py)."""
+    redis = redis_client(settings.redis_url)
+    return JobStore(redis, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s,
+                    streams=StreamShards(redis, shard_urls(settings.stream_redis_urls), redis_client))
+
+
 def create_app(settings: Settings, handler: JobHandler, *, writes: RedisWrites, incarnation: str | None = None,
                tags_in_hand: TagsInHand | None = None) -> Celery:
     app = Celery("belle-worker", set_as_current=False)
@@ -175,7 +183,7 @@ def create_app(settings: Settings, handler: JobHandler, *, writes: RedisWrites, 
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_queues=None,
         worker_consumer=type("BoundJobConsumer", (JobConsumer,), {
-            "handler": handler, "jobs": JobStore(redis_client(settings.redis_url), result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s)}),
+            "handler": handler, "jobs": _revoke_store(settings)}),
     )
 
     @app.task(base=GenerateTask, bind=True, name=keys.TASK_GENERATE)

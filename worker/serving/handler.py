@@ -12,6 +12,7 @@ left its job (``JobEnd``), which the task turns into Celery's state (worker/serv
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -26,7 +27,7 @@ from producer.connection import is_transient, refused_for_good
 from producer.errors import ErrorCode, InvalidRequestError
 from producer.fleet import can_run, live_workers
 from producer.records import JobError, JobState
-from producer.schemas import parse_request
+from producer.schemas import full_form, parse_request
 from producer.settings import Settings
 from producer.store import canonical_json, cancelled_before_start
 from worker.scheduling.batcher import BULK, INTERACTIVE, Batcher, BatcherStopped, DuplicateJob, JobCancelled
@@ -103,25 +104,45 @@ class JobHandler:
             return set(self._in_hand)
 
     def _handle(self, job_id: str, args: tuple, kwargs: dict[str, Any], worker: str, queue: str) -> JobEnd:
+        # The producer's messages carry no request: the job's record holds it (start returns it). One that
+        # carries its request (an earlier version's) is checked against the record.
         raw = kwargs.get("request")
-        streaming = isinstance(raw, dict) and raw.get("stream") is True
-        try:
-            request_json = canonical_json(raw)
-        except (TypeError, ValueError):
-            request_json = ""
-        # An oversized message is neither stored nor read: its record (or a new one) gets a stand-in,
-        # which never matches a real job's request, so a forged one cannot touch another job.
-        oversized = len(request_json.encode("utf-8")) if len(request_json) > self.settings.max_message_bytes // 4 else 0
-        if oversized > self.settings.max_message_bytes:
-            request_json = canonical_json({"oversized_request_bytes": oversized})
-        else:
-            oversized = 0
+        request_json = ""
+        oversized = 0
+        if "request" in kwargs:
+            try:
+                request_json = canonical_json(raw)
+            except (TypeError, ValueError):
+                request_json = canonical_json({"unreadable_request": True})
+            # An oversized message is neither stored nor read: its record (or a new one) gets a stand-in,
+            # which never matches a real job's request, so a forged one cannot touch another job.
+            oversized = len(request_json.encode("utf-8")) if len(request_json) > self.settings.max_message_bytes // 4 else 0
+            if oversized > self.settings.max_message_bytes:
+                request_json = canonical_json({"oversized_request_bytes": oversized})
+            else:
+                oversized = 0
         start = self.store.start(job_id, worker=worker, request_json=request_json, max_attempts=self.settings.max_attempts, holder=self.holder)
         if start.outcome == "held_here" and job_id not in self._running_here:
             # The record says this process holds the job, yet it runs no such job: the first start's reply
             # was lost (Redis restarted) and the call retried, or its handling ended without a final record.
             start = self.store.start(job_id, worker=worker, request_json=request_json, max_attempts=self.settings.max_attempts,
                                      holder=self.holder, take_over=True)
+        if start.request_json:  # the record's, as the producer stored it (anything else fails as an invalid request below)
+            try:
+                raw = json.loads(start.request_json)
+            except ValueError:
+                raw = start.request_json
+            raw = full_form(raw)
+        # Whether the job streams (its stream gets its end event); None when its request is not known here.
+        streaming = raw.get("stream") is True if isinstance(raw, dict) else None if "request" not in kwargs else False
+        if start.outcome == "missing":  # (its message names it only: the request was in the record)
+            error = JobError(code=ErrorCode.EXPIRED, message=(
+                "the job's record expired (BELLE_PENDING_TTL_S) before a worker took its message, and its request with it; submit the job "
+                "again (with a new idempotency_key if it had one)"))
+            log.warning("job %s: %s", job_id, error.message)
+            self.store.expire(job_id, error, request_json=canonical_json({"record_expired": True}))
+            self.metrics.jobs.labels("expired", error.code.value).inc()
+            return JobEnd(JobState.EXPIRED, error)
         if start.outcome == "mismatch":
             log.error("job %s: the message's request differs from the stored one; message dropped, record untouched", job_id)
             return JobEnd(JobState.FAILED, JobError(code=ErrorCode.INVALID_REQUEST, parameter="request", message=(
@@ -159,7 +180,7 @@ class JobHandler:
             with self._running_lock:
                 self._running_here.release(job_id)
 
-    def _run(self, job_id: str, args: tuple, kwargs: dict[str, Any], worker: str, start, raw, streaming: bool, oversized: int, queue: str) -> JobEnd:
+    def _run(self, job_id: str, args: tuple, kwargs: dict[str, Any], worker: str, start, raw, streaming: bool | None, oversized: int, queue: str) -> JobEnd:
         priority = BULK if queue == keys.QUEUE_BULK else INTERACTIVE
         try:
             problems = [f"unexpected positional arguments {args!r:.100}"] if args else []
@@ -248,12 +269,12 @@ class JobHandler:
         time.sleep(1.0)
         raise Reject("another copy of the job's message runs", requeue=True)
 
-    def _cancelled_unstarted(self, job_id: str, streaming: bool) -> JobEnd:
+    def _cancelled_unstarted(self, job_id: str, streaming: bool | None) -> JobEnd:
         self.store.finish_cancelled(job_id, streaming=streaming)
         self.metrics.jobs.labels("cancelled", ErrorCode.CANCELLED.value).inc()
         return JobEnd(JobState.CANCELLED, cancelled_before_start(job_id))
 
-    def _fail(self, job_id: str, streaming: bool, error: JobError) -> JobEnd:
+    def _fail(self, job_id: str, streaming: bool | None, error: JobError) -> JobEnd:
         if error.code is ErrorCode.EXPIRED:
             log.info("job %s expired: %s", job_id, error.message)
             self.store.expire(job_id, error, streaming=streaming)

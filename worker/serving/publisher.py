@@ -12,12 +12,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import redis
 
 from producer import keys
+from producer.lua import ScriptPipeline
 from producer.records import StreamChunk
+from producer.stream_shards import StreamShards
 from worker.serving.lua import script
 
 log = logging.getLogger("belle.publisher")
@@ -31,8 +33,9 @@ OUTPUT_EVENT_EVERY_S = 0.5  # least time between two 'output' webhook events of 
 
 
 class ChunkPublisher:
-    def __init__(self, client: redis.Redis, *, ttl_s: int, writes=None):
+    def __init__(self, client: redis.Redis, *, ttl_s: int, writes=None, streams: StreamShards | None = None):
         self.redis = client
+        self.streams = streams or StreamShards(client, [], lambda url: client)  # where each job's stream lives
         self.writes = writes  # a RedisWrites: chunks refused for lack of memory are noted there
         self.ttl_s = ttl_s  # until the job ends; then the stream takes the record's result TTL
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -51,16 +54,17 @@ class ChunkPublisher:
             self._queue.put(_STOP)
             self._thread.join(timeout)
 
-    def publish(self, chunks: list[StreamChunk], then: Callable[[], None] | None = None) -> None:
-        """Queue a step's chunks (one pipeline), and what to do once they are written."""
-        self._queue.put((chunks, then))
+    def publish(self, chunks: list[StreamChunk], then: Callable[[], None] | None = None, *, output_events: Collection[str] | None = None) -> None:
+        """Queue a step's chunks (one pipeline), and what to do once they are written. ``output_events``: the
+        jobs among them whose webhook may want output events (None: any of them)."""
+        self._queue.put((chunks, then, output_events))
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not _STOP:
-            chunks, then = item
+            chunks, then, output_events = item
             try:
                 if chunks:
-                    self.write(chunks)
+                    self.write(chunks, output_events)
             except Exception:  # one bad item must not stop the queue behind it, nor keep its jobs from their outcomes
                 log.exception("publishing failed")
             try:
@@ -69,32 +73,39 @@ class ChunkPublisher:
             except Exception:
                 log.exception("handing jobs their outcomes failed")
 
-    def write(self, chunks: list[StreamChunk]) -> None:
-        """Append each chunk to its job's stream and publish it on its job's channel, in one pipeline.
+    def write(self, chunks: list[StreamChunk], output_events: Collection[str] | None = None) -> None:
+        """Append each chunk to its job's stream, in one pipeline: one command per chunk (readers block on the
+        stream, XREAD; the job's channel carries its end event only).
 
         Streaming is best effort against Redis failures: generation goes on, and the final record
         still holds the whole text. A job whose webhook asked for output events gets one with its
-        first chunk and then at most every OUTPUT_EVENT_EVERY_S; a job whose webhook does not is asked
-        once (the script checks the record) and then left alone."""
-        pipe = self.redis.pipeline(transaction=False)
+        first chunk and then at most every OUTPUT_EVENT_EVERY_S; a job in ``output_events`` (every job,
+        when None) whose webhook does not is asked once (the script checks the record) and then left alone."""
+        pipe = ScriptPipeline(self.redis)
+        shards = {}  # a pipeline per stream shard holding some of these jobs' streams
         now = time.monotonic()
         if len(self._output_at) > 10_000:
             self._output_at = {job: seen for job, seen in self._output_at.items() if now - seen[0] < 60}
         asked: list[tuple[int, str]] = []  # (its reply's place in the pipeline, job)
         for chunk in chunks:
-            at, wants = self._output_at.get(chunk.job_id, (float("-inf"), True))
+            at, wants = self._output_at.get(chunk.job_id, (float("-inf"), output_events is None or chunk.job_id in output_events))
             if wants and now - at >= OUTPUT_EVENT_EVERY_S:
                 self._output_at[chunk.job_id] = (now, True)
                 asked.append((len(pipe), chunk.job_id))
-                self._output_event(keys=[keys.job(chunk.job_id)], args=[chunk.job_id], client=pipe)
-            data = chunk.model_dump_json()
-            stream = keys.job_chunks(chunk.job_id)
-            pipe.xadd(stream, {"event": data}, maxlen=STREAM_MAX_ENTRIES, approximate=True)
+                pipe.script(self._output_event, [keys.job(chunk.job_id)], [chunk.job_id])
+            stream, shard = keys.job_chunks(chunk.job_id), self.streams.of(chunk.job_id)
+            into = pipe.pipe if shard is self.redis else shards.setdefault(id(shard), shard.pipeline(transaction=False))
+            into.xadd(stream, {"event": chunk.model_dump_json()}, maxlen=STREAM_MAX_ENTRIES, approximate=True)
             if chunk.seq == 0:
-                pipe.expire(stream, self.ttl_s)
-            pipe.publish(keys.job_channel(chunk.job_id), data)
+                into.expire(stream, self.ttl_s)
+        for shard_pipe in shards.values():  # (each on its own: a shard out of reach costs its own chunks only)
+            try:
+                shard_pipe.execute()
+            except redis.RedisError as exc:
+                if self.writes is None or not self.writes.refused(exc, "publishing chunks"):
+                    log.warning("could not publish chunks to a stream shard: %s", exc)
         try:
-            replies = pipe.execute()
+            replies = pipe.execute() if len(pipe) else []
             for place, job in asked:
                 if replies[place] == 0:
                     self._output_at[job] = (now, False)

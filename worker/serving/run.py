@@ -17,6 +17,7 @@ from producer.connection import WORKER_RETRIES, describe_error, redis_client
 from producer.durability import Durability
 from producer.fleet import WorkerInfo
 from producer.settings import Settings
+from producer.stream_shards import StreamShards, shard_urls
 
 log = logging.getLogger("belle.worker")
 
@@ -33,6 +34,9 @@ def _not_a_reject(record: logging.LogRecord) -> bool:
     copy, Redis failing), so Celery's record is dropped; every other record passes, tracebacks of real
     failures included."""
     return not (record.exc_info and record.exc_info[0] is not None and issubclass(record.exc_info[0], Reject))
+
+
+SHARD_TIMEOUT_S = 2.0
 
 
 def run_worker(settings: Settings, *, queues: list[str]) -> int:
@@ -71,15 +75,17 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
     if settings.metrics_port:
         metrics.serve(settings.metrics_port, settings.metrics_host)
     writes = RedisWrites(metrics)
+    # A stream shard out of reach costs its writes (best effort, as chunks are), not seconds of every job's handling.
+    streams = StreamShards(redis, shard_urls(settings.stream_redis_urls), lambda url: redis_client(url, retries=1, timeout_s=SHARD_TIMEOUT_S))
     records = WorkerJobStore(redis, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s,
-                             bulk_ready_jobs=settings.bulk_ready_jobs, durability=Durability.of(settings))
+                             bulk_ready_jobs=settings.bulk_ready_jobs, durability=Durability.of(settings), streams=streams)
     store = PatientStore(records, writes)  # the handler's writes wait while Redis refuses them
     name = host_format(settings.worker_name or "belle@%h")  # %h: the host name, as Celery expands it
     incarnation = f"{name}/{os.getpid()}/{uuid.uuid4().hex[:8]}"  # this process: a restarted worker keeps its name, not this
     with contextlib.ExitStack() as running:  # stopped in the reverse order
         cancellations = CancelWatcher(redis).start()
         running.callback(cancellations.stop)
-        publisher = ChunkPublisher(redis, ttl_s=settings.pending_ttl_s, writes=writes).start()
+        publisher = ChunkPublisher(redis, ttl_s=settings.pending_ttl_s, writes=writes, streams=streams).start()
         running.callback(publisher.stop)
 
         batcher = Batcher(None, settings, publisher=publisher, cancellations=cancellations, metrics=metrics,

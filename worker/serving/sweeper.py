@@ -21,7 +21,6 @@ looks at a time (a lock in Redis).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -143,7 +142,7 @@ class Sweeper:
                 suspects[job_id] = first_seen
                 if now - first_seen < self.interval_s:
                     continue
-                if self._resend(keys=[keys.job(job_id), queue], args=[task_message(job_id, json.loads(request), queue), time.time(), self.resend_gap_s]):
+                if self._resend(keys=[keys.job(job_id), queue], args=[task_message(job_id, None, queue), time.time(), self.resend_gap_s]):
                     resent.append(job_id)
                     log.warning("job %s: its message was lost (%s); sent it again", job_id,
                                 f"a later job on {queue} has started" if seq < taken else f"{queue} is empty and no worker holds it")

@@ -7,9 +7,9 @@ loses track of the messages it holds:
 - while Redis refuses writes for lack of memory (worker/serving/redis_writes.py), recording a message taken
   off a queue waits and is tried again, so the consumer takes nothing more; a message sent back to its
   queue that Redis refuses stays unacknowledged (redelivered later) instead of stopping the consumer;
-- every message this process holds is recorded as held by it (``keys.HOLDER_OF``), so that once the
-  process is dead (its liveness key gone) another worker sends them back to their queues within
-  seconds (worker/serving/unacked.py) instead of after the visibility timeout;
+- every message this process holds is recorded as held by it (the delivery tag it gives the message names
+  it), so that once the process is dead (its liveness key gone) another worker sends them back to their
+  queues within seconds (worker/serving/unacked.py) instead of after the visibility timeout;
 - a channel closed after its connection is gone (Redis restarted or unreachable) raises a
   connection error, which Celery ignores before it reconnects, instead of an AttributeError (kombu
   reads ``self.connection.client.hostname`` of a connection already closed: kombu issue #582). The
@@ -18,11 +18,11 @@ loses track of the messages it holds:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 
 import redis
@@ -35,6 +35,7 @@ from producer.sentinel_transport import SentinelListChannel, SentinelListTranspo
 from worker.serving.intake import envelope_problem, named_job
 from worker.serving.lua import script
 from worker.serving.redis_writes import RedisWrites
+from worker.serving.unacked import holder_of, new_delivery_tag
 
 log = logging.getLogger("belle.transport")
 
@@ -64,8 +65,9 @@ class CheckedMessage(virtual.Message):
             raise NotAnEnvelope(problem, payload)
         # The delivery tag keys kombu's record of a message in hand (the unacked hash, shared by every worker). The
         # sender chose it, and two messages sent with one tag would share one record: acknowledging either would
-        # forget both, and sending one back would send the other's body. Each message taken gets a tag of its own.
-        payload["properties"]["delivery_tag"] = uuid.uuid4().hex
+        # forget both, and sending one back would send the other's body. Each message taken gets a tag of its own,
+        # which names the process that holds it.
+        payload["properties"]["delivery_tag"] = new_delivery_tag(getattr(channel, "incarnation", None))
         try:
             super().__init__(payload, channel=channel, **kwargs)
         except _NOT_AN_ENVELOPE as exc:
@@ -100,12 +102,15 @@ class QoS(kombu_redis.QoS):
         channel.tags_in_hand.add(delivery_tag)  # (before Redis records it as this process's)
 
         def record() -> None:
-            with self.pipe_or_acquire() as pipe:
+            # One round trip, no transaction (MULTI and EXEC would be two more commands per message). The index entry
+            # first: should the entry itself not be written (Redis refusing it, or crashing), kombu's restore drops an
+            # index entry without one, and the message counts as lost, not held, so the lost-message sweep sends it
+            # again (worker/serving/sweeper.py), as for a worker lost between BRPOP and this. (kombu looks at an index
+            # entry only once it is older than the visibility timeout.) The process is in keys.HOLDERS from its announcer.
+            with channel.conn_or_acquire() as client:
+                pipe = client.pipeline(transaction=False)
                 pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
                 pipe.hset(self.unacked_key, delivery_tag, json.dumps([message._raw, delivery["exchange"], delivery["routing_key"]]))
-                if channel.incarnation:
-                    pipe.hset(keys.HOLDER_OF, delivery_tag, channel.incarnation)
-                    pipe.sadd(keys.HOLDERS, channel.incarnation)
                 pipe.execute()
 
         what = "recording a message taken off a queue"
@@ -115,7 +120,10 @@ class QoS(kombu_redis.QoS):
             if not is_out_of_memory(exc):
                 raise
             # The worker stops while Redis refuses writes: the message goes back where it was taken from, or
-            # (Redis before 7) the worker waits until it can be recorded, as it would have been.
+            # (Redis before 7) the worker waits until it can be recorded, as it would have been. (What part of its
+            # record was written goes first: deletions are served while Redis is full.)
+            with contextlib.suppress(redis.RedisError):
+                self._forget(delivery_tag)
             if channel.put_back(message):
                 channel.tags_in_hand.discard(delivery_tag)
                 raise PutBack() from exc
@@ -145,22 +153,17 @@ class QoS(kombu_redis.QoS):
         with self.channel.conn_or_acquire() as client:
             self._remove_from_indices(delivery_tag, client.pipeline(transaction=False)).execute()
 
-    def _remove_from_indices(self, delivery_tag, pipe=None):
-        pipe = super()._remove_from_indices(delivery_tag, pipe)
-        return pipe.hdel(keys.HOLDER_OF, delivery_tag) if self.channel.incarnation else pipe
-
     def restore_by_tag(self, tag, client=None, leftmost=False):
         """kombu sends a message back to its queue (its visibility timeout passed, or this channel closes
         holding it); a job its dead holder had started goes back to queued with it (requeue_restored.lua)."""
         self.channel.tags_in_hand.discard(tag)
         try:
             with self.channel.conn_or_acquire(client) as conn:
-                holder, entry = conn.pipeline(transaction=False).hget(keys.HOLDER_OF, tag).hget(self.unacked_key, tag).execute()
+                entry = conn.hget(self.unacked_key, tag)
                 super().restore_by_tag(tag, conn, leftmost)
-                holder = holder.decode() if isinstance(holder, bytes) else holder
-                job_id = _job_of(entry)
+                holder, job_id = holder_of(tag), _job_of(entry)
                 if holder and job_id:
-                    requeued = conn.eval(_REQUEUE_RESTORED, 1, keys.job(job_id), holder, keys.worker_alive(holder), keys.job_channel(job_id))
+                    requeued = conn.eval(_REQUEUE_RESTORED, 1, keys.job(job_id), holder, keys.worker_alive(holder))
                     if requeued:
                         log.warning("job %s: its dead worker's message went back to its queue (visibility timeout); its record is queued again", job_id)
         except redis.RedisError as exc:

@@ -2,9 +2,9 @@
 
 kombu records a message in hand in its ``unacked`` hash and sends it back to its queue only after the
 visibility timeout (an hour by default), whoever held it: a job whose worker died would wait that
-long. So a worker process also records, with kombu's record and in the same transaction, that it is
-the message's holder (``keys.HOLDER_OF``: delivery tag → process, worker/serving/transport.py), and lists
-itself in ``keys.HOLDERS``. A process is dead once its liveness key (``keys.worker_alive``, renewed
+long. So the delivery tag a worker process gives each message it takes (the key of kombu's records of
+it) names that process, its holder (``new_delivery_tag``, ``holder_of``: worker/serving/transport.py),
+and the process lists itself in ``keys.HOLDERS`` (worker/serving/announce.py). A process is dead once its liveness key (``keys.worker_alive``, renewed
 every 2 s by its announcer, gone 6 s after its last renewal) is gone, and still gone a look at least
 3 s later, with Redis up for longer than a liveness key lives (after a Redis restart every key has
 lapsed, live workers' too, until their next beat); ``reclaim_dead`` then sends each message still
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 
@@ -38,6 +39,32 @@ log = logging.getLogger("belle.held")
 UNACKED_INDEX = "unacked_index"
 SCAN_COUNT = 1_000
 CONFIRM_AFTER_S = 1.5 * HEARTBEAT_S  # a live worker renews its key within this of any look
+_HOLDER_AFTER = "."  # a delivery tag is 32 hex digits, this, and its holder (a process's incarnation)
+# Delivery tag → holder, as workers of earlier versions recorded the messages they held (their tags do not name
+# them): read, so that their messages still go back soon after they die during a rolling upgrade; never written.
+LEGACY_HOLDER_OF = f"{keys.PREFIX}:holder-of"
+
+
+def new_delivery_tag(holder: str | None) -> str:
+    """A fresh delivery tag for a message a worker process takes, naming that process (when it has an incarnation)."""
+    tag = uuid.uuid4().hex
+    return f"{tag}{_HOLDER_AFTER}{holder}" if holder else tag
+
+
+def holder_of(tag: str) -> str | None:
+    """The worker process a delivery tag names (``new_delivery_tag``), or None."""
+    if isinstance(tag, bytes):
+        tag = tag.decode("utf-8", "replace")
+    return tag[33:] if len(tag) > 33 and tag[32] == _HOLDER_AFTER else None
+
+
+def held_by(client: redis.Redis, holders: set[str]) -> dict[str, list[tuple[str, float]]]:
+    """The messages Redis records as held by each of ``holders``: (delivery tag, when it was taken) from kombu's index."""
+    held: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    for tag, taken in client.zscan_iter(UNACKED_INDEX, count=SCAN_COUNT):
+        if (holder := holder_of(tag)) in holders:
+            held[holder].append((tag, taken))
+    return held
 
 class HeldMessages:
     def __init__(self, client: redis.Redis, *, confirm_after_s: float = CONFIRM_AFTER_S):
@@ -66,15 +93,17 @@ class HeldMessages:
         dead = set(self.dead_holders())
         if not dead:
             return {}
-        tags: dict[str, list[str]] = defaultdict(list)
-        for tag, holder in self.redis.hscan_iter(keys.HOLDER_OF, count=SCAN_COUNT):
-            if holder in dead:
-                tags[holder].append(tag)
-        outcomes = {incarnation: self._reclaim_holder(incarnation, tags[incarnation]) for incarnation in dead}
+        held = held_by(self.redis, dead)
+        legacy = [(tag, holder) for tag, holder in self.redis.hscan_iter(LEGACY_HOLDER_OF, count=SCAN_COUNT) if holder in dead]
+        for tag, holder in legacy:
+            held[holder].append((tag, 0.0))
+        outcomes = {incarnation: self._reclaim_holder(incarnation, [tag for tag, _ in held[incarnation]]) for incarnation in dead}
         # A dead holder that holds nothing more is forgotten (a process that comes back has a new incarnation).
         done = [incarnation for incarnation in dead if outcomes[incarnation].total() == outcomes[incarnation]["sent"] + outcomes[incarnation]["gone"]]
         if done:
             self.redis.srem(keys.HOLDERS, *done)
+            if finished := [tag for tag, holder in legacy if holder in done]:
+                self.redis.hdel(LEGACY_HOLDER_OF, *finished)
         return {incarnation: counts["sent"] for incarnation, counts in outcomes.items() if counts["sent"]}
 
     def _reclaim_holder(self, incarnation: str, tags: list[str]) -> Counter:
@@ -92,8 +121,8 @@ class HeldMessages:
                 continue
             # (An entry acknowledged meanwhile: the script only clears the holder's record of it, if still there.)
             record = keys.job(job_id) if job_id else keys.job("-")  # (no job named: no record is touched)
-            self._reclaim(keys=[record, keys.HOLDER_OF, keys.UNACKED, UNACKED_INDEX, queue or keys.QUEUE_INTERACTIVE],
-                          args=[tag, incarnation, alive, entry or "", message or "", keys.job_channel(job_id or "-")], client=pipe)
+            self._reclaim(keys=[record, keys.UNACKED, UNACKED_INDEX, queue or keys.QUEUE_INTERACTIVE],
+                          args=[tag, incarnation, alive, entry or "", message or ""], client=pipe)
         outcomes = Counter(pipe.execute())
         if outcomes["sent"]:
             log.warning("worker process %s is dead: %d messages it held went back to their queues", incarnation, outcomes["sent"])
@@ -108,14 +137,9 @@ class HeldMessages:
         the primary changed (a failover, a Redis crash), what the process wrote last may be gone, its final states
         and acknowledgements with it. Their jobs run again now, rather than after the visibility timeout. (What
         this process holds is read after Redis's records: a message taken meanwhile is in it.)"""
-        tags = [tag for tag, holder in self.redis.hscan_iter(keys.HOLDER_OF, count=SCAN_COUNT) if holder == incarnation]
+        tags = [tag for tag, taken in held_by(self.redis, {incarnation})[incarnation] if taken < taken_before]
         if not tags:
             return Counter()
-        pipe = self.redis.pipeline(transaction=False)
-        for tag in tags:
-            pipe.zscore(UNACKED_INDEX, tag)
-        taken = pipe.execute()
-        tags = [tag for tag, when in zip(tags, taken, strict=True) if when is not None and when < taken_before]
         entries = self.redis.hmget(keys.UNACKED, tags) if tags else []
         held_tags, held_jobs = tags_in_hand(), in_hand()
         pipe = self.redis.pipeline(transaction=False)
@@ -123,8 +147,8 @@ class HeldMessages:
             message, queue, job_id = _returned(entry)
             if message is None or tag in held_tags or job_id in held_jobs:
                 continue
-            self._stranded(keys=[keys.job(job_id or "-"), keys.HOLDER_OF, keys.UNACKED, UNACKED_INDEX, queue or keys.QUEUE_INTERACTIVE],
-                           args=[tag, incarnation, entry, message, keys.job_channel(job_id or "-")], client=pipe)
+            self._stranded(keys=[keys.job(job_id or "-"), keys.UNACKED, UNACKED_INDEX, queue or keys.QUEUE_INTERACTIVE],
+                           args=[tag, incarnation, entry, message], client=pipe)
         replies = pipe.execute(raise_on_error=False)  # (one message refused does not hold back the others)
         for reply in replies:
             if isinstance(reply, redis.RedisError):

@@ -5,11 +5,12 @@
 -- Returns the attempts now, or 0 when nothing was counted.
 -- include: batch_move
 
-if redis.call('HGET', KEYS[1], 'state') == 'running' and redis.call('HGET', KEYS[1], 'holder') == ARGV[1] then
+if rec('state') == 'running' and rec('holder') == ARGV[1] then
   if held() then
     batch_move('held', 'running')
   end
-  redis.call('HSET', KEYS[1], 'generating', ARGV[1])
-  return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  local attempts = tonumber(rec('attempts') or '0') + 1
+  rec_set('generating', ARGV[1], 'attempts', attempts)
+  return attempts
 end
 return 0

@@ -5,11 +5,11 @@
 -- Returns 0 when the job's webhook does not want output events (the publisher then stops asking), else 1.
 -- include: events
 
-local events = ',' .. (redis.call('HGET', KEYS[1], 'webhook_events') or '') .. ','
-if not redis.call('HGET', KEYS[1], 'webhook') or not string.find(events, ',output,', 1, true) then
+local events = ',' .. (rec('webhook_events') or '') .. ','
+if not rec('webhook') or not string.find(events, ',output,', 1, true) then
   return 0
 end
-if redis.call('HGET', KEYS[1], 'state') == 'running' then
+if rec('state') == 'running' then
   webhook_event(KEYS[1], 'job', ARGV[1], 'output')
 end
 return 1

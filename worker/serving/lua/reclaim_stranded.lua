@@ -4,27 +4,27 @@
 -- message's holder and the unacked entry is the one read. A job it had started goes back to queued, its
 -- message at the head of its queue; a job that has ended needs no message: the entry is dropped; a job
 -- running on another holder is left to it.
--- KEYS: the job's record, the holder-of hash, kombu's unacked hash, kombu's unacked index, the queue.
--- ARGV: delivery tag, the holder, the unacked entry as read, the message to put back, the job's channel.
+-- KEYS: the job's record, kombu's unacked hash, kombu's unacked index, the queue. (The delivery tag names its
+--   holder: worker/serving/unacked.py.)
+-- ARGV: delivery tag, the holder, the unacked entry as read, the message to put back.
 -- Returns 'gone' (no longer that holder's), 'dropped', 'left' or 'sent'.
 -- include: requeue
 
-if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] or redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[3] then
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[3] then
   return 'gone'
 end
-local state = redis.call('HGET', KEYS[1], 'state')
-local ours = state == 'running' and redis.call('HGET', KEYS[1], 'holder') == ARGV[2]
+local state = rec('state')
+local ours = state == 'running' and rec('holder') == ARGV[2]
 if state == 'running' and not ours then
   return 'left'
 end
+redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[4], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
 if state and state ~= 'queued' and state ~= 'running' then
   return 'dropped'
 end
-redis.call('RPUSH', KEYS[5], ARGV[4])
+redis.call('RPUSH', KEYS[4], ARGV[4])
 if ours then
-  requeue_at_head(ARGV[5])
+  requeue_at_head()
 end
 return 'sent'

@@ -4,15 +4,15 @@
 -- (taken by a worker that dies before recording it). A live holder's job is left alone (it runs, or its
 -- own release puts it back), and so is a job another worker has started meanwhile.
 -- KEYS: the job's record.
--- ARGV: the message's holder (a worker process's incarnation), that holder's liveness key, the job's channel.
+-- ARGV: the message's holder (a worker process's incarnation), that holder's liveness key.
 -- Returns 1 when the record went back to queued, else 0.
 -- include: requeue
 
 if redis.call('EXISTS', ARGV[2]) == 1 then
   return 0
 end
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'holder') ~= ARGV[1] then
+if rec('state') ~= 'running' or rec('holder') ~= ARGV[1] then
   return 0
 end
-requeue_at_head(ARGV[3])
+requeue_at_head()
 return 1

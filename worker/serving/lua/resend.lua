@@ -3,17 +3,19 @@
 -- KEYS: the job's record, its queue. ARGV: the message, now, least seconds between two resends.
 -- Returns 1 if sent, 0 if not.
 
-if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then
+-- include: record
+
+if rec('state') ~= 'queued' then
   return 0
 end
-local waiting = redis.call('HGET', KEYS[1], 'k_waiting')
-if not waiting or not redis.call('ZSCORE', waiting, redis.call('HGET', KEYS[1], 'job_id')) then
+local waiting = rec('k_waiting')
+if not waiting or not redis.call('ZSCORE', waiting, job_id_of_record()) then
   return 0
 end
-local last = tonumber(redis.call('HGET', KEYS[1], 'resent_at') or '0')
+local last = tonumber(rec('resent_at') or '0')
 if tonumber(ARGV[2]) - last < tonumber(ARGV[3]) then
   return 0
 end
-redis.call('HSET', KEYS[1], 'resent_at', ARGV[2])
+rec_set('resent_at', ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[1])
 return 1
