@@ -105,14 +105,17 @@ class WorkerSubprocess:
     """A worker process whose log goes to a temporary file (a pipe nobody reads would fill up and
     block it)."""
 
-    def __init__(self, redis_url: str, model: Path, *, env_overrides: dict[str, str] | None = None, device: str = "cpu"):
+    def __init__(self, redis_url: str, model: Path | None, *, env_overrides: dict[str, str] | None = None, device: str = "cpu",
+                 command: list[str] | None = None, cwd: Path | None = None):
+        """``command``: another worker command line (benchmarks/fleet.py's simulated worker) than `worker` on ``model``."""
         import os
         import tempfile
 
         self.log = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "worker", "--redis-url", redis_url, "worker", "--model", str(model), "--device", device, "--name", "bench@localhost"],
-            stdout=subprocess.DEVNULL, stderr=self.log, env={**os.environ, **(env_overrides or {})},
+            command or [sys.executable, "-m", "worker", "--redis-url", redis_url, "worker", "--model", str(model), "--device", device,
+                        "--name", "bench@localhost"],
+            cwd=cwd, stdout=subprocess.DEVNULL, stderr=self.log, env={**os.environ, **(env_overrides or {})},
         )
 
     def wait_ready(self, client, timeout: float = 180) -> None:

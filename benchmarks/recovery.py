@@ -27,6 +27,7 @@ from producer import keys
 from producer.client import JobClient
 from producer.embedded_redis import EmbeddedRedis
 from producer.settings import Settings
+from worker.serving.unacked import held_by
 
 REQUEST = {"num_beams": 1, "max_new_tokens": 96, "min_new_tokens": 96}
 
@@ -44,7 +45,7 @@ def one_run(client: JobClient, jobs: int, run: int) -> dict[str, float]:
     workers = wait_until(lambda: {w.name: w for w in client.workers()} if len(client.workers()) == 2 else None, 300, "two workers announced")
     victim = workers["rec-1@bench"]
     ids = [client.submit({"prompt": prompt, **REQUEST}) for prompt in mixed_prompts(jobs, seed=run)]
-    wait_until(lambda: client.redis.hvals(keys.HOLDER_OF).count(victim.incarnation) >= 128, 300, "child 1 holds 128 messages")
+    wait_until(lambda: len(held_by(client.redis, {victim.incarnation})[victim.incarnation]) >= 128, 300, "child 1 holds 128 messages")
     os.kill(victim.pid, signal.SIGKILL)
     killed = time.monotonic()
     pipe = client.redis.pipeline(transaction=False)
