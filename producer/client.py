@@ -23,7 +23,7 @@ from producer.records import JobError, JobRecord, JobResult, JobState, StreamEve
 from producer.schemas import GenerationRequest, parse_request
 from producer.settings import Settings, get_settings
 from producer.store import CancelOutcome, JobStore, is_final_event, now
-from producer.stream_shards import StreamShards, shard_urls
+from producer.stream_shards import CLIENT_TIMEOUT_S, StreamShards, shard_urls
 from producer.streaming import OUT_OF_REACH, PUBSUB_RECHECK_S, READ_COUNT, RECHECK_S, StreamFollower, paused_for_redis, streams
 
 RequestLike = GenerationRequest | Mapping[str, Any]
@@ -48,7 +48,8 @@ class JobClient:
         self.settings = settings or get_settings()
         self.redis = redis_client(self.settings.redis_url)
         self.durability = Durability.of(self.settings)
-        self.streams = StreamShards(self.redis, shard_urls(self.settings.stream_redis_urls), redis_client)  # where the chunk streams live
+        self.streams = StreamShards(self.redis, shard_urls(self.settings.stream_redis_urls),  # where the chunk streams live
+                                    lambda url: redis_client(url, timeout_s=CLIENT_TIMEOUT_S))
         self.store = JobStore(self.redis, result_ttl_s=self.settings.result_ttl_s, pending_ttl_s=self.settings.pending_ttl_s, durability=self.durability,
                               streams=self.streams)
         self._enqueue = self.redis.register_script(lua.script("enqueue"))
@@ -186,6 +187,8 @@ class JobClient:
                     if record.is_final:
                         events = follower.take(chunks.xread(follower.streams(), count=READ_COUNT))
                         if not follower.done:
+                            if follower.needs_history:  # (resumed: what the stream gave before, so that the record adds the rest only)
+                                follower.rebuild(chunks.xrange(follower.key, "-", follower.last_id))
                             events += follower.from_record(record)
             except OUT_OF_REACH:  # (the follower goes on from the last chunk it gave)
                 if (record := self._final_while_shard_away(job_id)) is not None:

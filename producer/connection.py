@@ -45,10 +45,13 @@ def redis_client(url: str, *, retries: int = CLIENT_RETRIES, timeout_s: float | 
     return redis.Redis.from_url(url, **options)
 
 
-def async_redis_client(url: str, *, retries: int = CLIENT_RETRIES) -> redis.asyncio.Redis:
+def async_redis_client(url: str, *, retries: int = CLIENT_RETRIES, timeout_s: float | None = None) -> redis.asyncio.Redis:
+    """As ``redis_client``, for asyncio."""
     check_url(url)
     options = {"decode_responses": True, "health_check_interval": 30, "max_connections": MAX_CONNECTIONS,
                "retry": AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), retries), "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}
+    if timeout_s is not None:
+        options |= {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if is_sentinel_url(url):
         return sentinel_primary(parse_sentinel_url(url), asynchronous=True, **options)
     return redis.asyncio.Redis.from_url(url, **options)

@@ -41,8 +41,8 @@ class AsyncEndListener:
             try:
                 await self._pubsub.subscribe(channel)
             except BaseException:
-                if self._forget(channel, ended):
-                    self._lingering.add(channel)  # (redis-py may count it subscribed, and subscribe again on reconnecting)
+                if self._forget(channel, ended) and self._subscribed(channel):
+                    self._lingering.add(channel)  # (subscribed after all, as redis-py sees it: it subscribes again on reconnecting)
                 raise
         self._lingering.discard(channel)
         if self._reader is None or self._reader.done():
@@ -58,8 +58,14 @@ class AsyncEndListener:
             channels, self._lingering = list(self._lingering), set()  # (a wait on one of them meanwhile subscribes again, after this)
             try:
                 await self._pubsub.unsubscribe(*channels)
-            except OUT_OF_REACH:  # (still subscribed, as redis-py sees it: it subscribes to them again on reconnecting)
-                self._lingering.update(channel for channel in channels if channel not in self._waiters)
+            except BaseException as exc:  # (still subscribed, as redis-py sees it: it subscribes to them again on reconnecting)
+                self._lingering.update(channel for channel in channels if channel not in self._waiters and self._subscribed(channel))
+                if not isinstance(exc, OUT_OF_REACH):  # (a lost connection is no reason to fail the wait that ended; a cancellation is)
+                    raise
+
+    def _subscribed(self, channel: str) -> bool:
+        """Whether redis-py counts ``channel`` subscribed (and would subscribe to it again on reconnecting)."""
+        return channel in self._pubsub.channels or channel.encode() in self._pubsub.channels
 
     def _forget(self, channel: str, ended: asyncio.Event) -> bool:
         """Whether nobody waits on ``channel`` any more."""

@@ -14,6 +14,7 @@ read (the records and queues are unaffected).
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -21,6 +22,12 @@ from typing import Generic, TypeVar
 from producer import keys
 
 Client = TypeVar("Client")
+# A client's shard connections give up on a shard that does not answer after this (a reader's blocking XREAD
+# waits at most producer/streaming.py's RECHECK_S): its readers then end their streams from the records.
+CLIENT_TIMEOUT_S = 6.0
+# A shard a write failed on is left alone this long (its writes dropped: the records hold the whole text),
+# so that a worker does not wait on it step after step.
+PAUSE_S = 5.0
 
 
 def shard_urls(setting: str | None) -> list[str]:
@@ -41,6 +48,7 @@ class StreamShards(Generic[Client]):
         self.primary = primary
         self.urls = urls
         self.shards: list[Client] = [connect(url) for url in urls]
+        self._paused_until: dict[int, float] = {}  # a shard's index → until when its writes are dropped (monotonic)
 
     @property
     def sharded(self) -> bool:
@@ -57,3 +65,15 @@ class StreamShards(Generic[Client]):
     def clients(self) -> list[Client]:
         """Every client holding streams."""
         return self.shards or [self.primary]
+
+    def writable(self, job_id: str) -> bool:
+        """Whether writes to ``job_id``'s stream are tried now (not while its shard is paused after a failure)."""
+        return not self.shards or time.monotonic() >= self._paused_until.get(shard_of(job_id, len(self.shards)), 0.0)
+
+    def failed(self, job_id: str) -> bool:
+        """A write to ``job_id``'s shard failed: its writes are dropped for PAUSE_S. True when the shard was not
+        paused already (the caller logs it once)."""
+        shard = shard_of(job_id, len(self.shards)) if self.shards else -1
+        fresh = time.monotonic() >= self._paused_until.get(shard, 0.0)
+        self._paused_until[shard] = time.monotonic() + PAUSE_S
+        return fresh

@@ -21,7 +21,8 @@ from producer.records import JobRecord, StreamChunk, StreamEnd, StreamEvent
 
 READ_COUNT = 1_000  # entries per XREAD
 # A waiting reader re-reads the record this often, in case it missed the end (pub/sub or the stream's end
-# event wake it first); below redis-py's 5 s socket timeout, which a longer blocking read would meet.
+# event wake it first); below the stream shards' clients' socket timeout (producer/stream_shards.py), which a
+# longer blocking read would meet.
 RECHECK_S = 4.0
 # A reader waiting on pub/sub alone (a job that does not stream) re-reads the record this often: only a
 # pub/sub connection that reconnected (Redis restarted) can have missed the end event.
@@ -84,7 +85,12 @@ def streams(record: JobRecord) -> bool:
 
 
 class StreamFollower:
-    """``after``: an event id already seen (SSE's Last-Event-ID): the events after it, only."""
+    """``after``: an event id already seen (SSE's Last-Event-ID): the events after it, only.
+
+    A stream whose chunks skip a number within one attempt lost some (a stream shard that restarted without
+    them, or refused them: producer/stream_shards.py): the follower is then ``broken``, yields nothing more of
+    the stream, and the reader ends it from the job's final record (``from_record``: the text the chunks had
+    not given, then the end)."""
 
     def __init__(self, job_id: str, after: str | None = None):
         self.job_id = job_id
@@ -92,17 +98,31 @@ class StreamFollower:
         self.last_id = "0-0"
         self.next_seq = 0
         self.done = False
-        self._skip_record_until = -1  # (resuming among events made from a record: their seqs up to this were seen)
+        self.broken = False
+        self._skip_record_until = -1  # (resuming after an event made from a record: the events numbered up to this were seen)
         # The text each sequence's chunks of the latest attempt gave so far (None: resumed after entries of the
-        # stream this follower did not read, whose text it cannot know).
+        # stream this follower did not read: ``needs_history``).
         self._streamed: dict[int, str] | None = {}
         self._attempt = 0
         if after and after.startswith(RECORD_EVENT_ID):
             tail = after.removeprefix(RECORD_EVENT_ID)
             self._skip_record_until = int(tail) if tail.isdigit() else 10**9
+            self.done = tail == "end"
         elif after and STREAM_ID.match(after):
             self.last_id = after
             self._streamed = None
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether the text given before it resumed is unknown (``rebuild`` from the stream's entries up to ``last_id``)."""
+        return self._streamed is None
+
+    def rebuild(self, entries: Any) -> None:
+        """What the entries up to ``last_id`` (XRANGE) gave, for a follower that resumed after them."""
+        self._streamed, self._attempt = {}, 0
+        for _, fields in entries or []:
+            if isinstance(event := parse_event(fields.get("event")), StreamChunk):
+                self._track(event)
 
     def streams(self) -> dict[str, str]:
         """The XREAD argument that continues after the last entry seen."""
@@ -122,18 +142,30 @@ class StreamFollower:
             for entry_id, fields in entries:
                 self.last_id = entry_id
                 event = parse_event(fields.get("event"))
-                if event is None or self.done:
+                if event is None or self.done or self.broken:
                     continue
                 if isinstance(event, StreamChunk):
-                    self.next_seq = event.seq + 1
-                    if self._streamed is not None:
-                        if event.attempt != self._attempt:  # (a later attempt streams from the start again)
-                            self._streamed, self._attempt = {}, event.attempt
-                        self._streamed[event.index] = self._streamed.get(event.index, "") + event.text
+                    if not self._track(event):
+                        self.broken = True
+                        continue
+                    if event.seq <= self._skip_record_until:  # (resuming after an event made from the record: given before)
+                        continue
                 else:
                     self.done = True
                 events.append((entry_id, event))
         return events
+
+    def _track(self, chunk: StreamChunk) -> bool:
+        """Count a chunk in; False when chunks before it are missing."""
+        known = self._streamed is not None
+        if known and chunk.attempt != self._attempt:  # (a later attempt streams from its start again)
+            self._streamed, self._attempt, self.next_seq = {}, chunk.attempt, 0
+        if known and chunk.seq != self.next_seq:
+            return False
+        self.next_seq = chunk.seq + 1
+        if known:
+            self._streamed[chunk.index] = self._streamed.get(chunk.index, "") + chunk.text
+        return True
 
     def from_record(self, record: JobRecord) -> list[StreamEvent]:
         """A final record whose job did not stream (stream=false, or it ended before its first chunk):
@@ -141,12 +173,13 @@ class StreamFollower:
         return [event for _, event in self.from_record_with_ids(record)]
 
     def from_record_with_ids(self, record: JobRecord) -> list[tuple[str, StreamEvent]]:
-        """As ``from_record``, with ids r-<seq> and r-end. After chunks of the stream itself whose end event is
-        missing (streams on shards get it after the final state, producer/stream_shards.py; a shard out of
-        reach), each sequence's text past what its chunks gave (when they gave the start of it), then the end."""
+        """As ``from_record``, with ids r-<seq> and r-end. After chunks of the stream itself without its end (streams
+        on shards get it after the final state, producer/stream_shards.py; a shard out of reach; a stream found
+        broken), each sequence's text past what the chunks of the record's attempt gave, then the end. (Resumed
+        after entries it did not read, ``needs_history`` and not rebuilt: the end only.)"""
         events: list[tuple[str, StreamEvent]] = []
         result = record.result
-        streamed = self._streamed if self.next_seq or self._streamed is None else {}
+        streamed = self._streamed if self._streamed is None or self._attempt == record.attempts else {}
         if result is not None and streamed is not None:
             for sequence in result.sequences:
                 sent = streamed.get(sequence.index, "")

@@ -12,7 +12,7 @@ import sys
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from producer.cli import main
@@ -242,6 +242,11 @@ def test_fuzz_every_client_command(quiet_url, tmp_path):
 
     @settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
     @given(command_lines(url, job_ids, batch_ids, str(tmp_path)))
+    # (each main outcome once for sure, whatever the random draws reach: success, not found, usage, Redis out of reach)
+    @example(["--redis-url", url, "status", queued])
+    @example(["--redis-url", url, "status", "no-such-job"])
+    @example(["--redis-url", url, "status"])
+    @example(["--redis-url", "redis://127.0.0.1:1/0", "status", queued])
     def fuzz(argv):
         code, output = run_in_process(argv)
         assert code in EXIT_CODES, (argv, code, output)

@@ -15,9 +15,10 @@ from producer.aio import AsyncJobClient
 from producer.client import JobClient
 from producer.embedded_redis import EmbeddedRedis
 from producer.enqueue import derived_job_id
-from producer.records import JobState, StreamChunk, StreamEnd
+from producer.records import JobRecord, JobResult, JobState, StreamChunk, StreamEnd
 from producer.settings import Settings, shown_settings
-from producer.stream_shards import shard_of, shard_urls
+from producer.stream_shards import CLIENT_TIMEOUT_S, shard_of, shard_urls
+from producer.streaming import RECHECK_S, StreamFollower
 from tests.waiting import wait_for
 from worker.serving.job_writes import WorkerJobStore
 
@@ -31,6 +32,63 @@ def test_a_jobs_shard_follows_from_its_id_alone_and_spreads_them():
     assert min(counts.values()) > 800, counts
     assert shard_urls(" redis://a:6379/0, ,redis://b:6379/1 ") == ["redis://a:6379/0", "redis://b:6379/1"]
     assert shard_urls(None) == [] and shard_urls("") == []
+    assert CLIENT_TIMEOUT_S > RECHECK_S, "a reader's blocking read must end before its connection gives up"
+
+
+def entries(*chunks: StreamChunk, end: JobState | None = None) -> list:
+    """An XREAD reply of a job's stream holding these chunks (ids 1-0, 2-0...) and, with ``end``, its end event."""
+    events = [c.model_dump_json() for c in chunks] + ([StreamEnd(job_id="j", state=end).model_dump_json()] if end else [])
+    return [["belle:job:j:chunks", [(f"{n + 1}-0", {"event": e}) for n, e in enumerate(events)]]]
+
+
+def chunk(seq: int, text: str, attempt: int = 1) -> StreamChunk:
+    return StreamChunk(job_id="j", seq=seq, index=0, text=text, tokens=seq + 1, attempt=attempt)
+
+
+def record(text: str, attempts: int = 1) -> JobRecord:
+    return JobRecord(job_id="j", state=JobState.SUCCEEDED, attempts=attempts, result=JobResult.model_validate(
+        {"sequences": [{"index": 0, "text": text, "token_ids": [1], "finish_reason": "length"}],
+         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}, "timings": {"queued_s": 0, "generation_s": 0, "batch_size": 1},
+         "model": "m", "prompt_fit": {"context_length": 8}}))
+
+
+def texts(events) -> str:
+    return "".join(e.text for e in events if isinstance(e, StreamChunk))
+
+
+def test_a_stream_missing_chunks_or_its_end_ends_from_the_record_with_each_piece_of_text_once():
+    # Its end event never written (a worker lost after the final state): the rest of the text from the record.
+    follower = StreamFollower("j")
+    seen = follower.take(entries(chunk(0, "Hel"), chunk(1, "lo ")))
+    assert texts(seen + follower.from_record(record("Hello world"))) == "Hello world" and follower.done
+    # Chunks missing in the middle (a shard restarted without them): nothing more of the stream, the rest from the record.
+    follower = StreamFollower("j")
+    seen = follower.take(entries(chunk(0, "Hel"), chunk(2, "wor"), chunk(3, "ld"), end=JobState.SUCCEEDED))
+    assert follower.broken and not follower.done and texts(seen) == "Hel"
+    assert texts(seen + follower.from_record(record("Hello world"))) == "Hello world"
+    # The record is a later attempt's than the chunks seen: its whole text, as that attempt's.
+    follower = StreamFollower("j")
+    seen = follower.take(entries(chunk(0, "Hel")))
+    rest = follower.from_record(record("Bonjour", attempts=2))
+    assert texts(rest) == "Bonjour" and rest[0].attempt == 2
+
+
+def test_a_resumed_reader_gets_only_what_it_had_not():
+    first = StreamFollower("j")
+    before = first.take_with_ids(entries(chunk(0, "Hel"), chunk(1, "lo ")))
+    after_record = first.from_record_with_ids(record("Hello world"))
+    assert [i for i, _ in before + after_record] == ["1-0", "2-0", "r-2", "r-end"]
+    # After an event made from the record: the stream's chunks were given before it.
+    again = StreamFollower("j", after="r-2")
+    assert again.take(entries(chunk(0, "Hel"), chunk(1, "lo "))) == []
+    assert [type(e) for e in again.from_record(record("Hello world"))] == [StreamEnd]
+    assert StreamFollower("j", after="r-end").done
+    # After a stream entry, its end missing: the entries up to it tell what was given.
+    resumed = StreamFollower("j", after="1-0")
+    seen = resumed.take([["k", [("2-0", {"event": chunk(1, "lo ").model_dump_json()})]]])
+    assert resumed.needs_history
+    resumed.rebuild([("1-0", {"event": chunk(0, "Hel").model_dump_json()}), ("2-0", {"event": chunk(1, "lo ").model_dump_json()})])
+    assert texts(seen + resumed.from_record(record("Hello world"))) == "lo world"
 
 
 def test_every_shard_url_has_its_password_masked():

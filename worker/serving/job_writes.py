@@ -19,7 +19,7 @@ from producer.lua import ScriptPipeline
 from producer.errors import NotReplicatedError
 from producer.records import JobError, JobResult, JobState
 from producer.schemas import stored_form
-from producer.stream_shards import StreamShards
+from producer.stream_shards import PAUSE_S, StreamShards
 from producer.store import JobStore, cancelled_before_start, canonical_json, end_event, now
 from worker.serving.lua import script
 
@@ -84,11 +84,15 @@ class WorkerJobStore(JobStore):
         return StartOutcome(outcome, int(attempts), max(0.0, started - float(created_at)) if created_at else 0.0, rest[0] if rest else "")
 
     def _best_effort(self, write, job_id: str, what: str) -> None:
-        """A write to a stream shard: as chunks are, best effort (the record holds the whole text)."""
+        """A write to a stream shard: as chunks are, best effort (the record holds the whole text; a shard that
+        failed a write is left alone a few seconds: producer/stream_shards.py)."""
+        if not self.streams.writable(job_id):
+            return
         try:
             write()
         except redis.RedisError as exc:
-            log.warning("job %s: %s failed: %s", job_id, what, exc)
+            if self.streams.failed(job_id):
+                log.warning("job %s: %s failed (%s); its stream shard is left alone for %g s, readers end from the records", job_id, what, exc, PAUSE_S)
 
     def generating(self, job_ids: list[str], *, holder: str) -> None:
         """These jobs start generating on this worker: one more attempt each (one round trip)."""

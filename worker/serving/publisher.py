@@ -19,7 +19,7 @@ import redis
 from producer import keys
 from producer.lua import ScriptPipeline
 from producer.records import StreamChunk
-from producer.stream_shards import StreamShards
+from producer.stream_shards import PAUSE_S, StreamShards
 from worker.serving.lua import script
 
 log = logging.getLogger("belle.publisher")
@@ -88,22 +88,30 @@ class ChunkPublisher:
             self._output_at = {job: seen for job, seen in self._output_at.items() if now - seen[0] < 60}
         asked: list[tuple[int, str]] = []  # (its reply's place in the pipeline, job)
         for chunk in chunks:
+            if not self.streams.writable(chunk.job_id):  # (its shard failed a write a moment ago: its readers end from the record)
+                continue
             at, wants = self._output_at.get(chunk.job_id, (float("-inf"), output_events is None or chunk.job_id in output_events))
             if wants and now - at >= OUTPUT_EVENT_EVERY_S:
                 self._output_at[chunk.job_id] = (now, True)
                 asked.append((len(pipe), chunk.job_id))
                 pipe.script(self._output_event, [keys.job(chunk.job_id)], [chunk.job_id])
             stream, shard = keys.job_chunks(chunk.job_id), self.streams.of(chunk.job_id)
-            into = pipe.pipe if shard is self.redis else shards.setdefault(id(shard), shard.pipeline(transaction=False))
+            if shard is self.redis:
+                into = pipe.pipe
+            else:
+                if id(shard) not in shards:  # (a job of the shard names it: StreamShards.failed)
+                    shards[id(shard)] = (chunk.job_id, shard.pipeline(transaction=False))
+                into = shards[id(shard)][1]
             into.xadd(stream, {"event": chunk.model_dump_json()}, maxlen=STREAM_MAX_ENTRIES, approximate=True)
             if chunk.seq == 0:
                 into.expire(stream, self.ttl_s)
-        for shard_pipe in shards.values():  # (each on its own: a shard out of reach costs its own chunks only)
+        for job_id, shard_pipe in shards.values():  # (each on its own: a shard out of reach costs its own chunks only)
             try:
                 shard_pipe.execute()
-            except redis.RedisError as exc:
-                if self.writes is None or not self.writes.refused(exc, "publishing chunks"):
-                    log.warning("could not publish chunks to a stream shard: %s", exc)
+            except redis.RedisError as exc:  # (best effort, and no reason to stop taking jobs: the records hold the text)
+                if self.streams.failed(job_id):
+                    log.warning("a stream shard refused chunks (%s); its chunks are dropped for %g s, their readers end from the records",
+                                exc, PAUSE_S)
         try:
             replies = pipe.execute() if len(pipe) else []
             for place, job in asked:

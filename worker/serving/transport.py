@@ -35,7 +35,7 @@ from producer.sentinel_transport import SentinelListChannel, SentinelListTranspo
 from worker.serving.intake import envelope_problem, named_job
 from worker.serving.lua import script
 from worker.serving.redis_writes import RedisWrites
-from worker.serving.unacked import holder_of, new_delivery_tag
+from worker.serving.unacked import LEGACY_HOLDER_OF, holder_of, new_delivery_tag
 
 log = logging.getLogger("belle.transport")
 
@@ -160,8 +160,11 @@ class QoS(kombu_redis.QoS):
         try:
             with self.channel.conn_or_acquire(client) as conn:
                 entry = conn.hget(self.unacked_key, tag)
+                holder = holder_of(tag) or conn.hget(LEGACY_HOLDER_OF, tag)  # (a message an earlier version's worker took)
                 super().restore_by_tag(tag, conn, leftmost)
-                holder, job_id = holder_of(tag), _job_of(entry)
+                job_id = _job_of(entry)
+                if holder and not holder_of(tag):
+                    conn.hdel(LEGACY_HOLDER_OF, tag)
                 if holder and job_id:
                     requeued = conn.eval(_REQUEUE_RESTORED, 1, keys.job(job_id), holder, keys.worker_alive(holder))
                     if requeued:
