@@ -21,7 +21,7 @@ from producer.fleet import WorkerInfo, check_against_workers, live_worker_keys, 
 from producer.records import JobRecord, JobState, StreamEvent
 from producer.settings import Settings, get_settings
 from producer.store import CancelOutcome, cancel_call, cancel_outcome, now, record_from_hash
-from producer.stream_shards import CLIENT_TIMEOUT_S, StreamShards, shard_urls
+from producer.stream_shards import CLIENT_TIMEOUT_S, StreamShards
 from producer.streaming import OUT_OF_REACH, PUBSUB_RECHECK_S, READ_COUNT, RECHECK_S, StreamFollower, paused_for_redis_async, streams, texts_so_far
 
 
@@ -34,7 +34,7 @@ class AsyncJobClient:
         self._enqueue = self.redis.register_script(lua.script("enqueue"))
         self.durability = Durability.of(self.settings)
         self._cancel = self.redis.register_script(lua.script("cancel"))
-        self.streams = StreamShards(self.redis, shard_urls(self.settings.stream_redis_urls),  # where the chunk streams live
+        self.streams = StreamShards(self.redis, self.settings.stream_redis_urls,  # where the chunk streams live
                                     lambda url: async_redis_client(url, timeout_s=CLIENT_TIMEOUT_S))
         self._listener: AsyncEndListener | None = None  # every wait's pub/sub (producer/end_listener.py)
 
@@ -110,7 +110,10 @@ class AsyncJobClient:
         finally:
             await listener.done(channel, ended)
 
-    async def _final_or_none(self, job_id: str) -> JobRecord | None:
+    async def _final_while_shard_away(self, job_id: str) -> JobRecord | None:
+        """As ``JobClient._final_while_shard_away``."""
+        if not self.streams.sharded:
+            return None
         try:
             record = await self.get(job_id)
         except OUT_OF_REACH:
@@ -158,7 +161,7 @@ class AsyncJobClient:
                                 follower.rebuild(await chunks.xrange(follower.key, "-", follower.last_id))
                             events += follower.from_record_with_ids(record)
             except OUT_OF_REACH:  # (the follower goes on from the last chunk it gave; the record ends it while its shard is away)
-                if self.streams.sharded and (record := await self._final_or_none(job_id)) is not None:
+                if (record := await self._final_while_shard_away(job_id)) is not None:
                     for item in follower.from_record_with_ids(record):
                         yield item
                     return

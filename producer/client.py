@@ -23,7 +23,7 @@ from producer.records import JobError, JobRecord, JobResult, JobState, StreamEve
 from producer.schemas import GenerationRequest, parse_request
 from producer.settings import Settings, get_settings
 from producer.store import CancelOutcome, JobStore, is_final_event, now
-from producer.stream_shards import CLIENT_TIMEOUT_S, StreamShards, shard_urls
+from producer.stream_shards import CLIENT_TIMEOUT_S, StreamShards
 from producer.streaming import OUT_OF_REACH, PUBSUB_RECHECK_S, READ_COUNT, RECHECK_S, StreamFollower, paused_for_redis, streams
 
 RequestLike = GenerationRequest | Mapping[str, Any]
@@ -48,7 +48,7 @@ class JobClient:
         self.settings = settings or get_settings()
         self.redis = redis_client(self.settings.redis_url)
         self.durability = Durability.of(self.settings)
-        self.streams = StreamShards(self.redis, shard_urls(self.settings.stream_redis_urls),  # where the chunk streams live
+        self.streams = StreamShards(self.redis, self.settings.stream_redis_urls,  # where the chunk streams live
                                     lambda url: redis_client(url, timeout_s=CLIENT_TIMEOUT_S))
         self.store = JobStore(self.redis, result_ttl_s=self.settings.result_ttl_s, pending_ttl_s=self.settings.pending_ttl_s, durability=self.durability,
                               streams=self.streams)

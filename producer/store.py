@@ -123,7 +123,7 @@ class JobStore:
         self.result_ttl_s = result_ttl_s
         self.pending_ttl_s = pending_ttl_s
         self.durability = durability  # final states (a cancel's too) wait for replicas (BELLE_WAIT_REPLICAS)
-        self.streams = streams or StreamShards(redis, [], lambda url: redis)  # where the chunk streams live
+        self.streams = streams or StreamShards(redis)  # where the chunk streams live
         self._cancel = redis.register_script(lua.script("cancel"))
 
     def get(self, job_id: str) -> JobRecord | None:

@@ -19,8 +19,6 @@ import zlib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from producer import keys
-
 Client = TypeVar("Client")
 # A client's shard connections give up on a shard that does not answer after this (a reader's blocking XREAD
 # waits at most producer/streaming.py's RECHECK_S): its readers then end their streams from the records.
@@ -42,12 +40,12 @@ def shard_of(job_id: str, shards: int) -> int:
 
 class StreamShards(Generic[Client]):
     """The Redis client holding each job's chunk stream. ``primary``: the client of the records and queues;
-    ``connect(url)`` makes a client for each shard URL (sync or asyncio, as the primary)."""
+    ``setting``: BELLE_STREAM_REDIS_URLS (none: the primary holds the streams); ``connect(url)`` makes a client
+    for each shard URL (sync or asyncio, as the primary)."""
 
-    def __init__(self, primary: Client, urls: list[str], connect: Callable[[str], Client]):
+    def __init__(self, primary: Client, setting: str | None = None, connect: Callable[[str], Client] | None = None):
         self.primary = primary
-        self.urls = urls
-        self.shards: list[Client] = [connect(url) for url in urls]
+        self.shards: list[Client] = [connect(url) for url in shard_urls(setting)] if connect else []
         self._paused_until: dict[int, float] = {}  # a shard's index → until when its writes are dropped (monotonic)
 
     @property
@@ -58,13 +56,6 @@ class StreamShards(Generic[Client]):
     def of(self, job_id: str) -> Client:
         """The client holding ``job_id``'s stream."""
         return self.shards[shard_of(job_id, len(self.shards))] if self.shards else self.primary
-
-    def key(self, job_id: str) -> str:
-        return keys.job_chunks(job_id)
-
-    def clients(self) -> list[Client]:
-        """Every client holding streams."""
-        return self.shards or [self.primary]
 
     def writable(self, job_id: str) -> bool:
         """Whether writes to ``job_id``'s stream are tried now (not while its shard is paused after a failure)."""

@@ -102,7 +102,7 @@ class StreamFollower:
         self._skip_record_until = -1  # (resuming after an event made from a record: the events numbered up to this were seen)
         # The text each sequence's chunks of the latest attempt gave so far (None: resumed after entries of the
         # stream this follower did not read: ``needs_history``).
-        self._streamed: dict[int, str] | None = {}
+        self._streamed: dict[int, list[str]] | None = {}  # (its texts' parts: joined only when the record is needed)
         self._attempt = 0
         if after and after.startswith(RECORD_EVENT_ID):
             tail = after.removeprefix(RECORD_EVENT_ID)
@@ -164,7 +164,7 @@ class StreamFollower:
             return False
         self.next_seq = chunk.seq + 1
         if known:
-            self._streamed[chunk.index] = self._streamed.get(chunk.index, "") + chunk.text
+            self._streamed.setdefault(chunk.index, []).append(chunk.text)
         return True
 
     def from_record(self, record: JobRecord) -> list[StreamEvent]:
@@ -182,7 +182,7 @@ class StreamFollower:
         streamed = self._streamed if self._streamed is None or self._attempt == record.attempts else {}
         if result is not None and streamed is not None:
             for sequence in result.sequences:
-                sent = streamed.get(sequence.index, "")
+                sent = "".join(streamed.get(sequence.index, ()))
                 if sequence.text.startswith(sent) and len(sequence.text) > len(sent):
                     seq = self.next_seq
                     self.next_seq += 1

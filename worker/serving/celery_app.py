@@ -17,7 +17,7 @@ from producer.records import JobState
 from producer.redis_url import is_sentinel_url
 from producer.settings import Settings
 from producer.store import JobStore
-from producer.stream_shards import StreamShards, shard_urls
+from producer.stream_shards import StreamShards
 from worker.serving import remote_control
 from worker.serving.handler import JobEnd, JobHandler
 from worker.serving.intake import named_job, task_problem
@@ -157,7 +157,7 @@ def _revoke_store(settings: Settings) -> JobStore:
     """The job store a Celery revoke cancels through (worker/serving/remote_control.py)."""
     redis = redis_client(settings.redis_url)
     return JobStore(redis, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s,
-                    streams=StreamShards(redis, shard_urls(settings.stream_redis_urls), redis_client))
+                    streams=StreamShards(redis, settings.stream_redis_urls, redis_client))
 
 
 def create_app(settings: Settings, handler: JobHandler, *, writes: RedisWrites, incarnation: str | None = None,

@@ -134,7 +134,10 @@ class JobHandler:
                 raw = start.request_json
             raw = full_form(raw)
         # Whether the job streams (its stream gets its end event); None when its request is not known here.
-        streaming = raw.get("stream") is True if isinstance(raw, dict) else None if "request" not in kwargs else False
+        if isinstance(raw, dict):
+            streaming = raw.get("stream") is True
+        else:
+            streaming = False if "request" in kwargs else None
         if start.outcome == "missing":  # (its message names it only: the request was in the record)
             error = JobError(code=ErrorCode.EXPIRED, message=(
                 "the job's record expired (BELLE_PENDING_TTL_S) before a worker took its message, and its request with it; submit the job "

@@ -35,7 +35,7 @@ OUTPUT_EVENT_EVERY_S = 0.5  # least time between two 'output' webhook events of 
 class ChunkPublisher:
     def __init__(self, client: redis.Redis, *, ttl_s: int, writes=None, streams: StreamShards | None = None):
         self.redis = client
-        self.streams = streams or StreamShards(client, [], lambda url: client)  # where each job's stream lives
+        self.streams = streams or StreamShards(client)  # where each job's stream lives
         self.writes = writes  # a RedisWrites: chunks refused for lack of memory are noted there
         self.ttl_s = ttl_s  # until the job ends; then the stream takes the record's result TTL
         self._queue: queue.SimpleQueue = queue.SimpleQueue()

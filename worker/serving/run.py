@@ -17,7 +17,7 @@ from producer.connection import WORKER_RETRIES, describe_error, redis_client
 from producer.durability import Durability
 from producer.fleet import WorkerInfo
 from producer.settings import Settings
-from producer.stream_shards import StreamShards, shard_urls
+from producer.stream_shards import StreamShards
 
 log = logging.getLogger("belle.worker")
 
@@ -76,7 +76,7 @@ def run_worker(settings: Settings, *, queues: list[str]) -> int:
         metrics.serve(settings.metrics_port, settings.metrics_host)
     writes = RedisWrites(metrics)
     # A stream shard out of reach costs its writes (best effort, as chunks are), not seconds of every job's handling.
-    streams = StreamShards(redis, shard_urls(settings.stream_redis_urls), lambda url: redis_client(url, retries=1, timeout_s=SHARD_TIMEOUT_S))
+    streams = StreamShards(redis, settings.stream_redis_urls, lambda url: redis_client(url, retries=1, timeout_s=SHARD_TIMEOUT_S))
     records = WorkerJobStore(redis, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s,
                              bulk_ready_jobs=settings.bulk_ready_jobs, durability=Durability.of(settings), streams=streams)
     store = PatientStore(records, writes)  # the handler's writes wait while Redis refuses them
